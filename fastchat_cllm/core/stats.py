@@ -1,0 +1,54 @@
+"""Exact per-call statistics of a Jacobi decoding run (vocabulary as in the CLLM paper)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class JacobiStats:
+    """Counts of one call.
+
+    forwards: model forward calls after the prefill.
+    tokens: tokens generated (the first comes from the prefill, the rest from forwards).
+    accepted_per_forward: tokens each forward made final (1 = no gain over autoregressive).
+    block_sizes: the window each forward ran.
+    fast_forwarded: guesses accepted, i.e. tokens gained beyond one per forward.
+    stationary: accepted guesses that were already right (and stayed so) in the forward before
+        the one that accepted them, while an earlier position was still wrong.
+    iterations_per_block: forwards each block took to reach its fixed point (fixed blocks), or,
+        for a sliding window, forwards each token spent in the window before it was accepted.
+    """
+
+    forwards: int = 0
+    tokens: int = 0
+    accepted_per_forward: list[int] = field(default_factory=list)
+    block_sizes: list[int] = field(default_factory=list)
+    fast_forwarded: int = 0
+    stationary: int = 0
+    iterations_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens made final per forward after the prefill (1.0 for autoregressive decoding)."""
+        return sum(self.accepted_per_forward) / self.forwards if self.forwards else 0.0
+
+    @property
+    def mean_iterations_per_block(self) -> float:
+        blocks = self.iterations_per_block
+        return sum(blocks) / len(blocks) if blocks else 0.0
+
+    def summary(self) -> dict:
+        """A JSON-ready digest (the per-forward lists left out)."""
+        return {
+            "forwards": self.forwards,
+            "tokens": self.tokens,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "fast_forwarded": self.fast_forwarded,
+            "stationary": self.stationary,
+            "mean_block_size": round(sum(self.block_sizes) / len(self.block_sizes), 3)
+            if self.block_sizes else 0.0,
+            "mean_iterations_per_block": round(self.mean_iterations_per_block, 3),
+        }
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_forward": self.tokens_per_forward}
