@@ -59,12 +59,24 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.folder, **source.kwargs)
 
 
+def attention_implementation(device: str, dtype) -> str:
+    """flash-attn 2 on CUDA in fp16/bf16 when the package is installed, else PyTorch SDPA
+    (which runs FlashAttention kernels itself for fp16/bf16 on CUDA)."""
+    import torch
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if str(device).startswith("cuda") and half and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_causal_lm(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
     """A causal LM in eval mode on `device` (GGUF weights are dequantized on load)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
+    kwargs.setdefault("attn_implementation", attention_implementation(device, dtype))
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **source.kwargs, **kwargs)
     if "device_map" not in kwargs:
         model = model.to(device)
