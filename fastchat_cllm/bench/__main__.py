@@ -1,0 +1,100 @@
+"""Command line: python -m fastchat_cllm.bench --model P --out results.json [--plot results.png]."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import report
+from .offline import DEFAULT_METHODS, OfflineConfig, run_offline
+from .prompts import select_prompts
+from .serving import ServingConfig, run_serving
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastchat_cllm.bench", description=__doc__)
+    p.add_argument("--model", help="model path or alias (offline; default: the embedded "
+                   "SmolLM2), or the served model name (--serve-url; default: the first listed)")
+    p.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} or {\"messages\": [...]} "
+                   "a line (default: the built-in chat/code/extractive mix)")
+    p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="ar, jacobi, jacobi-bN, jacobi-nocache[-bN], pld, assisted "
+                   "(space- or comma-separated)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over the prompts (serving: requests per stream)")
+    p.add_argument("--draft-model", help="draft model for the 'assisted' method")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--serve-url", help="measure a running stack instead, e.g. "
+                   "http://127.0.0.1:8000/v1")
+    p.add_argument("--concurrency", default="1,4,16", help="serving: concurrency levels")
+    p.add_argument("--tokenizer", help="serving: count tokens with this tokenizer (model path or "
+                   "alias) when the stream carries no usage")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--plot", help="PNG bar chart")
+    return p
+
+
+def _methods(values: list[str]) -> tuple[str, ...]:
+    return tuple(m for v in values for m in v.split(",") if m)
+
+
+def offline(args, info: dict) -> dict:
+    import torch
+
+    from ..loading import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    config = OfflineConfig(_methods(args.methods), args.max_new_tokens, args.repeats)
+    prompts = select_prompts(args.prompts, args.num_prompts)
+    print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
+    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    draft = load(args.draft_model, dtype=dtype, device=device)[0] if args.draft_model else None
+    results = run_offline(config, model, tokenizer, prompts, draft)
+    run = {"mode": "offline", "model": args.model or "smollm2-135m-instruct",
+           "draft_model": args.draft_model, "dtype": args.dtype, "device": device,
+           "machine": info, "config": config.as_dict(), **results}
+    print(report.offline_table(results["methods"]))
+    if args.plot:
+        report.speedup_chart(results["methods"], args.plot,
+                             f"{run['model']} ({args.dtype}, {device})\n{report.machine_line(info)}")
+    return run
+
+
+def serving(args, info: dict) -> dict:
+    from ..loading import load_tokenizer, resolve
+
+    levels = tuple(int(c) for c in args.concurrency.split(",") if c)
+    config = ServingConfig(args.serve_url, args.model, levels, args.max_new_tokens, args.repeats)
+    tokenizer = load_tokenizer(resolve(args.tokenizer)) if args.tokenizer else None
+    results = run_serving(config, select_prompts(args.prompts, args.num_prompts), tokenizer)
+    run = {"mode": "serving", "machine": info, "config": config.as_dict(), **results}
+    print(report.serving_table(results["levels"]))
+    if args.plot:
+        levels = results["levels"]
+        report.bar_chart([str(l["concurrency"]) for l in levels],
+                         [l["aggregate_tokens_per_second"] for l in levels], args.plot,
+                         f"{results['model']} via {args.serve_url}", "aggregate tokens/s")
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    info = report.machine()
+    run = serving(args, info) if args.serve_url else offline(args, info)
+    print(f"machine: {report.machine_line(info)}")
+    report.write_json(run, args.out)
+    return run
+
+
+if __name__ == "__main__":
+    main()

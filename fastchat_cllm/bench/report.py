@@ -1,0 +1,100 @@
+"""What a benchmark hands back: the machine it ran on, a printed table, JSON and a bar chart."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """CPU/GPU model, threads, library versions: enough to say where numbers come from."""
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": gpu, "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+
+
+def machine_line(info: dict) -> str:
+    where = info["gpu"] or f"{info['cpu']} ({info['cpu_count']} cores)"
+    return (f"{where}, {info['torch_threads']} torch threads, torch {info['torch']}, "
+            f"transformers {info['transformers']}")
+
+
+def _cell(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def offline_table(methods: dict[str, dict]) -> str:
+    header = ["method", "tokens/s", "speedup vs AR", "tokens/forward", "fast-forwarded",
+              "stationary", "identical to AR"]
+    rows = [[name, m["tokens_per_second"], m["speedup_vs_ar"], m["tokens_per_forward"],
+             m["fast_forwarded"], m["stationary"], f"{m['identical_to_ar']}/{m['runs']}"]
+            for name, m in methods.items()]
+    return markdown_table(header, rows)
+
+
+def serving_table(levels: list[dict]) -> str:
+    header = ["concurrency", "requests", "TTFT median (s)", "TTFT p90 (s)",
+              "tokens/s per stream", "aggregate tokens/s"]
+    rows = [[l["concurrency"], l["requests"], l["ttft_median_s"], l["ttft_p90_s"],
+             l["stream_tokens_per_second"], l["aggregate_tokens_per_second"]] for l in levels]
+    return markdown_table(header, rows)
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def bar_chart(labels: list[str], values: list[float], path: str | Path, title: str,
+              ylabel: str, reference: float | None = None) -> None:
+    """A PNG bar chart (matplotlib, Agg backend), with an optional horizontal reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.6))
+    bars = ax.bar(labels, values, color="#4c72b0")
+    ax.bar_label(bars, fmt="%.2f")
+    if reference is not None:
+        ax.axhline(reference, color="#c44e52", linestyle="--", linewidth=1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def speedup_chart(methods: dict[str, dict], path: str | Path, title: str) -> None:
+    names = [n for n, m in methods.items() if m["speedup_vs_ar"] is not None]
+    bar_chart(names, [methods[n]["speedup_vs_ar"] for n in names], path, title,
+              "speedup vs AR (median of per-prompt ratios)", reference=1.0)

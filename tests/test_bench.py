@@ -1,0 +1,131 @@
+"""The offline benchmark on tiny random models: JSON shape, every method ran, lossless outputs."""
+from __future__ import annotations
+
+import json
+import string
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, ar_greedy, tiny_model
+from fastchat_cllm.bench.methods import counting_forwards, decoder
+from fastchat_cllm.bench.nocache import nocache_generate
+from fastchat_cllm.bench.prompts import builtin_prompts, encode, read_prompts
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+METHODS = ("ar", "jacobi", "jacobi-b4", "jacobi-nocache", "jacobi-nocache-b4", "pld", "assisted")
+
+
+def char_tokenizer():
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary (0-2: pad, bos, eos)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = (" \n" + string.ascii_letters + string.digits + string.punctuation)
+    vocab = {tok: i for i, tok in enumerate(specials + list(chars[: TINY["vocab_size"] - 4]))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Two saved tiny llama models (target, draft) sharing the character tokenizer."""
+    root = tmp_path_factory.mktemp("bench-models")
+    tokenizer = char_tokenizer()
+    paths = []
+    for name, seed in (("target", 0), ("draft", 1)):
+        path = root / name
+        tiny_model("llama", seed=seed).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def test_builtin_prompts_mix_categories_and_use_the_chat_template():
+    prompts = builtin_prompts()
+    assert {p.category for p in prompts[:3]} == {"chat", "code", "extractive"}
+    assert any("def has_close_elements" in p.messages[0]["content"] for p in prompts)
+    tokenizer = char_tokenizer()
+    ids = encode(tokenizer, prompts[0])
+    assert tokenizer.decode(ids).startswith("<s>user: ") and tokenizer.decode(ids).endswith("assistant:")
+
+
+def test_prompts_file_accepts_prompt_and_messages(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n\n{"name": "two", "messages": [{"role": "user", '
+                    '"content": "yo"}]}\n')
+    prompts = read_prompts(path)
+    assert [p.name for p in prompts] == ["prompt-0", "two"]
+    assert prompts[1].messages[0]["content"] == "yo"
+    path.write_text('{"answer": 1}\n')
+    with pytest.raises(ValueError):
+        read_prompts(path)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 8])
+def test_nocache_jacobi_equals_ar_greedy(block_size):
+    model = tiny_model("qwen2")
+    prompt = [1, 5, 9, 5, 9, 5, 9, 30]
+    expected = ar_greedy(model, prompt, 20)
+    with counting_forwards(model) as count:
+        result = nocache_generate(model, prompt, 20, block_size)
+    assert result.tokens == expected
+    assert result.forwards == count[0]
+    # Each block needs at least one forward more than it gained beyond one token a forward.
+    assert result.forwards >= len(expected) - result.fast_forwarded
+    assert 0 <= result.stationary <= result.fast_forwarded
+
+
+def test_nocache_stops_after_eos():
+    model = tiny_model("llama")
+    prompt = [1, 7, 8, 9]
+    reference = ar_greedy(model, prompt, 30)
+    eos = reference[5]
+    result = nocache_generate(model, prompt, 30, 4, eos_token_id=(eos,))
+    assert result.tokens == reference[: reference.index(eos) + 1]
+
+
+def test_unknown_methods_are_rejected():
+    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2"):
+        with pytest.raises(ValueError):
+            decoder(name)
+    with pytest.raises(ValueError):
+        decoder("assisted")   # no draft model
+
+
+def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
+    target, draft = tiny_dirs
+    out, plot = tmp_path / "results.json", tmp_path / "results.png"
+    cmd = [sys.executable, "-m", "fastchat_cllm.bench", "--model", str(target), "--draft-model",
+           str(draft), "--methods", *METHODS, "--num-prompts", "3", "--max-new-tokens", "24",
+           "--repeats", "2", "--threads", "1", "--out", str(out), "--plot", str(plot)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+
+    assert data["mode"] == "offline" and data["config"]["methods"] == list(METHODS)
+    assert {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "transformers"} <= set(data["machine"])
+    assert data["machine"]["torch_threads"] == 1
+    assert [p["category"] for p in data["prompts"]] == ["chat", "code", "extractive"]
+    assert len(data["runs"]) == 2 * 3 * len(METHODS)
+    for name in METHODS:
+        summary = data["methods"][name]
+        assert summary["runs"] == 6 and summary["tokens"] > 0, name
+        assert summary["lossless"] and summary["identical_to_ar"] == 6, name
+        assert summary["tokens_per_second"] > 0 and summary["speedup_vs_ar"] > 0, name
+        assert name in done.stdout
+    ar = data["methods"]["ar"]
+    assert ar["tokens_per_forward"] == 1.0 and ar["speedup_vs_ar"] == 1.0
+    for run in data["runs"]:
+        if run["method"].startswith("jacobi"):
+            assert run["stationary"] is not None and run["fast_forwarded"] is not None
+            assert run["forwards"] + run["fast_forwarded"] >= run["tokens"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
