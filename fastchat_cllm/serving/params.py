@@ -1,0 +1,102 @@
+"""FastChat's generation parameters, checked once at the edge into a frozen request."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastchat.constants import ErrorCode
+
+GREEDY_TEMPERATURE, GREEDY_TOP_P = 1e-5, 1e-8   # FastChat's rule: below either, decode greedily
+
+
+class ParamError(ValueError):
+    """A request the worker refuses; `code` is the FastChat/OpenAI error code to answer with."""
+
+    def __init__(self, message: str, code: int = ErrorCode.PARAM_OUT_OF_RANGE):
+        super().__init__(message)
+        self.code = int(code)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1                  # -1: off
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    echo: bool = True                # the prompt starts the returned text
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE or self.top_p < GREEDY_TOP_P
+
+
+def _number(params: dict, name: str, default, low: float, high: float | None = None,
+            kind=float, low_open: bool = False):
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and value != int(value)):
+        raise ParamError(f"'{name}' must be a{'n integer' if kind is int else ' number'}, "
+                         f"got {value!r}", ErrorCode.VALIDATION_TYPE_ERROR)
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ParamError(f"'{name}' must be {bound}, got {value}")
+    return kind(value)
+
+
+def _stops(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ParamError(f"'stop' must be a string or a list of strings, got {value!r}")
+    return tuple(s for s in items if s)
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise ParamError(f"'stop_token_ids' must be a list of token ids, got {value!r}")
+    return tuple(value)
+
+
+def _refuse_unsupported(params: dict) -> None:
+    """Options FastChat forwards that this worker cannot honour yet: refused, never ignored."""
+    if params.get("logprobs") is not None:
+        raise ParamError("'logprobs' is not supported by the Jacobi worker yet")
+    if params.get("images"):
+        raise ParamError("images are not supported: the Jacobi worker serves text models")
+    if (params.get("best_of") or 1) > 1 or params.get("use_beam_search"):
+        raise ParamError("'best_of' > 1 and beam search are not supported by the Jacobi worker")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if params.get(name):
+            raise ParamError(f"'{name}' is not supported by the Jacobi worker (use "
+                             f"repetition_penalty)")
+
+
+def parse_params(params: dict) -> GenerationRequest:
+    """FastChat's /worker_generate(_stream) body -> GenerationRequest; ParamError if invalid."""
+    prompt = params.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ParamError("'prompt' must be a non-empty string", ErrorCode.VALIDATION_TYPE_ERROR)
+    _refuse_unsupported(params)
+    top_k = _number(params, "top_k", -1, -1, kind=int)
+    if top_k == 0:
+        raise ParamError("'top_k' must be -1 (off) or >= 1, got 0")
+    return GenerationRequest(
+        prompt=prompt,
+        max_new_tokens=_number(params, "max_new_tokens", 256, 1, kind=int),
+        temperature=_number(params, "temperature", 1.0, 0.0),
+        top_p=_number(params, "top_p", 1.0, 0.0, 1.0),
+        top_k=top_k,
+        repetition_penalty=_number(params, "repetition_penalty", 1.0, 0.0, low_open=True),
+        stop=_stops(params.get("stop")),
+        stop_token_ids=_token_ids(params.get("stop_token_ids")),
+        echo=bool(params.get("echo", True)),
+    )

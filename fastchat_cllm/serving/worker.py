@@ -1,0 +1,196 @@
+"""The Jacobi model worker: FastChat's ModelWorker protocol with the generate step replaced.
+
+Registers with the stock controller and heartbeats (BaseModelWorker); generation runs in a
+worker thread (StreamingResponse iterates the gate in a thread pool), so /worker_get_status
+answers while a request decodes. Usage carries per-request Jacobi counts and the status their
+totals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import uuid
+from functools import partial
+from pathlib import Path
+
+import torch
+from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
+from fastchat.model.model_adapter import add_model_args
+from fastchat.serve.base_model_worker import BaseModelWorker, app
+from fastchat.serve.model_worker import ModelWorker
+from fastchat.utils import str_to_torch_dtype
+from transformers import set_seed
+
+from .. import loading
+from . import plugin
+from .adapter import CllmAdapter
+from .compat import context_length
+from .options import add_jacobi_args, jacobi_config
+from .params import ParamError
+from .stream import generate_stream
+
+log = logging.getLogger("fastchat_cllm.worker")
+
+# Stock flags that pick a loader the Jacobi engine cannot run: (flag, is it set?).
+UNSUPPORTED = (
+    ("--load-8bit", lambda a: a.load_8bit), ("--cpu-offloading", lambda a: a.cpu_offloading),
+    ("--gptq-ckpt/--gptq-wbits", lambda a: a.gptq_ckpt or a.gptq_wbits < 16),
+    ("--awq-ckpt/--awq-wbits", lambda a: a.awq_ckpt or a.awq_wbits < 16),
+    ("--enable-exllama", lambda a: a.enable_exllama), ("--enable-xft", lambda a: a.enable_xft),
+)
+
+
+class JacobiTotals:
+    """Jacobi counts over every finished request (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = self.forwards = self.tokens = 0
+
+    def record(self, usage: dict) -> None:
+        with self.lock:
+            self.requests += 1
+            self.forwards += usage.get("jacobi_forwards", 0)
+            self.tokens += usage.get("jacobi_tokens", 0)
+
+    def summary(self) -> dict:
+        with self.lock:
+            rate = self.tokens / self.forwards if self.forwards else 0.0
+            return {"requests": self.requests, "forwards": self.forwards, "tokens": self.tokens,
+                    "tokens_per_forward": round(rate, 4)}
+
+
+def _chunk(payload: dict) -> bytes:
+    return json.dumps(payload).encode() + b"\0"
+
+
+class JacobiWorker(ModelWorker):
+    """ModelWorker's endpoints (embeddings included) over our loader and generate step; its
+    __init__ is replaced so the model loads through fastchat_cllm.loading, before the template
+    is resolved from the loaded tokenizer."""
+
+    def __init__(self, args: argparse.Namespace, jacobi):
+        self.totals = JacobiTotals()
+        self.device, self.seed = args.device, args.seed
+        self.stream_interval, self.embed_in_truncate = args.stream_interval, args.embed_in_truncate
+        half = args.device.startswith("cuda")      # FastChat's default: fp16 on GPU, fp32 else
+        dtype = str_to_torch_dtype(args.dtype) or (torch.float16 if half else torch.float32)
+        revision = args.revision if args.revision != "main" else None
+        model, tokenizer = loading.load(args.model_path, dtype, args.device, args.num_gpus,
+                                        args.max_gpu_memory, revision)
+        CllmAdapter.claim(args.model_path)
+        CllmAdapter.tokenizers[args.model_path] = tokenizer
+        BaseModelWorker.__init__(self, args.controller_address, args.worker_address,
+                                 str(uuid.uuid4())[:8], args.model_path, args.model_names,
+                                 args.limit_worker_concurrency, conv_template=args.conv_template)
+        self.model, self.tokenizer = model, tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.context_len = context_length(model.config)
+        self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
+        log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
+        if not args.no_register:
+            self.init_heart_beat()
+
+    def get_status(self) -> dict:
+        return {**super().get_status(), "jacobi": self.totals.summary()}
+
+    def generate_stream_gate(self, params: dict):
+        self.call_ct += 1
+        try:
+            if self.seed is not None:
+                set_seed(self.seed)
+            for out in self.generate_stream_func(self.model, self.tokenizer, params, self.device,
+                                                 self.context_len, self.stream_interval):
+                yield _chunk({**out, "error_code": 0})
+            self.totals.record(out["usage"])
+        except ParamError as e:
+            yield _chunk({"text": str(e), "error_code": e.code})
+        except torch.cuda.OutOfMemoryError as e:
+            yield _chunk({"text": f"{SERVER_ERROR_MSG}\n\n({e})",
+                          "error_code": ErrorCode.CUDA_OUT_OF_MEMORY})
+        except Exception as e:   # answered as an error chunk: a cut stream helps no client
+            log.exception("generation failed")
+            yield _chunk({"text": f"{SERVER_ERROR_MSG}\n\n({e})",
+                          "error_code": ErrorCode.INTERNAL_ERROR})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every stock model_worker flag (same names) plus the Jacobi flags."""
+    parser = argparse.ArgumentParser(description="FastChat model worker decoding with Jacobi "
+                                                 "iterations (fastchat-cllm)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", default=None,
+                        help="URL the controller reaches this worker at (default: from host/port)")
+    parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    add_model_args(parser)
+    parser.set_defaults(model_path=loading.DEFAULT_MODEL, device=None)   # None: cuda if present
+    parser.add_argument("--model-names", type=lambda s: s.split(","),
+                        help="comma-separated names to serve the model under")
+    parser.add_argument("--conv-template", default=None, help="conversation prompt template")
+    parser.add_argument("--embed-in-truncate", action="store_true")
+    parser.add_argument("--limit-worker-concurrency", type=int, default=5)
+    parser.add_argument("--stream-interval", type=int, default=2)
+    parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="reset the random seed before each generation (sampling)")
+    parser.add_argument("--debug", type=bool, default=False)
+    parser.add_argument("--ssl", action="store_true",
+                        help="serve HTTPS (env SSL_KEYFILE and SSL_CERTFILE)")
+    add_jacobi_args(parser)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what the worker cannot honour, with the reason, before loading anything."""
+    for flag, is_set in UNSUPPORTED:
+        if is_set(args):
+            parser.error(f"{flag} cannot be honoured: the Jacobi engine runs the transformers "
+                         f"model itself (full or half precision weights)")
+    if args.stream_interval < 1:
+        parser.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
+    if args.limit_worker_concurrency < 1:
+        parser.error("--limit-worker-concurrency must be >= 1")
+    if args.conv_template:
+        from fastchat.conversation import conv_templates
+
+        if args.conv_template not in conv_templates:
+            parser.error(f"unknown --conv-template {args.conv_template!r}")
+    try:
+        loading.placement(args.device, args.num_gpus, args.max_gpu_memory)
+        loading.resolve(args.model_path)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but no CUDA GPU is visible (use --device cpu)")
+    args.worker_address = args.worker_address or f"http://{args.host}:{args.port}"
+    args.model_names = args.model_names or [default_name(args.model_path)]
+
+
+def default_name(model_path: str) -> str:
+    name = Path(os.path.normpath(model_path)).name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def create_worker(argv: list[str] | None = None):
+    plugin.register()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus   # before CUDA is first touched
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_args(parser, args)
+    return args, JacobiWorker(args, jacobi_config(parser, args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args, _ = create_worker(argv)
+    ssl = {"ssl_keyfile": os.environ["SSL_KEYFILE"], "ssl_certfile": os.environ["SSL_CERTFILE"]} \
+        if args.ssl else {}
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **ssl)
