@@ -1,6 +1,6 @@
 """fastchat-cllm: serve Consistency LLMs through FastChat with KV-cached Jacobi decoding."""
 from .core import JacobiConfig, JacobiResult, JacobiStats, Step, jacobi_generate, jacobi_stream
-from .serving.hook import arm as _arm_fastchat_plugin
+from .plugin_hook import arm as _arm_fastchat_plugin
 
 __version__ = "0.1.0"
 __all__ = ["JacobiConfig", "JacobiResult", "JacobiStats", "Step", "jacobi_generate",

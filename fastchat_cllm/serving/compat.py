@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import ClassVar
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def keep_jacobi_usage() -> None:
         return
 
     class UsageInfo(protocol.UsageInfo):
-        jacobi = True
+        jacobi: ClassVar[bool] = True
         jacobi_forwards: int = 0
         jacobi_tokens: int = 0
         jacobi_tokens_per_forward: float = 0.0

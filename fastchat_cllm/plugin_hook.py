@@ -4,7 +4,9 @@ When fastchat is installed, the plugin registers itself as soon as
 `fastchat.model.model_adapter` has been imported (at once if it already was), so
 `import fastchat_cllm` costs nothing extra for the core, training and benchmarks
 (importing FastChat's adapters takes seconds), and a process that never touches FastChat
-never loads it. This module must not import fastchat.
+never loads it. This module must not import fastchat; `fastchat_cllm.serving` imports
+FastChat's adapters before any of its modules runs, so the registration the import sets off never
+meets a half-imported serving module.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ TARGET = "fastchat.model.model_adapter"
 
 
 def _register() -> None:
-    from .plugin import register
+    from .serving.plugin import register
 
     register()
 

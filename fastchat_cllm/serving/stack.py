@@ -1,0 +1,166 @@
+"""`python -m fastchat_cllm.serve`: the stock controller, the Jacobi worker, the API server (and
+the web UI with --web) on 127.0.0.1, started in order, watched, and stopped together.
+
+Flags it does not know go to the worker (e.g. --device cuda --block-size 32 --conv-template X).
+Each process logs to <logdir>/<name>.log; when one dies, the others are stopped and its log's
+tail is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from .. import loading
+
+START_TIMEOUT = 900          # seconds; loading a 7B checkpoint can take minutes
+STOP_TIMEOUT = 15
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 25) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Other flags are passed to fastchat_cllm.worker.")
+    p.add_argument("--model-path", default=loading.DEFAULT_MODEL)
+    p.add_argument("--web", action="store_true", help="also start the web UI")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--controller-port", type=int, default=21001)
+    p.add_argument("--worker-port", type=int, default=21002)
+    p.add_argument("--api-port", type=int, default=8000)
+    p.add_argument("--web-port", type=int, default=7860)
+    p.add_argument("--logdir", default=os.environ.get("LOGDIR") or
+                   os.path.join(tempfile.gettempdir(), "fastchat-cllm-logs"))
+    return p.parse_known_args(argv)
+
+
+class Stack:
+    def __init__(self, args: argparse.Namespace, worker_args: list[str]):
+        self.args, self.worker_args = args, worker_args
+        self.logdir = Path(args.logdir)
+        self.children: list[Child] = []
+        host = args.host
+        self.controller = f"http://{host}:{args.controller_port}"
+        self.worker = f"http://{host}:{args.worker_port}"
+        self.api = f"http://{host}:{args.api_port}/v1"
+        self.web = f"http://{host}:{args.web_port}"
+
+    def start(self, name: str, module: str, *flags: str) -> None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        log = self.logdir / f"{name}.log"
+        env = {**os.environ, "LOGDIR": str(self.logdir), "PYTHONUNBUFFERED": "1"}
+        with open(log, "w") as out:   # the child keeps its own handle
+            process = subprocess.Popen([sys.executable, "-m", module, *flags], stdout=out,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.children.append(Child(name, process, log))
+        print(f"started {name} (pid {process.pid}, log {log})", flush=True)
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            if child.process.poll() is not None:
+                raise StackError(f"{child.name} exited with code {child.process.returncode}; "
+                                 f"last lines of {child.log}:\n{child.tail()}")
+
+    def wait(self, what: str, ready) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if ready():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise StackError(f"{what} not ready after {START_TIMEOUT} s")
+
+    def models(self) -> list[str]:
+        return requests.post(self.controller + "/list_models", timeout=5).json()["models"]
+
+    def up(self) -> None:
+        a = self.args
+        self.start("controller", "fastchat.serve.controller", "--host", a.host,
+                   "--port", str(a.controller_port))
+        self.wait("the controller", lambda: self.models() is not None)
+        self.start("worker", "fastchat_cllm.worker", "--model-path", a.model_path,
+                   "--host", a.host, "--port", str(a.worker_port), "--worker-address",
+                   self.worker, "--controller-address", self.controller, *self.worker_args)
+        self.start("api", "fastchat_cllm.openai_api_server", "--host", a.host,
+                   "--port", str(a.api_port), "--controller-address", self.controller)
+        print("loading the model ...", flush=True)
+        self.wait("the worker", lambda: bool(self.models()))
+        self.wait("the API server", lambda: requests.get(self.api + "/models", timeout=10).ok)
+        if a.web:
+            self.start("web", "fastchat_cllm.gradio_web_server", "--host", a.host,
+                       "--port", str(a.web_port), "--controller-url", self.controller)
+            self.wait("the web UI", lambda: requests.get(self.web, timeout=10).ok)
+
+    def banner(self) -> str:
+        lines = [f"fastchat-cllm is serving {', '.join(self.models())}",
+                 f"  OpenAI API : {self.api}   (try: curl {self.api}/models)",
+                 f"  controller : {self.controller}",
+                 f"  worker     : {self.worker}   (Jacobi totals: POST {self.worker}"
+                 f"/worker_get_status)"]
+        if self.args.web:
+            lines.append(f"  web UI     : {self.web}")
+        lines += [f"  logs       : {self.logdir}", "Ctrl-C stops everything."]
+        return "\n".join(lines)
+
+    def watch(self) -> None:
+        while True:
+            self.check_alive()
+            time.sleep(1)
+
+    def down(self) -> None:
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.terminate()
+        for child in reversed(self.children):
+            try:
+                child.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if self.children:
+            print("stopped " + ", ".join(c.name for c in reversed(self.children)), flush=True)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, worker_args = parse(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    stack = Stack(args, worker_args)
+    try:
+        stack.up()
+        print(stack.banner(), flush=True)
+        stack.watch()
+    except KeyboardInterrupt:
+        return 0
+    except StackError as e:
+        print(f"fastchat_cllm.serve: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stack.down()
