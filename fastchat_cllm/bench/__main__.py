@@ -46,7 +46,7 @@ def _methods(values: list[str]) -> tuple[str, ...]:
 def offline(args, info: dict) -> dict:
     import torch
 
-    from ..loading import load
+    from ..loading import DEFAULT_MODEL, load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -56,7 +56,7 @@ def offline(args, info: dict) -> dict:
     model, tokenizer = load(args.model, dtype=dtype, device=device)
     draft = load(args.draft_model, dtype=dtype, device=device)[0] if args.draft_model else None
     results = run_offline(config, model, tokenizer, prompts, draft)
-    run = {"mode": "offline", "model": args.model or "smollm2-135m-instruct",
+    run = {"mode": "offline", "model": args.model or DEFAULT_MODEL,
            "draft_model": args.draft_model, "dtype": args.dtype, "device": device,
            "machine": info, "config": config.as_dict(), **results}
     print(report.offline_table(results["methods"]))

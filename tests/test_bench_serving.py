@@ -1,0 +1,125 @@
+"""The serving benchmark against a real OpenAI-compatible streaming server on 127.0.0.1.
+
+The server here is small on purpose: it streams Jacobi-decoded tokens of a tiny random model
+(one forward at a time under a lock, so concurrent streams interleave) in the chat-completions
+SSE format, with a usage chunk only when asked for one and when `send_usage` is on.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import tiny_model
+from fastchat_cllm import jacobi_stream
+from fastchat_cllm.bench.__main__ import main
+from fastchat_cllm.bench.prompts import builtin_prompts, encode
+from fastchat_cllm.bench.serving import ServingConfig, run_serving
+from test_bench import char_tokenizer
+
+
+class TinyChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, send_usage: bool):
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.model, self.tokenizer = tiny_model("llama"), char_tokenizer()
+        self.send_usage, self.lock = send_usage, threading.Lock()
+        self.completion_tokens: list[int] = []   # per finished request
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _json(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._json({"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0,
+                                                "owned_by": "test"}]})
+
+    def _event(self, choices: list, usage: dict | None = None) -> None:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                 "choices": choices}
+        if usage is not None:
+            chunk["usage"] = usage
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+
+    def do_POST(self):
+        server: TinyChatServer = self.server
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ids = server.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True,
+                                                   tokenize=True)["input_ids"]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        steps = jacobi_stream(server.model, ids, max_new_tokens=request["max_tokens"], block_size=4)
+        made = 0
+        while True:
+            with server.lock:
+                step = next(steps)
+            made += len(step.tokens)
+            delta = {"content": server.tokenizer.decode(step.tokens)}
+            self._event([{"index": 0, "delta": delta, "finish_reason": step.finish_reason}])
+            if step.finish_reason:
+                break
+        if server.send_usage and request.get("stream_options", {}).get("include_usage"):
+            self._event([], {"prompt_tokens": len(ids), "completion_tokens": made,
+                             "total_tokens": len(ids) + made})
+        self.wfile.write(b"data: [DONE]\n\n")
+        server.completion_tokens.append(made)
+
+
+@pytest.fixture
+def chat_server(request):
+    server = TinyChatServer(send_usage=request.param)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("chat_server", [True], indirect=True)
+def test_serving_cli_measures_each_concurrency_level(chat_server, tmp_path):
+    out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
+    run = main(["--serve-url", chat_server.url, "--concurrency", "1,4", "--num-prompts", "3",
+                "--max-new-tokens", "12", "--repeats", "2", "--out", str(out), "--plot", str(plot)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(run))
+    assert data["mode"] == "serving" and data["model"] == "tiny"
+    assert [level["concurrency"] for level in data["levels"]] == [1, 4]
+    # warm-up + 1x2 + 4x2 requests, each of 12 tokens (a random model rarely says EOS early)
+    assert len(chat_server.completion_tokens) == 1 + 2 + 8
+    for level, made in zip(data["levels"], (chat_server.completion_tokens[1:3],
+                                            chat_server.completion_tokens[3:])):
+        assert level["requests"] == 2 * level["concurrency"]
+        assert level["tokens"] == sum(made) and level["token_source"] == ["usage"]
+        assert 0 < level["ttft_median_s"] <= level["ttft_p90_s"] <= level["wall_s"]
+        assert level["stream_tokens_per_second"] > 0 and level["aggregate_tokens_per_second"] > 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("chat_server", [False], indirect=True)
+def test_serving_counts_tokens_with_a_tokenizer_when_the_stream_has_no_usage(chat_server):
+    prompts = builtin_prompts()[:2]
+    config = ServingConfig(chat_server.url, "tiny", (2,), max_new_tokens=10)
+    result = run_serving(config, prompts, char_tokenizer())
+    level = result["levels"][0]
+    assert level["token_source"] == ["tokenizer"]
+    assert level["tokens"] == sum(chat_server.completion_tokens[1:])
+    without = run_serving(config, prompts)["levels"][0]
+    assert without["token_source"] == ["chunks"] and without["tokens"] > 0
