@@ -1,9 +1,11 @@
 """The one place where Jacobi decoding options and their defaults live."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 FILLS = ("lookup", "random")
+GREEDY_TEMPERATURE = 1e-5   # below this, decoding is greedy (FastChat's threshold)
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,12 @@ class JacobiConfig:
         (the reference's initial guess).
     block_cost: prior cost of one more block position relative to a 1-token forward, used by the
         adaptive controller until it has timed forwards of that size; None picks one by device.
+    seed: seeds the random fill and, when sampling, the sampling noise (same seed, same text).
+    temperature, top_p, top_k, repetition_penalty: FastChat's sampling settings; temperature
+        below 1e-5 is greedy (exact greedy output; with a repetition penalty, the argmax of the
+        penalised logits); top_k 0 and top_p 1 are off; repetition_penalty 1 is off.
+    logprobs: None (off) or how many most likely alternatives to report with each final
+        token's logprob (0: the token's own logprob only).
     """
 
     max_new_tokens: int = 256
@@ -31,6 +39,11 @@ class JacobiConfig:
     fill: str = "lookup"
     block_cost: float | None = None
     seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -44,6 +57,20 @@ class JacobiConfig:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
         if self.block_cost is not None and not self.block_cost >= 0:
             raise ValueError(f"block_cost must be >= 0, got {self.block_cost!r}")
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        _check_float("temperature", self.temperature, lambda t: t >= 0, ">= 0")
+        _check_float("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
+        _check_int("top_k", self.top_k, 0)
+        _check_float("repetition_penalty", self.repetition_penalty, lambda r: r > 0, "> 0")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
+
+    @property
+    def sampling(self) -> bool:
+        """True when tokens are sampled rather than chosen greedily."""
+        return self.temperature >= GREEDY_TEMPERATURE
 
     def with_(self, **changes) -> "JacobiConfig":
         return replace(self, **changes)
@@ -54,4 +81,11 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value, ok, bound: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not ok(value):
         raise ValueError(f"{name} must be {bound}, got {value}")

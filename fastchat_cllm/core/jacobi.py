@@ -22,8 +22,9 @@ from . import kv_cache
 from .block_size import BlockSizer
 from .config import JacobiConfig
 from .guesses import Context, fill
+from .logprobs import TokenLogprob, token_logprobs
+from .sampling import acceptance_rule
 from .stats import JacobiStats
-from .verify import verify_greedy
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Step:
     block_start: bool          # first forward of a block (fixed blocks) / of a call
     finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens) or None
     stats: JacobiStats         # the call's statistics so far (one object, updated in place)
+    logprobs: list[TokenLogprob] | None = None  # one per token in `tokens` (config.logprobs)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class JacobiResult:
     tokens: list[int]
     stats: JacobiStats
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 def carried_ages(window: list[int], ages: list[int], predictions: list[int], k: int) -> list[int]:
@@ -76,7 +79,10 @@ def _prompt_tensor(model, input_ids) -> torch.Tensor:
 
 
 def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **options) -> Iterator[Step]:
-    """Decode greedily with Jacobi iterations, yielding a Step per forward (prefill first).
+    """Decode with Jacobi iterations, yielding a Step per forward (prefill first).
+
+    Greedy by default; with config.temperature > 0 it samples exactly from the autoregressive
+    distribution (see sampling.py).
 
     input_ids: [P] or [1, P]. Options are JacobiConfig fields (or pass `config`).
     """
@@ -88,11 +94,15 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
                        config.block_cost, ids.device.type)
     cache = kv_cache.new_cache(model)
 
-    first = int(kv_cache.forward(model, cache, ids, last_only=True)[-1].argmax())
+    rule = acceptance_rule(config, ids[0])
+    logits = kv_cache.forward(model, cache, ids, last_only=True)       # [1, V]
+    first = rule.verify(ids[0, -1:].tolist(), logits).next_token
     tokens, reason = finish([first], config, 0)
     stats.tokens = len(tokens)
     context.extend(tokens)
-    yield Step(tokens, [], [], 0, True, reason, stats)
+    rule.commit(tokens)
+    yield Step(tokens, [], [], 0, True, reason, stats,
+               token_logprobs(logits, tokens, config.logprobs))
 
     next_token, guesses, ages = first, [], []  # ages[i]: forwards guesses[i] kept its value
     block_left = block_forwards = produced = 0
@@ -113,7 +123,7 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
 
         started = time.perf_counter()
         logits = kv_cache.forward(model, cache, torch.tensor([window], device=ids.device))
-        verdict = verify_greedy(window, logits)                      # logits: [size, V]
+        verdict = rule.verify(window, logits)                        # logits: [size, V]
         seconds = time.perf_counter() - started  # verify reads the logits back: a device sync
         k, predictions = verdict.accepted, verdict.predictions
         kv_cache.drop_last(cache, size - k)
@@ -127,6 +137,7 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
         tokens, reason = finish(window[1:k] + [verdict.next_token], config, stats.tokens)
         stats.tokens += len(tokens)
         context.extend(tokens)
+        rule.commit(tokens)
 
         # A fixed block ends at its fixed point; a sliding window counts every block_size tokens.
         block_forwards += 1
@@ -141,7 +152,8 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
             stats.iterations_per_block.append(block_forwards)
             block_forwards = 0
 
-        yield Step(tokens, window, predictions, k, block_start, reason, stats)
+        yield Step(tokens, window, predictions, k, block_start, reason, stats,
+                   token_logprobs(logits, tokens, config.logprobs))
         block_start = False
         next_token = verdict.next_token
         end = size - 1 if config.fixed_blocks else size    # a fixed block never grows
@@ -150,12 +162,15 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
 
 
 def jacobi_generate(model, input_ids, config: JacobiConfig | None = None, **options) -> JacobiResult:
-    """Decode greedily with Jacobi iterations; returns the generated tokens and statistics.
+    """Decode with Jacobi iterations; returns the generated tokens, statistics (and logprobs).
 
     Example: jacobi_generate(model, ids, max_new_tokens=64, block_size=16, eos_token_id=[2]).
     """
     tokens: list[int] = []
+    logprobs: list[TokenLogprob] = []
     step = None
     for step in jacobi_stream(model, input_ids, config, **options):
         tokens.extend(step.tokens)
-    return JacobiResult(tokens, step.stats, step.finish_reason)
+        logprobs.extend(step.logprobs or [])
+    return JacobiResult(tokens, step.stats, step.finish_reason,
+                        logprobs if step.logprobs is not None else None)

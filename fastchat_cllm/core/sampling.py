@@ -1,0 +1,144 @@
+"""Sampling inside Jacobi decoding, exact in distribution, plus FastChat's logits processors.
+
+Processing (FastChat's order: temperature, repetition penalty, top-p, top-k) runs on every window
+position with that position's own prefix: the final text plus window[:i+1].
+
+Acceptance rule. Output position t draws Gumbel noise G_t [V] once, from a generator seeded with
+`config.seed`, and its token is argmax(processed_t + G_t): the Gumbel-max trick, a sample from
+softmax(processed_t). A guess g at t is accepted when it equals that sample, which, for a guess
+chosen without looking at G_t (a fill), happens with probability p_t(g); on rejection the token
+is the sample conditioned on not being g, i.e. drawn from p_t with g removed and renormalised:
+the speculative-sampling rule for a deterministic draft. Acceptance stops at the first rejection;
+when all guesses are accepted the last position's sample is the next token.
+Because G_t belongs to the output position (not to the forward), carried guesses are the samples
+of the previous forward with the same noise, so the loop is an ordinary Jacobi iteration of a
+fixed map, and the output is the autoregressive sample for this seed whatever the block sizes,
+the fill or the timing-driven adaptive window: seeded runs are reproducible.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import JacobiConfig
+from .verify import Verdict, verify_greedy
+
+
+def penalize(scores: torch.Tensor, present: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty (CTRL, as transformers): divide positive scores, multiply negative ones.
+
+    scores: [L, V]; present: [L, V] bool, the tokens of each position's prefix.
+    """
+    scaled = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(present, scaled, scores)
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of top tokens whose probability reaches `top_p` (at least one).
+
+    scores: [L, V] -> [L, V] with dropped entries at -inf.
+    """
+    ascending, order = torch.sort(scores, dim=-1)
+    cumulative = ascending.softmax(-1).cumsum(-1)                   # [L, V]
+    drop = cumulative <= 1 - top_p
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` highest scores of each row (ties with the k-th kept). scores: [L, V]."""
+    kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]   # [L, 1]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def prefix_presence(seen: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Which tokens occur in each window position's prefix.
+
+    seen: [V] bool (the final text); window: [L] ids -> [L, V] bool, row i = seen | window[:i+1].
+    """
+    size = window.shape[0]
+    steps = torch.arange(size, device=window.device)
+    upto = window[torch.minimum(steps[:, None], steps[None, :])]    # [L, L]: window[min(i, j)]
+    rows = seen.expand(size, -1).clone()
+    return rows.scatter_(1, upto, True)
+
+
+def process_logits(logits: torch.Tensor, present: torch.Tensor | None,
+                   config: JacobiConfig) -> torch.Tensor:
+    """FastChat's processors on each row. logits: [L, V]; present: [L, V] bool or None."""
+    scores = logits / config.temperature if config.sampling else logits
+    if config.repetition_penalty != 1.0:
+        scores = penalize(scores, present, config.repetition_penalty)
+    if config.sampling and config.top_p < 1.0:
+        scores = top_p_filter(scores, config.top_p)
+    if config.sampling and config.top_k > 0:
+        scores = top_k_filter(scores, config.top_k)
+    return scores
+
+
+def gumbel(generator: torch.Generator, size: int, device: torch.device) -> torch.Tensor:
+    """One row of standard Gumbel noise [size], float64 so that no tail is cut off in practice."""
+    uniform = torch.rand(size, generator=generator, device=device, dtype=torch.float64)
+    return -torch.log(-torch.log(uniform))
+
+
+def verify_sampled(window: list[int], scores: torch.Tensor, noise: torch.Tensor) -> Verdict:
+    """Accept guess i when it is the Gumbel-max sample at position i - 1.
+
+    window: [L]; scores: processed logits [L, V]; noise: Gumbel [L, V] of the predicted positions.
+    """
+    return verify_greedy(window, scores + noise)
+
+
+class SampledRule:
+    """The acceptance rule of one call with processing: the final text's tokens and the noise
+    of output positions not yet final. Row i of a verified window predicts output position
+    `produced + i` (the prefill's one row predicts position 0)."""
+
+    def __init__(self, config: JacobiConfig, prompt: torch.Tensor):
+        self.config = config
+        self.prompt = prompt                           # [P], until the vocabulary size is known
+        self.seen: torch.Tensor | None = None          # [V] bool
+        self.generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
+        self.noise: list[torch.Tensor] = []            # Gumbel rows for produced, produced + 1, ..
+
+    def verify(self, window: list[int], logits: torch.Tensor) -> Verdict:
+        """window: [L] ids, logits: raw [L, V] of one forward over it."""
+        size, vocab = logits.shape
+        present = None
+        if self.config.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                self.seen[self.prompt] = True
+            ids = torch.tensor(window, device=logits.device)
+            present = prefix_presence(self.seen, ids)
+        scores = process_logits(logits, present, self.config)
+        if not self.config.sampling:
+            return verify_greedy(window, scores)
+        while len(self.noise) < size:
+            self.noise.append(gumbel(self.generator, vocab, logits.device))
+        return verify_sampled(window, scores, torch.stack(self.noise[:size]))
+
+    def commit(self, tokens: list[int]) -> None:
+        """Record newly final tokens (in order)."""
+        if self.seen is not None:
+            self.seen[torch.tensor(tokens, device=self.seen.device)] = True
+        del self.noise[: len(tokens)]
+
+
+class GreedyRule:
+    """Plain greedy decoding: the engine's exact greedy path, nothing to remember."""
+
+    verify = staticmethod(verify_greedy)
+
+    def commit(self, tokens: list[int]) -> None:
+        pass
+
+
+def acceptance_rule(config: JacobiConfig, prompt: torch.Tensor) -> GreedyRule | SampledRule:
+    """The rule for `config`: greedy unless sampling or a repetition penalty is asked for.
+
+    prompt: [P] ids on the model's device.
+    """
+    if config.sampling or config.repetition_penalty != 1.0:
+        return SampledRule(config, prompt)
+    return GreedyRule()
