@@ -1,0 +1,6 @@
+"""Make a CLLM: Jacobi trajectory collection and consistency distillation (no FastChat import).
+
+collect.py (CLI) -> trajectory.py records every block state up to its fixed point;
+distill.py (CLI) -> trainer.py runs the loop over packing.py's packed sequences and losses.py;
+problems.py is an offline prompt set with a quality metric; evaluate.py measures a model.
+"""

@@ -1,0 +1,170 @@
+"""Collect Jacobi trajectories for a prompt file (JSON lines) into a trajectory file.
+
+python -m fastchat_cllm.train.collect --model P --prompts F.jsonl --block-size 16 \
+    --max-new-tokens N --out T.jsonl [--augment A] [--max-repeat 10]
+
+Each prompt line holds {"id": ..., "prompt": "user message"} (or "prompt_ids": [token ids]);
+each output line is one trajectory (or {"id", "dropped"} for a degenerate output). The output is
+appended to and flushed after every prompt, and a rerun skips the ids already there, so an
+interrupted collection resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .trajectory import CollectConfig, collect_trajectory
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompt records with "id" and "prompt" or "prompt_ids"; ValueError names the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    records, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not (
+                isinstance(record.get("prompt"), str) or _is_ids(record.get("prompt_ids"))):
+            raise ValueError(f"{path}:{number}: needs a string 'prompt' or a list 'prompt_ids'")
+        record.setdefault("id", f"line-{number}")
+        record["id"] = str(record["id"])
+        if record["id"] in seen:
+            raise ValueError(f"{path}:{number}: duplicate id {record['id']!r}")
+        seen.add(record["id"])
+        records.append(record)
+    if not records:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return records
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
+
+
+def done_ids(path: str | Path) -> set[str]:
+    """Ids already in a trajectory file (a torn last line from an interrupt is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    ids = set()
+    for line in path.read_text().splitlines():
+        try:
+            ids.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def prompt_tokens(tokenizer, record: dict, chat: bool) -> list[int]:
+    if "prompt_ids" in record:
+        return list(record["prompt_ids"])
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(record["prompt"])["input_ids"]
+
+
+def eos_ids(tokenizer) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+def collect_file(model, tokenizer, prompts: list[dict], out: str | Path, config: CollectConfig,
+                 chat: bool = True, progress: bool = True, max_minutes: float = 0.0) -> dict:
+    """Append the trajectories of the prompts not yet in `out` (stopping after `max_minutes`
+    when > 0: a rerun continues); returns counts."""
+    import time
+
+    from tqdm import tqdm
+
+    began = time.monotonic()
+    done = done_ids(out)
+    todo = [p for p in prompts if p["id"] not in done]
+    counts = {"skipped": len(prompts) - len(todo), "written": 0, "dropped": 0, "states": 0,
+              "left": len(todo)}
+    if Path(out).exists():
+        _end_with_newline(out)
+    with open(out, "a") as f:
+        for record in tqdm(todo, desc="collect", unit="prompt", disable=not progress):
+            ids = prompt_tokens(tokenizer, record, chat)
+            trajectory = collect_trajectory(model, record["id"], ids, config)
+            if trajectory is None:
+                line = {"id": record["id"], "dropped": "repetition"}
+                counts["dropped"] += 1
+            else:
+                line = trajectory.as_dict()
+                counts["written"] += 1
+                counts["states"] += sum(len(b.states) + len(b.augmented) for b in trajectory.blocks)
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            counts["left"] -= 1
+            if max_minutes and time.monotonic() - began > 60 * max_minutes:
+                break
+    return counts
+
+
+def _end_with_newline(path: str | Path) -> None:
+    """Drop a torn last line left by an interrupted run, so appends start on a fresh line."""
+    text = Path(path).read_text()
+    if text and not text.endswith("\n"):
+        Path(path).write_text(text[: text.rfind("\n") + 1])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.collect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model path or alias (default: SmolLM2-135M)")
+    p.add_argument("--prompts", required=True, help="JSON lines with 'prompt' or 'prompt_ids'")
+    p.add_argument("--out", required=True, help="trajectory file (JSON lines, appended)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--augment", type=int, default=0, help="augmented states per state")
+    p.add_argument("--max-repeat", type=int, default=10,
+                   help="drop outputs with a run of this many equal tokens (0: keep all)")
+    p.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as is")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop after this long (0: no limit); a rerun continues")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    return p.parse_args(argv)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from ..loading import load
+
+    try:
+        prompts = read_prompts(args.prompts)
+        model, tokenizer = load(args.model, dtype=torch.float32, device=args.device)
+        config = CollectConfig(args.block_size, args.max_new_tokens, eos_ids(tokenizer),
+                               args.augment, args.max_repeat, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    counts = collect_file(model, tokenizer, prompts, args.out, config, not args.no_chat_template,
+                          max_minutes=args.max_minutes)
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The consistency-distillation loop: one packed sequence per trajectory, AdamW, accelerate.
+
+A step draws `records_per_step` trajectories (epoch-shuffled, from the seed) and, for each of
+their blocks, `states_per_block` states; every draw depends only on (seed, step), so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .losses import cllm_loss
+from .packing import Segment, pack, packed_logits
+from .trajectory import Trajectory
+
+LOSSES = ("global", "local")
+SCHEDULES = ("cosine", "constant")
+CHECKPOINT, LOSS_LOG = "checkpoint.pt", "loss_log.jsonl"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """steps: optimizer steps (0: one epoch). ar_weight: AR loss weight against the consistency
+    loss (the reference's 10:1). max_minutes: stop (and checkpoint) after this long (0: never)."""
+
+    steps: int = 0
+    lr: float = 2e-5
+    schedule: str = "cosine"
+    warmup: float = 0.03
+    ar_weight: float = 10.0
+    label_smoothing: float = 0.1
+    loss: str = "global"
+    states_per_block: int = 2
+    records_per_step: int = 1
+    save_every: int = 100
+    max_minutes: float = 0.0
+    bf16: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("states_per_block", "records_per_step", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "ar_weight", "max_minutes", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("warmup and label_smoothing must be in [0, 1)")
+
+
+def choose_segments(traj: Trajectory, config: DistillConfig, rng: random.Random) -> list[Segment]:
+    """The noisy states one step trains on: a few per block (states equal to the fixed point
+    teach nothing and are skipped)."""
+    segments: list[Segment] = []
+    for block in traj.blocks:
+        fixed = block.fixed_point
+        if config.loss == "global":
+            pool = [s for s in block.states + block.augmented if s != fixed]
+            for state in rng.sample(pool, min(config.states_per_block, len(pool))):
+                segments.append(Segment(block.start, state))
+            continue
+        pairs = [j for j in range(len(block.states) - 1) if block.states[j] != fixed]
+        for j in rng.sample(pairs, min(config.states_per_block, len(pairs))):
+            nxt = block.states[j + 1]
+            if nxt == fixed:   # the next state is the fixed point: the clean part holds it
+                segments.append(Segment(block.start, block.states[j]))
+            else:
+                segments.append(Segment(block.start, nxt, student=False))
+                segments.append(Segment(block.start, block.states[j], target=len(segments) - 1))
+    return segments
+
+
+def total_steps(config: DistillConfig, count: int) -> int:
+    """Optimizer steps of a run over `count` trajectories (`steps`, else one epoch)."""
+    return config.steps or math.ceil(count / config.records_per_step)
+
+
+def lr_factor(step: int, steps: int, config: DistillConfig) -> float:
+    warm = max(1, round(config.warmup * steps))
+    if step < warm:
+        return (step + 1) / warm
+    if config.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def record_order(count: int, step: int, config: DistillConfig) -> list[int]:
+    """Indices of the trajectories step `step` uses (a fresh shuffle every epoch)."""
+    out = []
+    for slot in range(step * config.records_per_step, (step + 1) * config.records_per_step):
+        epoch, index = divmod(slot, count)
+        out.append(random.Random(f"{config.seed}:epoch{epoch}").sample(range(count), count)[index])
+    return out
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler) -> None:
+    """Atomically write what a resume needs (trainable weights, optimizer, schedule, step)."""
+    state = {"step": step, "trainable": trainable_state(model),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    tmp = out_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / CHECKPOINT)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint if there is one; returns the step to continue from."""
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    result = model.load_state_dict(state["trainable"], strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} does not fit this model: {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _trim_log(out_dir / LOSS_LOG, state["step"])
+    return state["step"]
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Forget log lines written after the checkpoint (they will be logged again)."""
+    if path.exists():
+        keep = [l for l in path.read_text().splitlines()
+                if l.strip() and _line_step(l) is not None and _line_step(l) < step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def train_step(model, trajectories: list[Trajectory], config: DistillConfig, rng, accelerator):
+    """Forward/backward over the step's trajectories; returns the mean loss parts."""
+    parts, states = {"loss": 0.0, "consistency": 0.0, "ar": 0.0}, 0
+    for traj in trajectories:
+        segments = choose_segments(traj, config, rng)
+        packed = pack(traj.prompt_ids, traj.output_ids, segments)
+        with accelerator.autocast():
+            logits = packed_logits(model, packed)
+        losses = cllm_loss(logits, packed, config.ar_weight, config.label_smoothing)
+        accelerator.backward(losses.total / len(trajectories))
+        states += sum(1 for s in segments if s.student)
+        for key, value in losses.as_dict().items():
+            parts[key] += value / len(trajectories)
+    return parts, states
+
+
+def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir: str | Path,
+          progress: bool = True) -> int:
+    """Distil `model` in place on the trajectories; checkpoints and logs go to `out_dir`.
+    Resumes from `out_dir`'s checkpoint. Returns the number of steps done."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    if not trajectories:
+        raise ValueError("no trajectories to train on")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = total_steps(config, len(trajectories))
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and config.bf16 else "no")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, config))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = load_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+    model.train()
+    began, done = time.monotonic(), start
+    with open(out_dir / LOSS_LOG, "a") as log:
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="distill",
+                   disable=not progress)
+        for step in bar:
+            rng = random.Random(f"{config.seed}:step{step}")
+            batch = [trajectories[i] for i in record_order(len(trajectories), step, config)]
+            tick = time.monotonic()
+            parts, states = train_step(model, batch, config, rng, accelerator)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            line = {"step": step, **{k: round(v, 5) for k, v in parts.items()},
+                    "lr": scheduler.get_last_lr()[0], "states": states,
+                    "seconds": round(time.monotonic() - tick, 3)}
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", kl=f"{parts['consistency']:.3f}")
+            out_of_time = config.max_minutes and time.monotonic() - began > 60 * config.max_minutes
+            if done % config.save_every == 0 or done == steps or out_of_time:
+                save_checkpoint(out_dir, done, accelerator.unwrap_model(model), optimizer,
+                                scheduler)
+            if out_of_time:
+                break
+    model.eval()
+    return done

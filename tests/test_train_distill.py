@@ -1,0 +1,186 @@
+"""Consistency distillation and the collect / distill command lines, on tiny random models."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from fastchat_cllm import jacobi_generate
+from fastchat_cllm.loading import load
+from fastchat_cllm.train import collect, distill
+from fastchat_cllm.train.losses import consistency_loss
+from fastchat_cllm.train.packing import pack, packed_logits
+from fastchat_cllm.train.trainer import DistillConfig, choose_segments, train
+from fastchat_cllm.train.trajectory import CollectConfig, collect_trajectory
+
+BLOCK, NEW = 8, 24
+
+
+def sharp_tiny_model():
+    """A tiny model with confident predictions (a random init is near uniform: KL ~ 0)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    return model
+
+
+def random_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 96) for _ in range(rng.randint(4, 12))] for _ in range(count)]
+
+
+def tokens_per_forward(model, prompts) -> float:
+    accepted = forwards = 0
+    for ids in prompts:
+        out = jacobi_generate(model, ids, max_new_tokens=NEW, block_size=BLOCK, adaptive=False,
+                              fixed_blocks=True, fill="random")
+        accepted += sum(out.stats.accepted_per_forward)
+        forwards += out.stats.forwards
+    return accepted / forwards
+
+
+def mean_consistency(model, trajectories) -> float:
+    rng, total = random.Random(5), 0.0
+    with torch.no_grad():
+        for traj in trajectories:
+            packed = pack(traj.prompt_ids, traj.output_ids,
+                          choose_segments(traj, DistillConfig(states_per_block=8), rng))
+            total += consistency_loss(packed_logits(model, packed), packed).item()
+    return total / len(trajectories)
+
+
+def test_distillation_lowers_consistency_loss_and_raises_tokens_per_forward(tmp_path):
+    model = sharp_tiny_model()
+    prompts = random_prompts(6)
+    config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
+    trajectories = [collect_trajectory(model, str(i), p, config) for i, p in enumerate(prompts)]
+    before = mean_consistency(model, trajectories), tokens_per_forward(model, prompts)
+    done = train(model, trajectories, DistillConfig(steps=30, lr=3e-3, ar_weight=0.1, warmup=0,
+                                                    states_per_block=8, records_per_step=2),
+                 tmp_path, progress=False)
+    after = mean_consistency(model, trajectories), tokens_per_forward(model, prompts)
+    assert done == 30
+    assert after[0] < 0.5 * before[0], (before, after)
+    assert after[1] > before[1] + 0.05, (before, after)
+    log = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == list(range(30)) and log[0]["states"] > 0
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 96)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w1", eos_token="w2",
+                                   unk_token="w3", pad_token="<pad>")
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path):
+    """A tiny model + tokenizer saved as a Hugging Face folder, and a prompt file for it."""
+    folder = tmp_path / "model"
+    sharp_tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"id": f"p{i}", "prompt": " ".join(f"w{t}" for t in ids[1:])}
+             for i, ids in enumerate(random_prompts(4, seed=1))]
+    lines.append({"id": "ids", "prompt_ids": [1, 40, 41, 42]})
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder, prompts
+
+
+def collect_args(folder, prompts, out, *extra):
+    return ["--model", str(folder), "--prompts", str(prompts), "--out", str(out), "--block-size",
+            str(BLOCK), "--max-new-tokens", str(NEW), "--threads", "1", *extra]
+
+
+def test_collect_cli_writes_resumes_and_skips_done_prompts(tiny_folder, tmp_path, capsys):
+    folder, prompts = tiny_folder
+    out = tmp_path / "traj.jsonl"
+    first = prompts.read_text().splitlines()[:2]
+    partial = tmp_path / "first.jsonl"
+    partial.write_text("\n".join(first) + "\n")
+    assert collect.main(collect_args(folder, partial, out, "--augment", "1")) == 0
+    with open(out, "a") as f:
+        f.write('{"id": "p2", "prompt_ids": [1, 2')      # a line torn by an interrupt
+    assert collect.main(collect_args(folder, prompts, out, "--augment", "1")) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert counts["skipped"] == 2 and counts["written"] + counts["dropped"] == 3
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["ids", "p0", "p1", "p2", "p3"]
+    assert next(r for r in records if r["id"] == "ids")["prompt_ids"] == [1, 40, 41, 42]
+    assert any(b["augmented"] for r in records if "blocks" in r for b in r["blocks"])
+
+
+@pytest.mark.parametrize("content,message", [("{not json\n", "not valid JSON"),
+                                             ('{"text": "x"}\n', "needs a string 'prompt'"),
+                                             ("", "holds no prompts")])
+def test_collect_cli_rejects_bad_prompt_files(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    assert collect.main(["--prompts", str(bad), "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert message in capsys.readouterr().err
+    assert collect.main(["--prompts", str(tmp_path / "missing.jsonl"),
+                         "--out", str(tmp_path / "t.jsonl")]) == 2
+
+
+def distill_args(folder, trajectories, out, *extra):
+    return ["--model", str(folder), "--trajectories", str(trajectories), "--out", str(out),
+            "--steps", "4", "--lr", "1e-3", "--save-every", "2", "--threads", "1", *extra]
+
+
+def weights(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(tiny_folder, tmp_path):
+    folder, prompts = tiny_folder
+    trajectories = tmp_path / "traj.jsonl"
+    assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert distill.main(distill_args(folder, trajectories, straight)) == 0
+    # stop after the first step (time limit), then rerun the same command without it
+    assert distill.main(distill_args(folder, trajectories, resumed, "--max-minutes", "1e-9")) == 0
+    assert torch.load(resumed / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert distill.main(distill_args(folder, trajectories, resumed)) == 0
+    log = [json.loads(l)["step"] for l in (resumed / "loss_log.jsonl").read_text().splitlines()]
+    assert log == [0, 1, 2, 3]
+    model_a, tokenizer = load(str(straight))
+    model_b, _ = load(str(resumed))
+    for (name, a), b in zip(weights(model_a).items(), weights(model_b).values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    original, _ = load(str(folder))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(original).values(),
+                                                     weights(model_a).values()))
+    ids = tokenizer("w5 w6 w7")["input_ids"]
+    assert len(jacobi_generate(model_a, ids, max_new_tokens=8).tokens) == 8
+
+
+def test_distill_cli_lora_merged_and_adapter(tiny_folder, tmp_path):
+    folder, prompts = tiny_folder
+    trajectories = tmp_path / "traj.jsonl"
+    assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    assert distill.main(distill_args(folder, trajectories, merged, "--lora-rank", "4",
+                                     "--loss", "local")) == 0
+    model, _ = load(str(merged))
+    assert not any("lora" in name for name in model.state_dict())
+    assert distill.main(distill_args(folder, trajectories, adapter, "--lora-rank", "4",
+                                     "--save-adapter")) == 0
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+
+
+def test_distill_cli_rejects_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "blocks": 3}\n')
+    assert distill.main(["--trajectories", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert distill.main(["--trajectories", str(bad), "--out", str(tmp_path / "o"),
+                         "--loss", "global", "--states-per-block", "0"]) == 2
+    with pytest.raises(ValueError):
+        DistillConfig(loss="other")
