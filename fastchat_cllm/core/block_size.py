@@ -1,13 +1,17 @@
-"""Adaptive block size: pick the window that maximises expected tokens per unit of forward cost.
+"""Adaptive block size: pick the window that maximises expected tokens per second of forward.
 
-Model: a forward over n positions costs c(n) seconds and finalises k tokens, where k - 1 is the number of leading guesses that turn out right. With
-q_i = P(guess i right | guesses 1..i-1 right), E[k | n] = sum_{i<n} prod_{j<=i} q_j (q_0 = 1).
-The q_i are estimated from recent forwards with exponential forgetting, so a block that stops
-paying shrinks within a few forwards, and the prior pulls unused sizes back into trial.
+Model: a forward over n positions costs c(n) seconds and finalises k tokens, where k - 1 is the
+number of leading guesses that turn out right. With q_i = P(guess i right | guesses 1..i-1
+right), E[k | n] = sum_{i<n} prod_{j<=i} q_j. Each q_i is a forgetting average over the forwards
+that reached guess i (unseen positions take the prior), so a block that stops paying shrinks
+within a few forwards. When small windows win, a larger one is still probed now and then, with
+exponential back-off while probes do not pay, so a model (or a stretch of text) that becomes
+predictable is noticed at a bounded cost.
+
 c(n) is measured as the engine runs (a moving average per size); sizes not yet run are priced
 from the nearest measured size through a prior shape. On CPU that shape has a step: BLAS runs a
-1-token forward as matrix-vector products, and any n >= 2 as matrix-matrix products, which on
-the 2-core machines here cost ~1.5x for n = 2 and ~2.3x for n = 16 (SmolLM2-135M, fp32).
+1-token forward as matrix-vector products and any n >= 2 as matrix-matrix products, which on the
+2-core machines here cost ~1.5x for n = 2 and ~2.3x for n = 16 (SmolLM2-135M, fp32).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from __future__ import annotations
 PRIOR_STEP = {"cpu": 0.5}
 PRIOR_SLOPE = {"cpu": 0.05}
 GPU_SLOPE = 0.005
-PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.95, 0.3
+PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.8, 0.3
+PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
 
 
 class BlockSizer:
@@ -25,8 +30,20 @@ class BlockSizer:
         self.step = PRIOR_STEP.get(device_type, 0.0)
         self.slope = cost if cost is not None else PRIOR_SLOPE.get(device_type, GPU_SLOPE)
         self.seconds: dict[int, float] = {}  # measured c(n), moving average
-        self.hits = [0.0] * high    # hits[i]: forwards where guess i was right (given 1..i-1 were)
-        self.trials = [0.0] * high  # trials[i]: forwards whose window reached guess i that way
+        self.hits = [0.0] * high    # hits[i]: forgetting count of forwards where guess i was right
+        self.trials = [0.0] * high  # trials[i]: ... of forwards that reached guess i
+        self.probe_every, self.since_probe, self.probing = PROBE_MIN, 0, False
+
+    def expected_rates(self, high: int) -> list[float]:
+        """E[k | n] / c(n) for n = 1..high (index n - 1)."""
+        rates, expected, survive = [], 0.0, 1.0
+        for n in range(1, high + 1):
+            if n > 1:
+                i = n - 1
+                survive *= (self.hits[i] + PRIOR_Q * PRIOR_WEIGHT) / (self.trials[i] + PRIOR_WEIGHT)
+            expected += survive
+            rates.append(expected / self.cost(n))
+        return rates
 
     def next_size(self, cap: int) -> int:
         """The window for the next forward, at most `cap` (tokens left to generate)."""
@@ -34,15 +51,13 @@ class BlockSizer:
         if not self.adaptive:
             return high
         low = min(self.low, high)
-        best, best_rate, expected, survive = low, 0.0, 0.0, 1.0
-        for n in range(1, high + 1):
-            if n > 1:
-                i = n - 1
-                survive *= (self.hits[i] + PRIOR_Q * PRIOR_WEIGHT) / (self.trials[i] + PRIOR_WEIGHT)
-            expected += survive
-            rate = expected / self.cost(n)
-            if n >= low and rate > best_rate:
-                best, best_rate = n, rate
+        rates = self.expected_rates(high)
+        best = max(range(low, high + 1), key=lambda n: rates[n - 1])
+        self.since_probe += 1
+        self.probing = best < min(high, PROBE_SIZE) and self.since_probe >= self.probe_every
+        if self.probing:
+            self.since_probe = 0
+            return min(high, PROBE_SIZE)
         return best
 
     def prior(self, n: int) -> float:
@@ -62,10 +77,9 @@ class BlockSizer:
         if seconds is not None:
             old = self.seconds.get(window)
             self.seconds[window] = seconds if old is None else old + COST_EMA * (seconds - old)
-        for i in range(1, self.high):
-            self.hits[i] *= DECAY
-            self.trials[i] *= DECAY
         for i in range(1, min(window, accepted + 1)):
-            self.trials[i] += 1.0
-            if accepted > i:
-                self.hits[i] += 1.0
+            self.trials[i] = self.trials[i] * DECAY + 1.0
+            self.hits[i] = self.hits[i] * DECAY + (1.0 if accepted > i else 0.0)
+        if self.probing:
+            paid = accepted / self.cost(window) > 1.0 / self.cost(1)
+            self.probe_every = PROBE_MIN if paid else min(2 * self.probe_every, PROBE_MAX)
