@@ -23,8 +23,7 @@ def test_cuda_fp32_equals_ar_greedy(arch, block_size):
 
 def test_cuda_half_precision_runs_with_the_chosen_attention():
     implementation = attention_implementation("cuda", torch.bfloat16)
-    model = tiny_model("llama")
-    model.config._attn_implementation = implementation
-    model = model.to("cuda", torch.bfloat16)
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    model.set_attn_implementation(implementation)
     out = jacobi_generate(model, list(range(3, 20)), max_new_tokens=32, block_size=16)
     assert len(out.tokens) == 32 and out.stats.forwards >= 1
