@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import uuid
 from functools import partial
@@ -20,9 +21,12 @@ import torch
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
 from fastchat.model.model_adapter import add_model_args
 from fastchat.serve.base_model_worker import BaseModelWorker, app
-from fastchat.serve.model_worker import ModelWorker
 from fastchat.utils import str_to_torch_dtype
 from transformers import set_seed
+
+_streams = sys.stdout, sys.stderr
+from fastchat.serve.model_worker import ModelWorker  # noqa: E402  (its logger takes over stdout
+sys.stdout, sys.stderr = _streams                     # and stderr at import: give them back)
 
 from .. import loading
 from . import plugin
