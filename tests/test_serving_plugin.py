@@ -205,6 +205,7 @@ def test_lora_folder_loads_base_with_adapter_merged(tmp_path):
     (["--gptq-wbits", "4"], "--gptq-ckpt/--gptq-wbits cannot be honoured"),
     (["--num-gpus", "2", "--device", "cpu"], "--num-gpus/--max-gpu-memory"),
     (["--stream-interval", "0"], "--stream-interval must be >= 1"),
+    (["--embed-in-truncate"], "--embed-in-truncate cannot be honoured"),
     (["--conv-template", "no-such-template"], "unknown --conv-template"),
 ])
 def test_worker_refuses_bad_flags_at_start_up(argv, message, capsys):

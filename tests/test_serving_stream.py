@@ -127,14 +127,10 @@ def test_stream_interval_spaces_chunks(chat):
     assert all(b - a >= 4 for a, b in zip(counts, counts[1:]))
 
 
-def test_temperature_falls_back_to_sampling(chat):
-    from transformers import set_seed
-
-    set_seed(0)
+def test_sampled_requests_follow_the_same_contract(chat):
     chunks = run(chat, temperature=0.9, top_p=0.9, top_k=20, max_new_tokens=12)
     last = chunks[-1]
     assert last["finish_reason"] in ("stop", "length") and last["text"]
     assert 1 <= last["usage"]["completion_tokens"] <= 12
-    assert "jacobi_forwards" not in last["usage"]
     texts = [c["text"] for c in chunks]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))

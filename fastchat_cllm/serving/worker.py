@@ -1,4 +1,4 @@
-"""The Jacobi model worker: FastChat's ModelWorker protocol with the generate step replaced.
+"""The Jacobi model worker: FastChat's model-worker protocol with the generate step replaced.
 
 Registers with the stock controller and heartbeats (BaseModelWorker); generation runs in a
 worker thread (StreamingResponse iterates the gate in a thread pool), so /worker_get_status
@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import threading
 import uuid
 from functools import partial
@@ -23,10 +22,6 @@ from fastchat.model.model_adapter import add_model_args
 from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import str_to_torch_dtype
 from transformers import set_seed
-
-_streams = sys.stdout, sys.stderr
-from fastchat.serve.model_worker import ModelWorker  # noqa: E402  (its logger takes over stdout
-sys.stdout, sys.stderr = _streams                     # and stderr at import: give them back)
 
 from .. import loading
 from . import plugin
@@ -44,7 +39,10 @@ UNSUPPORTED = (
     ("--gptq-ckpt/--gptq-wbits", lambda a: a.gptq_ckpt or a.gptq_wbits < 16),
     ("--awq-ckpt/--awq-wbits", lambda a: a.awq_ckpt or a.awq_wbits < 16),
     ("--enable-exllama", lambda a: a.enable_exllama), ("--enable-xft", lambda a: a.enable_xft),
+    ("--embed-in-truncate", lambda a: a.embed_in_truncate),   # no embeddings: a decoding worker
 )
+NO_EMBEDDINGS = ("the Jacobi worker serves generation only; run FastChat's model_worker for "
+                 "embeddings")
 
 
 class JacobiTotals:
@@ -71,15 +69,16 @@ def _chunk(payload: dict) -> bytes:
     return json.dumps(payload).encode() + b"\0"
 
 
-class JacobiWorker(ModelWorker):
-    """ModelWorker's endpoints (embeddings included) over our loader and generate step; its
-    __init__ is replaced so the model loads through fastchat_cllm.loading, before the template
-    is resolved from the loaded tokenizer."""
+class JacobiWorker(BaseModelWorker):
+    """BaseModelWorker (registration, heartbeats, status, token counts, templates) over our
+    loader and generate step. The model loads before BaseModelWorker resolves the template, so
+    the template comes from the loaded tokenizer. (Not a ModelWorker: importing
+    fastchat.serve.model_worker hijacks stdout/stderr and writes a log file into the cwd.)"""
 
     def __init__(self, args: argparse.Namespace, jacobi):
         self.totals = JacobiTotals()
         self.device, self.seed = args.device, args.seed
-        self.stream_interval, self.embed_in_truncate = args.stream_interval, args.embed_in_truncate
+        self.stream_interval = args.stream_interval
         half = args.device.startswith("cuda")      # FastChat's default: fp16 on GPU, fp32 else
         dtype = str_to_torch_dtype(args.dtype) or (torch.float16 if half else torch.float32)
         revision = args.revision if args.revision != "main" else None
@@ -87,9 +86,9 @@ class JacobiWorker(ModelWorker):
                                         args.max_gpu_memory, revision)
         CllmAdapter.claim(args.model_path)
         CllmAdapter.tokenizers[args.model_path] = tokenizer
-        BaseModelWorker.__init__(self, args.controller_address, args.worker_address,
-                                 str(uuid.uuid4())[:8], args.model_path, args.model_names,
-                                 args.limit_worker_concurrency, conv_template=args.conv_template)
+        super().__init__(args.controller_address, args.worker_address, str(uuid.uuid4())[:8],
+                         args.model_path, args.model_names, args.limit_worker_concurrency,
+                         conv_template=args.conv_template)
         self.model, self.tokenizer = model, tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -120,6 +119,14 @@ class JacobiWorker(ModelWorker):
             log.exception("generation failed")
             yield _chunk({"text": f"{SERVER_ERROR_MSG}\n\n({e})",
                           "error_code": ErrorCode.INTERNAL_ERROR})
+
+    def generate_gate(self, params: dict) -> dict:
+        for chunk in self.generate_stream_gate(params):
+            pass
+        return json.loads(chunk[:-1])
+
+    def get_embeddings(self, params: dict) -> dict:
+        return {"text": NO_EMBEDDINGS, "error_code": ErrorCode.PARAM_OUT_OF_RANGE}
 
 
 def build_parser() -> argparse.ArgumentParser:
