@@ -1,0 +1,272 @@
+"""End to end on loopback: `python -m fastchat_cllm.serve --web` (the stock controller, our
+worker on SmolLM2 in fp32, our API server, our web UI) driven through the openai SDK and a
+headless Chromium; the terminal chat; answers compared with transformers' greedy generate."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import ar_greedy
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France? Answer in one sentence."
+READY = "Ctrl-C stops everything."
+START_TIMEOUT = 600
+SCREENSHOT = "/tmp/fastchat_cllm_webui.png"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Served:
+    """The serve process, its output lines, and the URLs it was given."""
+
+    def __init__(self, tmp):
+        controller, worker, api, web = free_ports(4)
+        self.controller, self.worker = f"http://127.0.0.1:{controller}", f"http://127.0.0.1:{worker}"
+        self.api, self.web = f"http://127.0.0.1:{api}/v1", f"http://127.0.0.1:{web}"
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastchat_cllm.serve", "--web", "--dtype", "float32",
+             "--controller-port", str(controller), "--worker-port", str(worker),
+             "--api-port", str(api), "--web-port", str(web), "--logdir", str(tmp / "logs")],
+            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_ready(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while READY not in self.lines:
+            assert self.process.poll() is None, "serve exited:\n" + "\n".join(self.lines)
+            assert time.monotonic() < deadline, "serve not ready:\n" + "\n".join(self.lines)
+            time.sleep(0.5)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    served = Served(tmp_path_factory.mktemp("serve"))
+    yield served
+    if served.process.poll() is None:
+        served.stop()
+
+
+@pytest.fixture(scope="module")
+def terminal_chat(launched, tmp_path_factory):
+    """FastChat's terminal chat with the Jacobi step, one question on stdin (started early)."""
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "stdin.txt").write_text(QUESTION + "\n")
+    with open(folder / "stdin.txt") as stdin:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fastchat_cllm.cli", "--style", "simple",
+             "--max-new-tokens", "48"], cwd=folder, stdin=stdin, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+    yield process
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(launched, terminal_chat, smollm2):
+    launched.wait_ready()
+    return launched
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from openai import OpenAI
+
+    return OpenAI(base_url=stack.api, api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def greedy_chat(stack, smollm2):
+    """The answer to QUESTION by transformers' greedy generate, on the prompt the API builds
+    (the worker's conversation template)."""
+    from fastchat_cllm.serving.compat import worker_conversation
+
+    model, tokenizer = smollm2
+    conv = worker_conversation(stack.controller, MODEL)
+    conv.append_message(conv.roles[0], QUESTION)
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer(conv.get_prompt()).input_ids
+    out = ar_greedy(model, ids, 48, [tokenizer.eos_token_id])
+    return ids, out, tokenizer.decode(out, skip_special_tokens=True)
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=48, **kwargs)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_answer_equals_greedy_generate(client, greedy_chat):
+    ids, out, text = greedy_chat
+    reply = chat(client)
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].finish_reason == "stop"
+    usage = reply.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), len(out))
+    assert usage.total_tokens == len(ids) + len(out)
+    extra = usage.model_extra
+    assert extra["jacobi_forwards"] >= 1 and extra["jacobi_tokens_per_forward"] >= 1.0
+    print(f"\nchat: {text!r}, usage {usage.model_dump()}")
+
+
+def test_streamed_chat_equals_greedy_generate(client, greedy_chat):
+    deltas, reasons = [], []
+    for chunk in chat(client, stream=True):
+        for choice in chunk.choices:
+            deltas.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(deltas) == greedy_chat[2]
+    assert len([d for d in deltas if d]) > 1 and reasons[-1] == "stop"
+
+
+def test_completion_max_tokens_is_exact(client, smollm2):
+    model, tokenizer = smollm2
+    prompt = "The three primary colors are"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0)
+    ids = tokenizer(prompt).input_ids
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 7)
+    assert reply.choices[0].text == tokenizer.decode(ar_greedy(model, ids, 7),
+                                                     skip_special_tokens=True)
+
+
+def test_stop_strings_and_n_choices(client, greedy_chat):
+    text = greedy_chat[2]
+    word = text.split()[3]
+    reply = chat(client, stop=[word], n=2)
+    assert [c.message.content for c in reply.choices] == [text[: text.index(word)]] * 2
+    assert [c.finish_reason for c in reply.choices] == ["stop", "stop"]
+    single = chat(client, stop=[word]).usage
+    assert reply.usage.completion_tokens == 2 * single.completion_tokens
+    assert reply.usage.prompt_tokens == 2 * single.prompt_tokens
+
+
+def test_streamed_completion_echoes_the_prompt(client):
+    prompt = "The three primary colors are"
+    parts = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, echo=True, stream=True)]
+    assert "".join(parts).startswith(prompt) and len("".join(parts)) > len(prompt)
+
+
+def test_unsupported_parameters_are_refused_with_a_code(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as penalty:
+        chat(client, presence_penalty=0.5)
+    with pytest.raises(openai.BadRequestError) as best_of:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, best_of=2)
+    for error in (penalty.value, best_of.value):
+        assert str(error.code) == "40302" and "not supported" in error.message
+
+
+def test_status_answers_while_generating(client, stack):
+    first = threading.Event()
+
+    def long_request():
+        for chunk in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Write a long story."}],
+                temperature=0, max_tokens=160, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:   # the worker is decoding
+                first.set()
+
+    before = requests.post(stack.worker + "/worker_get_status", timeout=5).json()["jacobi"]
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert first.wait(120)
+    started = time.monotonic()
+    busy = requests.post(stack.worker + "/worker_get_status", timeout=5).json()
+    elapsed = time.monotonic() - started
+    thread.join(300)
+    after = requests.post(stack.worker + "/worker_get_status", timeout=5).json()["jacobi"]
+    assert busy["queue_length"] == 1 and elapsed < 5
+    assert after["requests"] == before["requests"] + 1 and after["forwards"] > before["forwards"]
+    print(f"\nworker status: {after}")
+
+
+def test_web_ui_chat_turn_in_headless_chromium(stack, greedy_chat):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(stack.web, timeout=120_000)
+            page.wait_for_selector("#input_box textarea", timeout=120_000)
+            page.get_by_text("Parameters").click()
+            for label, value in (("Temperature", "0"), ("Max output tokens", "48")):
+                box = page.get_by_label(f"number input for {label}")
+                box.fill(value)
+                box.press("Enter")
+            page.fill("#input_box textarea", QUESTION)
+            page.click("button:has-text('Send')")
+            answer = page.locator('[data-testid="bot"]').last
+            page.wait_for_function("""() => {
+                const bots = document.querySelectorAll('[data-testid="bot"]');
+                const regen = [...document.querySelectorAll('button')].find(
+                    b => b.innerText.includes('Regenerate'));
+                return bots.length && regen && !regen.disabled; }""", timeout=180_000)
+            page.screenshot(path=SCREENSHOT, full_page=True)
+            assert answer.inner_text().strip() == greedy_chat[2].strip()
+        finally:
+            browser.close()
+
+
+def test_terminal_chat_streams_the_greedy_answer(terminal_chat, greedy_chat):
+    output, _ = terminal_chat.communicate(timeout=START_TIMEOUT)
+    assert terminal_chat.returncode == 0, output[-3000:]
+    assert greedy_chat[2] in output, output[-3000:]
+
+
+def test_serve_stops_everything_on_sigterm(stack):
+    assert stack.stop() == 0
+    assert "stopped web, api, worker, controller" in stack.lines
+    for url in (stack.controller, stack.worker, stack.api, stack.web):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url, timeout=5)
+
+
+def test_serve_stops_all_when_a_child_dies(tmp_path):
+    controller, worker, api = free_ports(3)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastchat_cllm.serve", "--block-size", "0",
+         "--controller-port", str(controller), "--worker-port", str(worker),
+         "--api-port", str(api), "--logdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "worker exited with code 2" in done.stderr
+    assert "block_size must be in [1, 1024], got 0" in done.stderr
+    assert "stopped api, worker, controller" in done.stdout
