@@ -17,6 +17,15 @@ from fastchat_cllm.train.trajectory import (Block, CollectConfig, augment_states
 EOS = (2,)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, 96) for _ in range(rng.randint(3, 12))] for _ in range(count)]

@@ -19,6 +19,15 @@ from fastchat_cllm.train.trajectory import CollectConfig, collect_trajectory
 BLOCK, NEW = 8, 24
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sharp_tiny_model():
     """A tiny model with confident predictions (a random init is near uniform: KL ~ 0)."""
     model = tiny_model("llama")
