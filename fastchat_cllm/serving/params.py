@@ -27,6 +27,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     echo: bool = True                # the prompt starts the returned text
+    logprobs: int | None = None      # None: off; else alternatives listed per token
+    seed: int | None = None          # None: a fresh one per sampled request
 
     @property
     def greedy(self) -> bool:
@@ -68,8 +70,9 @@ def _token_ids(value) -> tuple[int, ...]:
 
 def _refuse_unsupported(params: dict) -> None:
     """Options FastChat forwards that this worker cannot honour yet: refused, never ignored."""
-    if params.get("logprobs") is not None:
-        raise ParamError("'logprobs' is not supported by the Jacobi worker yet")
+    if params.get("logprobs") is not None and params.get("echo", True):
+        raise ParamError("'logprobs' with 'echo' (prompt logprobs) is not supported by the "
+                         "Jacobi worker")
     if params.get("images"):
         raise ParamError("images are not supported: the Jacobi worker serves text models")
     if (params.get("best_of") or 1) > 1 or params.get("use_beam_search"):
@@ -99,4 +102,6 @@ def parse_params(params: dict) -> GenerationRequest:
         stop=_stops(params.get("stop")),
         stop_token_ids=_token_ids(params.get("stop_token_ids")),
         echo=bool(params.get("echo", True)),
+        logprobs=_number(params, "logprobs", None, 0, 20, kind=int),
+        seed=_number(params, "seed", None, 0, kind=int),
     )

@@ -20,6 +20,7 @@ import torch
 from fastchat.constants import ErrorCode
 
 from ..core import JacobiConfig, JacobiStats
+from .logprobs import AnswerLogprobs
 from .params import ParamError, parse_params
 from .sources import token_batches
 
@@ -116,11 +117,14 @@ def generate_stream(model, tokenizer, params: dict, device=None, context_len: in
                           request.max_new_tokens)
     stop_ids = stop_token_ids(model, tokenizer, request.stop_token_ids)
     answer = Answer(tokenizer, prompt_ids, request.echo, request.stop, stop_ids)
+    logprobs = AnswerLogprobs(tokenizer, stop_ids) if request.logprobs is not None else None
     sent, sent_at, reason, stats = "", None, None, None
     batches = token_batches(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids)
     with closing(batches):
         for batch in batches:
             stats = batch.stats
+            if logprobs:
+                logprobs.add(batch.logprobs)
             reason = "stop" if answer.add(batch.tokens) else batch.finish_reason
             if reason:
                 break
@@ -129,6 +133,8 @@ def generate_stream(model, tokenizer, params: dict, device=None, context_len: in
             if due and text is not None and len(text) > len(sent) and text.startswith(sent):
                 sent, sent_at = text, len(answer.tokens)
                 yield {"text": text, "usage": usage(len(prompt_ids), answer, stats),
-                       "finish_reason": None, "logprobs": None}
+                       "finish_reason": None,
+                       "logprobs": logprobs and logprobs.chunk(answer.tokens)}
     yield {"text": answer.text, "usage": usage(len(prompt_ids), answer, stats),
-           "finish_reason": reason or "length", "logprobs": None}
+           "finish_reason": reason or "length",
+           "logprobs": logprobs and logprobs.chunk(answer.tokens)}
