@@ -151,7 +151,8 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args, worker_args = parse(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in (signal.SIGINT, signal.SIGTERM):   # SIGINT too: a shell may start us ignoring it
+        signal.signal(signum, _terminate)
     stack = Stack(args, worker_args)
     try:
         stack.up()
