@@ -2,7 +2,8 @@
 
 The server here is small on purpose: it streams Jacobi-decoded tokens of a tiny random model
 (one forward at a time under a lock, so concurrent streams interleave) in the chat-completions
-SSE format, with a usage chunk only when asked for one and when `send_usage` is on.
+SSE format, with a usage chunk only when asked for one and when `send_usage` is on; a prompt containing
+FAIL gets an HTTP 500.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from conftest import tiny_model
 from fastchat_cllm import jacobi_stream
 from fastchat_cllm.bench.__main__ import main
-from fastchat_cllm.bench.prompts import builtin_prompts, encode
+from fastchat_cllm.bench.prompts import builtin_prompts, read_prompts
 from fastchat_cllm.bench.serving import ServingConfig, run_serving
 from test_bench import char_tokenizer
 
@@ -61,6 +62,9 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         server: TinyChatServer = self.server
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if "FAIL" in request["messages"][-1]["content"]:
+            self.send_error(500, "asked to fail")
+            return
         ids = server.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True,
                                                    tokenize=True)["input_ids"]
         self.send_response(200)
@@ -106,11 +110,27 @@ def test_serving_cli_measures_each_concurrency_level(chat_server, tmp_path):
     assert len(chat_server.completion_tokens) == 1 + 2 + 8
     for level, made in zip(data["levels"], (chat_server.completion_tokens[1:3],
                                             chat_server.completion_tokens[3:])):
-        assert level["requests"] == 2 * level["concurrency"]
+        assert level["requests"] == 2 * level["concurrency"] and level["failed"] == 0
         assert level["tokens"] == sum(made) and level["token_source"] == ["usage"]
         assert 0 < level["ttft_median_s"] <= level["ttft_p90_s"] <= level["wall_s"]
         assert level["stream_tokens_per_second"] > 0 and level["aggregate_tokens_per_second"] > 0
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("chat_server", [True], indirect=True)
+def test_serving_reports_failed_requests_and_goes_on(chat_server, tmp_path):
+    prompts = read_prompts_text(tmp_path, ["hello", "FAIL now", "more"])
+    config = ServingConfig(chat_server.url, "tiny", (3,), max_new_tokens=6)
+    level = run_serving(config, prompts)["levels"][0]
+    assert level["requests"] == 2 and level["failed"] == 1
+    assert "InternalServerError" in level["errors"][0]
+    assert level["tokens"] == sum(chat_server.completion_tokens[1:])
+
+
+def read_prompts_text(tmp_path, texts: list[str]):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return read_prompts(path)
 
 
 @pytest.mark.parametrize("chat_server", [False], indirect=True)

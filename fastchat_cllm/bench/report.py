@@ -32,7 +32,7 @@ def machine() -> dict:
 
 def machine_line(info: dict) -> str:
     where = info["gpu"] or f"{info['cpu']} ({info['cpu_count']} cores)"
-    return (f"{where}, {info['torch_threads']} torch threads, torch {info['torch']}, "
+    return (f"{where}, torch threads: {info['torch_threads']}, torch {info['torch']}, "
             f"transformers {info['transformers']}")
 
 
@@ -62,10 +62,11 @@ def offline_table(methods: dict[str, dict]) -> str:
 
 
 def serving_table(levels: list[dict]) -> str:
-    header = ["concurrency", "requests", "TTFT median (s)", "TTFT p90 (s)",
+    header = ["concurrency", "requests (failed)", "TTFT median (s)", "TTFT p90 (s)",
               "tokens/s per stream", "aggregate tokens/s"]
-    rows = [[l["concurrency"], l["requests"], l["ttft_median_s"], l["ttft_p90_s"],
-             l["stream_tokens_per_second"], l["aggregate_tokens_per_second"]] for l in levels]
+    rows = [[l["concurrency"], f"{l['requests']} ({l['failed']})", l["ttft_median_s"],
+             l["ttft_p90_s"], l["stream_tokens_per_second"], l["aggregate_tokens_per_second"]]
+            for l in levels]
     return markdown_table(header, rows)
 
 
@@ -86,6 +87,7 @@ def bar_chart(labels: list[str], values: list[float], path: str | Path, title: s
     ax.bar_label(bars, fmt="%.2f")
     if reference is not None:
         ax.axhline(reference, color="#c44e52", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1.15 * max(values + [reference or 0.0]))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=20)

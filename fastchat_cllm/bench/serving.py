@@ -84,33 +84,47 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def level_summary(concurrency: int, timings: list[Timing], wall: float) -> dict:
-    tokens = sum(t.tokens for t in timings)
+def _median(values: list[float], digits: int) -> float | None:
+    return round(statistics.median(values), digits) if values else None
+
+
+def level_summary(concurrency: int, timings: list[Timing], wall: float,
+                  errors: list[str] = ()) -> dict:
+    """Medians over the requests that completed; `failed` counts the others (errors kept)."""
+    tokens, ttfts = sum(t.tokens for t in timings), [t.ttft for t in timings]
     return {
-        "concurrency": concurrency, "requests": len(timings), "tokens": tokens,
-        "wall_s": round(wall, 4),
-        "ttft_median_s": round(statistics.median(t.ttft for t in timings), 4),
-        "ttft_p90_s": round(_percentile([t.ttft for t in timings], 0.9), 4),
-        "stream_tokens_per_second": round(statistics.median(t.decode_rate for t in timings), 3),
+        "concurrency": concurrency, "requests": len(timings), "failed": len(errors),
+        "tokens": tokens, "wall_s": round(wall, 4),
+        "ttft_median_s": _median(ttfts, 4),
+        "ttft_p90_s": round(_percentile(ttfts, 0.9), 4) if ttfts else None,
+        "stream_tokens_per_second": _median([t.decode_rate for t in timings], 3),
         "aggregate_tokens_per_second": round(tokens / wall, 3) if wall > 0 else 0.0,
         "token_source": sorted({t.token_source for t in timings}),
+        "errors": sorted(set(errors)),
     }
 
 
 async def _level(client, config: ServingConfig, model: str, prompts: list[Prompt],
                  concurrency: int, tokenizer, bar) -> dict:
+    from openai import APIError
+
+    errors: list[str] = []
+
     async def one_stream(stream: int) -> list[Timing]:
         out = []
         for r in range(config.requests_per_stream):
             prompt = prompts[(stream * config.requests_per_stream + r) % len(prompts)]
-            out.append(await stream_once(client, config, model, prompt, tokenizer))
+            try:
+                out.append(await stream_once(client, config, model, prompt, tokenizer))
+            except APIError as err:   # a failed request is a result too (e.g. a server timeout)
+                errors.append(f"{type(err).__name__}: {err}")
             bar.update()
         return out
 
     started = time.perf_counter()
     streams = await asyncio.gather(*(one_stream(s) for s in range(concurrency)))
     wall = time.perf_counter() - started
-    return level_summary(concurrency, [t for s in streams for t in s], wall)
+    return level_summary(concurrency, [t for s in streams for t in s], wall, errors)
 
 
 async def _run(config: ServingConfig, prompts: list[Prompt], tokenizer) -> dict:
