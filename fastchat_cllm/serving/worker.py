@@ -104,8 +104,9 @@ class JacobiWorker(BaseModelWorker):
     def generate_stream_gate(self, params: dict):
         self.call_ct += 1
         try:
-            if self.seed is not None:
+            if self.seed is not None:       # --seed: every request starts from the same seed
                 set_seed(self.seed)
+                params = {"seed": self.seed, **params}
             for out in self.generate_stream_func(self.model, self.tokenizer, params, self.device,
                                                  self.context_len, self.stream_interval):
                 yield _chunk({**out, "error_code": 0})
