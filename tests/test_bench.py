@@ -23,7 +23,7 @@ METHODS = ("ar", "jacobi", "jacobi-b4", "jacobi-nocache", "jacobi-nocache-b4", "
 
 
 def char_tokenizer():
-    """A character-level tokenizer whose ids fit the tiny models' vocabulary (0-2: pad, bos, eos)."""
+    """A character-level tokenizer with ids in the tiny models' vocabulary (0-2: pad, bos, eos)."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +58,8 @@ def test_builtin_prompts_mix_categories_and_use_the_chat_template():
     assert any("def has_close_elements" in p.messages[0]["content"] for p in prompts)
     tokenizer = char_tokenizer()
     ids = encode(tokenizer, prompts[0])
-    assert tokenizer.decode(ids).startswith("<s>user: ") and tokenizer.decode(ids).endswith("assistant:")
+    text = tokenizer.decode(ids)
+    assert text.startswith("<s>user: ") and text.endswith("assistant:")
 
 
 def test_prompts_file_accepts_prompt_and_messages(tmp_path):
@@ -115,7 +116,8 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
     data = json.loads(out.read_text())
 
     assert data["mode"] == "offline" and data["config"]["methods"] == list(METHODS)
-    assert {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "transformers"} <= set(data["machine"])
+    machine = {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "transformers"}
+    assert machine <= set(data["machine"])
     assert data["machine"]["torch_threads"] == 1
     assert [p["category"] for p in data["prompts"]] == ["chat", "code", "extractive"]
     assert len(data["runs"]) == 2 * 3 * len(METHODS)

@@ -2,8 +2,8 @@
 
 The server here is small on purpose: it streams Jacobi-decoded tokens of a tiny random model
 (one forward at a time under a lock, so concurrent streams interleave) in the chat-completions
-SSE format, with a usage chunk only when asked for one and when `send_usage` is on; a prompt containing
-FAIL gets an HTTP 500.
+SSE format, with a usage chunk only when asked for one and when `send_usage` is on; a prompt
+containing FAIL gets an HTTP 500.
 """
 from __future__ import annotations
 

@@ -61,8 +61,8 @@ def offline(args, info: dict) -> dict:
            "machine": info, "config": config.as_dict(), **results}
     print(report.offline_table(results["methods"]))
     if args.plot:
-        report.speedup_chart(results["methods"], args.plot,
-                             f"{run['model']} ({args.dtype}, {device})\n{report.machine_line(info)}")
+        title = f"{run['model']} ({args.dtype}, {device})\n{report.machine_line(info)}"
+        report.speedup_chart(results["methods"], args.plot, title)
     return run
 
 

@@ -61,7 +61,8 @@ def _generate(model, target: Target, assistant=None, **options) -> Decoded:
                               eos_token_id=list(target.eos_token_id) or None,
                               pad_token_id=target.pad_token_id, **options)
     extra = {"assistant_model": assistant} if assistant is not None else {}
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, **extra)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                         **extra)
     return Decoded(out[0, ids.shape[1]:].tolist())
 
 

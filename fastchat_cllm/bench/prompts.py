@@ -54,7 +54,8 @@ def _code_prompts() -> list[Prompt]:
 def builtin_prompts() -> list[Prompt]:
     """The built-in mix, categories interleaved so that any first N covers all of them."""
     chat = [Prompt(f"chat-{i}", "chat", _user(t)) for i, t in enumerate(CHAT)]
-    extractive = [Prompt(f"extractive-{i}", "extractive", _user(t)) for i, t in enumerate(EXTRACTIVE)]
+    extractive = [Prompt(f"extractive-{i}", "extractive", _user(t))
+                  for i, t in enumerate(EXTRACTIVE)]
     groups = (chat, _code_prompts(), extractive)
     return [group[i] for i in range(max(map(len, groups))) for group in groups if i < len(group)]
 
