@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (LogitsProcessorList,
 from conftest import ar_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.sampling import (GreedyRule, acceptance_rule, gumbel, prefix_presence,
-                                         process_logits, verify_sampled)
+                                         process_logits, top_p_filter, verify_sampled)
 
 MODES = {
     "ar": dict(block_size=1),
@@ -72,6 +72,15 @@ def test_processing_matches_transformers_per_position(settings):
         assert torch.equal(torch.isinf(ours[i]), torch.isinf(expected))
         finite = ~torch.isinf(expected)
         assert torch.allclose(ours[i][finite], expected[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])     # flat rows need the vocabulary sorted
+def test_top_p_matches_transformers_on_a_large_vocabulary(scale):
+    g = torch.Generator().manual_seed(1)
+    scores = scale * torch.randn(5, 3000, generator=g)
+    for top_p in (0.3, 0.9, 0.99):
+        expected = TopPLogitsWarper(top_p)(None, scores.clone())
+        assert torch.equal(top_p_filter(scores, top_p), expected)
 
 
 def test_rule_accepts_with_probability_p_and_resamples_without_the_guess():

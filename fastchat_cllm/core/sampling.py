@@ -22,6 +22,8 @@ import torch
 from .config import JacobiConfig
 from .verify import Verdict, verify_greedy
 
+TOP_P_CANDIDATES = 256   # tokens ranked before trying a full sort of the vocabulary
+
 
 def penalize(scores: torch.Tensor, present: torch.Tensor, penalty: float) -> torch.Tensor:
     """Repetition penalty (CTRL, as transformers): divide positive scores, multiply negative ones.
@@ -35,13 +37,21 @@ def penalize(scores: torch.Tensor, present: torch.Tensor, penalty: float) -> tor
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of top tokens whose probability reaches `top_p` (at least one).
 
-    scores: [L, V] -> [L, V] with dropped entries at -inf.
+    scores: [L, V] -> [L, V] with dropped entries at -inf. Token of rank r (best first) stays
+    when the tokens ranked above it hold less than `top_p` (transformers' rule, which sorts
+    ascending); only the top of the ranking is sorted, growing until every row's cut is inside.
     """
-    ascending, order = torch.sort(scores, dim=-1)
-    cumulative = ascending.softmax(-1).cumsum(-1)                   # [L, V]
-    drop = cumulative <= 1 - top_p
-    drop[:, -1] = False
-    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    vocab = scores.shape[-1]
+    k = min(vocab, TOP_P_CANDIDATES)
+    while True:
+        best, order = probs.topk(k, dim=-1)                        # [L, k], descending
+        keep = best.cumsum(-1) - best < top_p                       # mass above each rank
+        if k == vocab or not keep[:, -1].any():
+            break
+        k = min(vocab, 4 * k)
+    drop = torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, ~keep)
+    return scores.masked_fill(drop, float("-inf"))
 
 
 def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
