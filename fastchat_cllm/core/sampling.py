@@ -111,17 +111,19 @@ class SampledRule:
         self.generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
         self.noise: list[torch.Tensor] = []            # Gumbel rows for produced, produced + 1, ..
 
+    def presence(self, window: list[int], logits: torch.Tensor) -> torch.Tensor | None:
+        """[L, V] bool: the tokens of each row's prefix; None without a repetition penalty."""
+        if self.config.repetition_penalty == 1.0:
+            return None
+        if self.seen is None:
+            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            self.seen[self.prompt] = True
+        return prefix_presence(self.seen, torch.tensor(window, device=logits.device))
+
     def verify(self, window: list[int], logits: torch.Tensor) -> Verdict:
         """window: [L] ids, logits: raw [L, V] of one forward over it."""
         size, vocab = logits.shape
-        present = None
-        if self.config.repetition_penalty != 1.0:
-            if self.seen is None:
-                self.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-                self.seen[self.prompt] = True
-            ids = torch.tensor(window, device=logits.device)
-            present = prefix_presence(self.seen, ids)
-        scores = process_logits(logits, present, self.config)
+        scores = process_logits(logits, self.presence(window, logits), self.config)
         if not self.config.sampling:
             return verify_greedy(window, scores)
         while len(self.noise) < size:
