@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .ngram_pool import NGramPool
+
 FILLS = ("lookup", "random")
 GREEDY_TEMPERATURE = 1e-5   # below this, decoding is greedy (FastChat's threshold)
 
@@ -28,6 +30,8 @@ class JacobiConfig:
         penalised logits); top_k 0 and top_p 1 are off; repetition_penalty 1 is off.
     logprobs: None (off) or how many most likely alternatives to report with each final
         token's logprob (0: the token's own logprob only).
+    ngram_pool: 0 (off) or how many keys the n-gram pool keeps: n-grams of `ngram_size` tokens
+        from the context and the engine's own predictions, proposed as a block's guesses.
     """
 
     max_new_tokens: int = 256
@@ -44,6 +48,8 @@ class JacobiConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    ngram_pool: int = 0
+    ngram_size: int = 4
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -58,6 +64,11 @@ class JacobiConfig:
         if self.block_cost is not None and not self.block_cost >= 0:
             raise ValueError(f"block_cost must be >= 0, got {self.block_cost!r}")
         self._check_sampling()
+        _check_int("ngram_pool", self.ngram_pool, 0, 1 << 20)
+        _check_int("ngram_size", self.ngram_size, 2, 64)
+
+    def make_pool(self) -> NGramPool | None:
+        return NGramPool(self.ngram_size, self.ngram_pool) if self.ngram_pool else None
 
     def _check_sampling(self) -> None:
         _check_float("temperature", self.temperature, lambda t: t >= 0, ">= 0")

@@ -21,7 +21,7 @@ import torch
 from . import kv_cache
 from .block_size import BlockSizer
 from .config import JacobiConfig
-from .guesses import Context, fill
+from .guesses import Context, block_guesses
 from .logprobs import TokenLogprob, token_logprobs
 from .sampling import acceptance_rule
 from .stats import JacobiStats
@@ -89,7 +89,7 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
     config = config or JacobiConfig(**options)
     ids = _prompt_tensor(model, input_ids)
     stats = JacobiStats()
-    context = Context(ids[0].tolist(), config.seed)
+    context = Context(ids[0].tolist(), config.seed, config.make_pool())
     sizer = BlockSizer(config.min_block_size, config.block_size, config.adaptive,
                        config.block_cost, ids.device.type)
     cache = kv_cache.new_cache(model)
@@ -115,11 +115,11 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
             size = block_left
         else:
             size = sizer.next_size(room)
-        guesses, ages = guesses[: size - 1], ages[: size - 1]
-        fresh = fill(config.fill, context, guesses[-1] if guesses else next_token,
-                     size - 1 - len(guesses))
-        window = [next_token] + guesses + fresh
-        ages = [0] + ages + [0] * len(fresh)
+        carried = guesses
+        guesses = block_guesses(config.fill, context, next_token, carried, size - 1)
+        window = [next_token] + guesses                              # [size]
+        ages = [0] + [ages[i] if i < len(carried) and guesses[i] == carried[i] else 0
+                      for i in range(size - 1)]
 
         started = time.perf_counter()
         logits = kv_cache.forward(model, cache, torch.tensor([window], device=ids.device))
@@ -159,6 +159,7 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
         end = size - 1 if config.fixed_blocks else size    # a fixed block never grows
         guesses = predictions[k:end]
         ages = carried_ages(window, ages, predictions, k)[: len(guesses)]
+        context.observe([next_token] + guesses)
 
 
 def jacobi_generate(model, input_ids, config: JacobiConfig | None = None, **options) -> JacobiResult:
