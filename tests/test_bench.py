@@ -19,7 +19,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
 # `python -m fastchat_cllm.bench ARGS`, then say whether the run imported FastChat.
 RUN_MAIN = ("import sys; from fastchat_cllm.bench.__main__ import main; main(sys.argv[1:]); "
             "print('imports fastchat:', any(m.split('.')[0] == 'fastchat' for m in sys.modules))")
-METHODS = ("ar", "jacobi", "jacobi-b4", "jacobi-nocache", "jacobi-nocache-b4", "pld", "assisted")
+METHODS = ("ar", "jacobi", "jacobi-b4", "jacobi-b4-pool", "jacobi-nocache", "jacobi-nocache-b4", "pld",
+           "assisted")
 
 
 def char_tokenizer():
@@ -98,7 +99,7 @@ def test_nocache_stops_after_eos():
 
 
 def test_unknown_methods_are_rejected():
-    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2"):
+    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool"):
         with pytest.raises(ValueError):
             decoder(name)
     with pytest.raises(ValueError):

@@ -1,7 +1,8 @@
 """The decoders a benchmark compares, by name, each timed and its model forwards counted.
 
 Names: `ar` (transformers generate, greedy, KV cache), `jacobi` (the engine's adaptive default),
-`jacobi-bN` (the engine at a fixed window of N), `jacobi-nocache[-bN]` (re-run-everything Jacobi,
+`jacobi-bN` (the engine at a fixed window of N), `jacobi[-bN]-pool` (the same with the n-gram
+pool on), `jacobi-nocache[-bN]` (re-run-everything Jacobi,
 block N, default 16), `pld` (transformers prompt-lookup decoding) and `assisted` (transformers
 assisted generation with a draft model). All are greedy, hence lossless up to float rounding.
 """
@@ -21,7 +22,8 @@ from .nocache import nocache_generate
 
 PLD_TOKENS = 10          # prompt_lookup_num_tokens (the value transformers' docs suggest)
 NOCACHE_BLOCK = 16       # the block of the 16-token reference checkpoints
-NAME = re.compile(r"^(ar|pld|assisted|jacobi|jacobi-nocache)(?:-b(\d+))?$")
+POOL_KEYS = 512          # n-gram pool size of the `-pool` methods
+NAME = re.compile(r"^(ar|pld|assisted|jacobi|jacobi-nocache)(?:-b(\d+))?(-pool)?$")
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,10 @@ def _nocache(block_size: int) -> Decoder:
 def decoder(name: str, draft=None) -> Decoder:
     """The decoder a method name stands for; ValueError for an unknown name."""
     match = NAME.match(name)
-    if not match or (match[2] and match[1] not in ("jacobi", "jacobi-nocache")):
+    if not match or (match[2] and match[1] not in ("jacobi", "jacobi-nocache")) or \
+            (match[3] and match[1] != "jacobi"):
         raise ValueError(f"unknown method {name!r}: use ar, pld, assisted, jacobi, jacobi-bN, "
-                         "jacobi-nocache or jacobi-nocache-bN")
+                         "jacobi[-bN]-pool, jacobi-nocache or jacobi-nocache-bN")
     kind, block = match[1], int(match[2]) if match[2] else None
     if kind == "ar":
         return lambda model, target: _generate(model, target)
@@ -99,7 +102,7 @@ def decoder(name: str, draft=None) -> Decoder:
         return lambda model, target: _generate(model, target, assistant=draft)
     if kind == "jacobi-nocache":
         return _nocache(block or NOCACHE_BLOCK)
-    base = JacobiConfig()
+    base = JacobiConfig(ngram_pool=POOL_KEYS if match[3] else 0)
     return _jacobi(base if block is None else base.with_(block_size=block, adaptive=False))
 
 
