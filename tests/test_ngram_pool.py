@@ -51,3 +51,16 @@ def test_pool_keeps_output_exact(arch, block_size, pool):
         out = jacobi_generate(model, ids, max_new_tokens=48, block_size=block_size,
                               adaptive=adaptive, ngram_pool=keys, ngram_size=size)
         assert out.tokens == expected
+
+
+def test_worker_flags_turn_the_pool_on_and_refuse_bad_sizes(capsys):
+    from fastchat_cllm.serving.options import jacobi_config
+    from fastchat_cllm.serving.worker import build_parser
+
+    parser = build_parser()
+    config = jacobi_config(parser, parser.parse_args(["--ngram-pool", "256", "--ngram-size", "3"]))
+    assert (config.ngram_pool, config.ngram_size) == (256, 3)
+    assert jacobi_config(parser, parser.parse_args([])).ngram_pool == 0
+    with pytest.raises(SystemExit):
+        jacobi_config(parser, parser.parse_args(["--ngram-pool", "-1"]))
+    assert "ngram_pool must be in" in capsys.readouterr().err

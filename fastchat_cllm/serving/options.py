@@ -26,6 +26,11 @@ def add_jacobi_args(parser: argparse.ArgumentParser) -> None:
                             "from the context (the reference)")
     group.add_argument("--block-cost", type=float, default=None,
                        help="prior cost of one more block position relative to a 1-token forward")
+    group.add_argument("--ngram-pool", type=int, default=DEFAULTS.ngram_pool, metavar="KEYS",
+                       help="n-gram pool size in keys (0: off): n-grams of the context and of "
+                            "the engine's own predictions proposed as guesses (lookahead-style)")
+    group.add_argument("--ngram-size", type=int, default=DEFAULTS.ngram_size,
+                       help="tokens per n-gram in the pool")
 
 
 def jacobi_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> JacobiConfig:
@@ -33,6 +38,7 @@ def jacobi_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     try:
         return JacobiConfig(block_size=args.block_size, min_block_size=args.min_block_size,
                             adaptive=not args.no_adaptive, fixed_blocks=args.fixed_blocks,
-                            fill=args.fill, block_cost=args.block_cost)
+                            fill=args.fill, block_cost=args.block_cost,
+                            ngram_pool=args.ngram_pool, ngram_size=args.ngram_size)
     except ValueError as e:
         parser.error(f"bad Jacobi option: {e}")
