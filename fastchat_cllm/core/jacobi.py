@@ -33,7 +33,7 @@ class Step:
 
     tokens: list[int]          # new final tokens, cut after an EOS and at max_new_tokens
     window: list[int]          # the block this forward ran: [next_token, guesses...]
-    predictions: list[int]     # greedy prediction at each window position
+    predictions: list[int]     # prediction at each position (greedy, or sampled: sampling.py)
     accepted: int              # k: window[:k] are final (their keys/values stay cached)
     block_start: bool          # first forward of a block (fixed blocks) / of a call
     finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens) or None
