@@ -7,15 +7,23 @@ here reaches the re-executed copy).
 3. The API server drops the worker's extra usage fields; keep the Jacobi statistics.
 4. The web UI guesses a conversation template from the model name in its own process; ask the
    worker that serves the model instead, as the API server does.
+5. The API server runs n choices one worker request each, with no upper bound on n (n is capped
+   at MAX_CHOICES); it answers 500 for an unknown role, decodes empty messages, and its
+   validation errors carry a source-file dump: all 400s naming the parameter here.
+6. A worker that died (the controller still lists it) makes the API server answer a bare 500;
+   answer 503 with code 50005 naming the unreachable worker instead.
 (gradio >= 6 breaks the web UI: setup.cfg pins gradio < 6.)
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 log = logging.getLogger(__name__)
+
+MAX_CHOICES = 16
+ROLES = ("system", "user", "assistant")
 
 # rope types whose max_position_embeddings already is the extended length
 EXTENDED_ROPE = ("default", "llama3", "longrope")
@@ -92,6 +100,100 @@ def keep_jacobi_usage() -> None:
     protocol.UsageInfo = UsageInfo
     protocol.ChatCompletionResponse = ChatCompletionResponse
     protocol.CompletionResponse = CompletionResponse
+
+
+def _check_messages(messages):
+    """Chat messages FastChat's prompt builder can use: a string, or a non-empty list of
+    {role, content} with a known role (FastChat itself answers 500 for an unknown role)."""
+    if isinstance(messages, str):
+        return messages
+    if not messages:
+        raise ValueError("'messages' must not be empty")
+    for message in messages:
+        if message.get("role") not in ROLES:
+            raise ValueError(f"'messages' role must be one of {', '.join(ROLES)}, got "
+                             f"{message.get('role')!r}")
+    return messages
+
+
+def _check_stop(stop):
+    """FastChat drops an empty stop string silently; refuse it instead."""
+    if stop == "" or (isinstance(stop, list) and not all(stop)):
+        raise ValueError("'stop' strings must not be empty")
+    return stop
+
+
+def _validation_message(self) -> str:
+    """'param: what is wrong' per error, instead of pydantic's dump with the endpoint's file."""
+    def name(loc) -> str:
+        return ".".join(p for p in loc[1:2] if isinstance(p, str)) or "body"
+    return "; ".join(f"{name(e['loc'])}: {e['msg']}" for e in self.errors())
+
+
+def check_requests() -> None:
+    """Refuse in the API server's request models what FastChat lets through: n > MAX_CHOICES,
+    empty messages, unknown roles, empty stop strings; validation errors read 'param: problem' (all 400s)."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import Field, field_validator
+
+    from fastchat.protocol import openai_api_protocol as protocol
+
+    if getattr(protocol.ChatCompletionRequest, "checked", False):
+        return
+    RequestValidationError.__str__ = _validation_message
+
+    class ChatCompletionRequest(protocol.ChatCompletionRequest):
+        checked: ClassVar[bool] = True
+        n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
+
+        @field_validator("messages")
+        @classmethod
+        def known_roles(cls, messages):
+            return _check_messages(messages)
+
+        @field_validator("stop")
+        @classmethod
+        def no_empty_stop(cls, stop):
+            return _check_stop(stop)
+
+    class CompletionRequest(protocol.CompletionRequest):
+        n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
+
+        @field_validator("stop")
+        @classmethod
+        def no_empty_stop(cls, stop):
+            return _check_stop(stop)
+
+    protocol.ChatCompletionRequest = ChatCompletionRequest
+    protocol.CompletionRequest = CompletionRequest
+
+
+async def _worker_unreachable(request, exc):
+    from fastapi.responses import JSONResponse
+    from fastchat.constants import ErrorCode
+
+    message = f"the worker serving this model cannot be reached ({type(exc).__name__}: {exc})"
+    return JSONResponse({"object": "error", "message": message,
+                         "code": ErrorCode.CONTROLLER_NO_WORKER}, status_code=503)
+
+
+def answer_unreachable_worker() -> None:
+    """Give the API server's app (as uvicorn.run receives it) the unreachable-worker handler."""
+    import aiohttp
+    import httpx
+    import uvicorn
+
+    run = uvicorn.run
+    if getattr(run, "answers_unreachable", False):
+        return
+
+    def run_with_handler(app, *args, **kwargs):
+        for error in (aiohttp.ClientConnectionError, httpx.ConnectError):
+            app.add_exception_handler(error, _worker_unreachable)
+        return run(app, *args, **kwargs)
+
+    run_with_handler.answers_unreachable = True
+    uvicorn.run = run_with_handler
 
 
 def worker_conversation(controller_url: str, model_name: str):

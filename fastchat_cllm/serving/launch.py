@@ -30,6 +30,8 @@ def run_stock(module: str, defaults: dict[str, str]) -> None:
 def api_server() -> None:
     compat.fix_streaming_json()
     compat.keep_jacobi_usage()
+    compat.check_requests()
+    compat.answer_unreachable_worker()
     run_stock("fastchat.serve.openai_api_server",
               {"--host": "127.0.0.1", "--controller-address": CONTROLLER})
 

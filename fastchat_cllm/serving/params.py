@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from fastchat.constants import ErrorCode
 
 GREEDY_TEMPERATURE, GREEDY_TOP_P = 1e-5, 1e-8   # FastChat's rule: below either, decode greedily
+MAX_STOPS = 16                                  # request's stop strings plus the template's
 
 
 class ParamError(ValueError):
@@ -56,7 +57,11 @@ def _stops(value) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
         raise ParamError(f"'stop' must be a string or a list of strings, got {value!r}")
-    return tuple(s for s in items if s)
+    if len(items) > MAX_STOPS:
+        raise ParamError(f"'stop' allows at most {MAX_STOPS} strings, got {len(items)}")
+    if not all(items):
+        raise ParamError("'stop' strings must not be empty")
+    return tuple(items)
 
 
 def _token_ids(value) -> tuple[int, ...]:

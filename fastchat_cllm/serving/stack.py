@@ -50,6 +50,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--worker-port", type=int, default=21002)
     p.add_argument("--api-port", type=int, default=8000)
     p.add_argument("--web-port", type=int, default=7860)
+    p.add_argument("--api-keys", default=None,
+                   help="comma-separated keys the API server requires (Bearer token)")
     p.add_argument("--logdir", default=os.environ.get("LOGDIR") or
                    os.path.join(tempfile.gettempdir(), "fastchat-cllm-logs"))
     return p.parse_known_args(argv)
@@ -105,15 +107,21 @@ class Stack:
         self.start("worker", "fastchat_cllm.worker", "--model-path", a.model_path,
                    "--host", a.host, "--port", str(a.worker_port), "--worker-address",
                    self.worker, "--controller-address", self.controller, *self.worker_args)
+        keys = ("--api-keys", a.api_keys) if a.api_keys else ()
         self.start("api", "fastchat_cllm.openai_api_server", "--host", a.host,
-                   "--port", str(a.api_port), "--controller-address", self.controller)
+                   "--port", str(a.api_port), "--controller-address", self.controller, *keys)
         print("loading the model ...", flush=True)
         self.wait("the worker", lambda: bool(self.models()))
-        self.wait("the API server", lambda: requests.get(self.api + "/models", timeout=10).ok)
+        self.wait("the API server", lambda: requests.get(self.api + "/models", timeout=10,
+                                                         headers=self.auth()).ok)
         if a.web:
             self.start("web", "fastchat_cllm.gradio_web_server", "--host", a.host,
                        "--port", str(a.web_port), "--controller-url", self.controller)
             self.wait("the web UI", lambda: requests.get(self.web, timeout=10).ok)
+
+    def auth(self) -> dict:
+        key = self.args.api_keys and self.args.api_keys.split(",")[0]
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def banner(self) -> str:
         lines = [f"fastchat-cllm is serving {', '.join(self.models())}",

@@ -16,6 +16,7 @@ import uuid
 from functools import partial
 from pathlib import Path
 
+import requests
 import torch
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
 from fastchat.model.model_adapter import add_model_args
@@ -41,28 +42,46 @@ UNSUPPORTED = (
     ("--enable-exllama", lambda a: a.enable_exllama), ("--enable-xft", lambda a: a.enable_xft),
     ("--embed-in-truncate", lambda a: a.embed_in_truncate),   # no embeddings: a decoding worker
 )
+# Test hook (documented in README "Reliability"): a request whose prompt contains this env var's
+# value fails as if CUDA ran out of memory, so the 50002 path can be exercised on a CPU.
+INJECT_OOM = "FASTCHAT_CLLM_INJECT_OOM"
 NO_EMBEDDINGS = ("the Jacobi worker serves generation only; run FastChat's model_worker for "
                  "embeddings")
 
 
+class StartupError(RuntimeError):
+    """The worker cannot start; the message says why (printed without a traceback)."""
+
+
 class JacobiTotals:
-    """Jacobi counts over every finished request (thread-safe)."""
+    """Jacobi counts: forwards and tokens live, requests when finished (thread-safe)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = self.forwards = self.tokens = 0
 
-    def record(self, usage: dict) -> None:
+    def advance(self, usage: dict, last: dict) -> None:
+        """Count, as it happens, what a request's `usage` adds to its previous `last` usage (a
+        client that hangs up stops the counts: its decoding stopped)."""
+        with self.lock:
+            self.forwards += usage.get("jacobi_forwards", 0) - last.get("jacobi_forwards", 0)
+            self.tokens += usage.get("jacobi_tokens", 0) - last.get("jacobi_tokens", 0)
+
+    def finish(self) -> None:
         with self.lock:
             self.requests += 1
-            self.forwards += usage.get("jacobi_forwards", 0)
-            self.tokens += usage.get("jacobi_tokens", 0)
 
     def summary(self) -> dict:
         with self.lock:
             rate = self.tokens / self.forwards if self.forwards else 0.0
             return {"requests": self.requests, "forwards": self.forwards, "tokens": self.tokens,
                     "tokens_per_forward": round(rate, 4)}
+
+
+def _maybe_inject_oom(params: dict) -> None:
+    marker = os.environ.get(INJECT_OOM)
+    if marker and marker in str(params.get("prompt", "")):
+        raise torch.cuda.OutOfMemoryError(f"injected by {INJECT_OOM} (test hook)")
 
 
 def _chunk(payload: dict) -> bytes:
@@ -82,8 +101,12 @@ class JacobiWorker(BaseModelWorker):
         half = args.device.startswith("cuda")      # FastChat's default: fp16 on GPU, fp32 else
         dtype = str_to_torch_dtype(args.dtype) or (torch.float16 if half else torch.float32)
         revision = args.revision if args.revision != "main" else None
-        model, tokenizer = loading.load(args.model_path, dtype, args.device, args.num_gpus,
-                                        args.max_gpu_memory, revision)
+        try:
+            model, tokenizer = loading.load(args.model_path, dtype, args.device, args.num_gpus,
+                                            args.max_gpu_memory, revision)
+        except Exception as e:   # whatever the loaders raise: one line at start-up
+            raise StartupError(f"cannot load --model-path {args.model_path}: "
+                               f"{type(e).__name__}: {e}") from e
         CllmAdapter.claim(args.model_path)
         CllmAdapter.tokenizers[args.model_path] = tokenizer
         super().__init__(args.controller_address, args.worker_address, str(uuid.uuid4())[:8],
@@ -107,10 +130,14 @@ class JacobiWorker(BaseModelWorker):
             if self.seed is not None:       # --seed: every request starts from the same seed
                 set_seed(self.seed)
                 params = {"seed": self.seed, **params}
+            _maybe_inject_oom(params)
+            last = {}
             for out in self.generate_stream_func(self.model, self.tokenizer, params, self.device,
                                                  self.context_len, self.stream_interval):
+                self.totals.advance(out["usage"], last)
+                last = out["usage"]
                 yield _chunk({**out, "error_code": 0})
-            self.totals.record(out["usage"])
+            self.totals.finish()
         except ParamError as e:
             yield _chunk({"text": str(e), "error_code": e.code})
         except torch.cuda.OutOfMemoryError as e:
@@ -133,7 +160,8 @@ class JacobiWorker(BaseModelWorker):
 def build_parser() -> argparse.ArgumentParser:
     """Every stock model_worker flag (same names) plus the Jacobi flags."""
     parser = argparse.ArgumentParser(description="FastChat model worker decoding with Jacobi "
-                                                 "iterations (fastchat-cllm)")
+                                                 "iterations (fastchat-cllm)",
+                                     usage="%(prog)s [options]   (--help lists them)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=21002)
     parser.add_argument("--worker-address", default=None,
@@ -196,7 +224,14 @@ def create_worker(argv: list[str] | None = None):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus   # before CUDA is first touched
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(parser, args)
-    return args, JacobiWorker(args, jacobi_config(parser, args))
+    config = jacobi_config(parser, args)
+    try:
+        return args, JacobiWorker(args, config)
+    except StartupError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except requests.ConnectionError:
+        parser.exit(1, f"{parser.prog}: error: cannot reach the controller at "
+                       f"{args.controller_address} (start it first, or --no-register)\n")
 
 
 def main(argv: list[str] | None = None) -> None:

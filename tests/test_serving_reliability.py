@@ -1,0 +1,271 @@
+"""The stack under faults, load and bad input (issue 7), on loopback: the launcher's Stack
+(controller, Jacobi worker on SmolLM2 fp32, API server with --api-keys) started once for the
+module with a 2 s heartbeat, then bad requests, an injected CUDA OOM, a client hanging up,
+64 concurrent streams, a controller restart and a killed worker, in that order."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+
+import pytest
+import requests
+
+from test_serving_stack import MODEL, free_ports
+
+pytestmark = pytest.mark.slow
+KEY = "sk-reliability"
+OOM = "OOM-HOOK-7"                # FASTCHAT_CLLM_INJECT_OOM: prompts holding it fail as OOM
+CONCURRENCY = 8                   # --limit-worker-concurrency: 64 streams queue 8 at a time
+HEARTBEAT = {"FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "2",
+             "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "6", "FASTCHAT_CLLM_INJECT_OOM": OOM}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from fastchat_cllm.serving.stack import Stack, parse
+
+    controller, worker, api = free_ports(3)
+    args, worker_args = parse([
+        "--controller-port", str(controller), "--worker-port", str(worker),
+        "--api-port", str(api), "--api-keys", KEY, "--logdir", str(tmp_path_factory.mktemp("logs")),
+        "--dtype", "float32", "--limit-worker-concurrency", str(CONCURRENCY)])
+    served = Stack(args, worker_args)
+    try:
+        with mock.patch.dict(os.environ, HEARTBEAT):
+            served.up()
+        yield served
+    finally:
+        served.down()
+
+
+def post(stack, path: str, body=None, key: str | None = KEY, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{stack.api}/{path}", json=body, headers=headers, timeout=120,
+                         **kwargs)
+
+
+def chat_body(content: str = "Hi", max_tokens: int = 4, **kwargs) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens, "temperature": 0, **kwargs}
+
+
+def status(stack) -> dict:
+    return requests.post(stack.worker + "/worker_get_status", timeout=10).json()
+
+
+def wait_idle(stack, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (now := status(stack))["queue_length"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return now
+
+
+def listening_hosts(port: int) -> set[str]:
+    """Local addresses of the IPv4 sockets listening on `port` (from /proc/net/tcp)."""
+    hosts = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            hosts.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return hosts
+
+
+def test_every_component_binds_loopback_by_default(stack):
+    for url in (stack.controller, stack.worker, stack.api):
+        port = int(url.split(":")[2].split("/")[0])
+        assert listening_hosts(port) == {"127.0.0.1"}, url
+
+
+def test_api_keys_through_the_launcher(stack):
+    assert post(stack, "chat/completions", chat_body(), key=None).status_code == 401
+    assert post(stack, "chat/completions", chat_body(), key="sk-wrong").status_code == 401
+    assert requests.get(stack.api + "/models", timeout=10).status_code == 401
+    assert requests.get(stack.api + "/models", headers=stack.auth(), timeout=10).ok
+
+
+LONG = "word " * 9000             # SmolLM2's context is 8192 tokens
+BAD = {   # kind: (endpoint, body, what the error message must name)
+    "max_tokens negative": ("chat/completions", chat_body(max_tokens=-1), "max_tokens"),
+    "max_tokens zero": ("chat/completions", chat_body(max_tokens=0), "max_tokens"),
+    "max_tokens fractional": ("chat/completions", chat_body(max_tokens=1.5), "max_tokens"),
+    "max_tokens a string": ("chat/completions", chat_body(max_tokens="ten"), "max_tokens"),
+    "temperature negative": ("chat/completions", chat_body(temperature=-0.5), "temperature"),
+    "temperature above 2": ("chat/completions", chat_body(temperature=50), "temperature"),
+    "temperature a string": ("chat/completions", chat_body(temperature="hot"), "temperature"),
+    "top_p above 1": ("chat/completions", chat_body(top_p=1.5), "top_p"),
+    "top_p negative": ("chat/completions", chat_body(top_p=-0.1), "top_p"),
+    "top_k zero": ("chat/completions", chat_body(top_k=0, temperature=0.7), "top_k"),
+    "top_k negative": ("chat/completions", chat_body(top_k=-5, temperature=0.7), "top_k"),
+    "n zero": ("chat/completions", chat_body(n=0), "'n'"),
+    "n absurd": ("chat/completions", chat_body(n=100000), "n:"),
+    "prompt longer than the context": ("chat/completions", chat_body(LONG), "context length"),
+    "empty messages": ("chat/completions", {**chat_body(), "messages": []}, "messages"),
+    "unknown role": ("chat/completions",
+                     {**chat_body(), "messages": [{"role": "wizard", "content": "Hi"}]}, "role"),
+    "content a number": ("chat/completions",
+                         {**chat_body(), "messages": [{"role": "user", "content": 7}]},
+                         "messages"),
+    "unknown model": ("chat/completions", {**chat_body(), "model": "no-such-model"}, "model"),
+    "model missing": ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}]},
+                      "model"),
+    "stop a number": ("chat/completions", chat_body(stop=5), "stop"),
+    "100 stop strings": ("chat/completions", chat_body(stop=[f"s{i}" for i in range(100)]),
+                         "stop"),
+    "empty stop string": ("chat/completions", chat_body(stop=""), "stop"),
+    "empty completion prompt": ("completions", {"model": MODEL, "prompt": "", "max_tokens": 4},
+                                "prompt"),
+    "logprobs 100": ("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4,
+                                     "logprobs": 100}, "logprobs"),
+    "best_of 3": ("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4,
+                                  "best_of": 3}, "best_of"),
+    "presence_penalty": ("chat/completions", chat_body(presence_penalty=1.0),
+                         "presence_penalty"),
+}
+RAW = {   # kind: (body bytes, what the message must name)
+    "malformed JSON": (b'{"model": "x", "messages": [', "JSON"),
+    "invalid UTF-8": (b'{"model":"' + MODEL.encode() + b'","messages":[{"role":"user",'
+                      b'"content":"\xff\xfe\xc3("}]}', "body"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_request_is_refused_naming_the_parameter(stack, kind):
+    path, body, names = BAD[kind]
+    reply = post(stack, path, body)
+    error = reply.json()
+    print(f"\n{kind}: {reply.status_code} {error}")
+    assert reply.status_code == 400 and names in error["message"]
+    assert "Traceback" not in error["message"] and ".py" not in error["message"]
+    assert status(stack)["queue_length"] == 0
+
+
+@pytest.mark.parametrize("kind", sorted(RAW))
+def test_unparsable_body_is_refused(stack, kind):
+    data, names = RAW[kind]
+    reply = requests.post(stack.api + "/chat/completions", data=data, timeout=60, headers={
+        **stack.auth(), "Content-Type": "application/json"})
+    print(f"\n{kind}: {reply.status_code} {reply.text}")
+    assert reply.status_code == 400 and names in reply.text
+
+
+@pytest.mark.parametrize("content", ["\x00\x01\x02\x1b[2J\x7f",
+                                     "<|im_start|><|im_end|><|endoftext|>" * 3])
+def test_odd_but_valid_text_is_served(stack, content):
+    """Control characters and a prompt of only special tokens are text: answered normally."""
+    reply = post(stack, "chat/completions", chat_body(content))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_worker_serves_after_bad_requests(stack):
+    reply = post(stack, "chat/completions", chat_body())
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    assert wait_idle(stack)["queue_length"] == 0
+
+
+def test_injected_cuda_oom_is_50002_and_the_next_request_succeeds(stack):
+    reply = post(stack, "chat/completions", chat_body(f"{OOM} please"))
+    assert reply.status_code == 400 and reply.json()["code"] == 50002
+    assert "out of memory" in reply.json()["message"].lower() or OOM in reply.json()["message"]
+    assert post(stack, "chat/completions", chat_body()).status_code == 200
+    assert wait_idle(stack)["queue_length"] == 0
+
+
+def test_client_hanging_up_frees_its_slot_and_stops_decoding(stack):
+    before = status(stack)["jacobi"]
+    body = chat_body("Write a long story about a dragon.", max_tokens=300, stream=True)
+    with post(stack, "chat/completions", body, stream=True) as reply:
+        contents = (line for line in reply.iter_lines() if b'"content"' in line)
+        for _ in range(3):
+            next(contents)
+    idle = wait_idle(stack, timeout=60)            # the hang-up reached the worker
+    time.sleep(5)
+    after = status(stack)
+    print(f"\nforwards: before {before['forwards']}, at hang-up {idle['jacobi']['forwards']}, "
+          f"5 s later {after['jacobi']['forwards']}")
+    assert idle["queue_length"] == 0 and after["queue_length"] == 0
+    assert after["jacobi"]["forwards"] == idle["jacobi"]["forwards"]     # decoding stopped
+    assert after["jacobi"]["tokens"] - before["tokens"] < 100             # well short of 300
+    assert after["jacobi"]["requests"] == before["requests"]              # never finished
+
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Count to five.",
+             "What is 2 + 2?"]
+
+
+def stream_chat(stack, question: str) -> tuple[str, str | None]:
+    """The streamed answer and the error (None when none) of one greedy chat request."""
+    import json
+
+    text, error = "", None
+    with post(stack, "chat/completions", chat_body(question, max_tokens=12, stream=True),
+              stream=True) as reply:
+        if reply.status_code != 200:
+            return text, reply.text
+        for line in reply.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[len(b"data: "):])
+            if "error" in chunk or "code" in chunk:
+                error = str(chunk)
+            for choice in chunk.get("choices", []):
+                text += choice["delta"].get("content") or ""
+    return text, error
+
+
+def test_64_concurrent_streams_equal_each_request_alone(stack):
+    alone = {q: stream_chat(stack, q) for q in QUESTIONS}
+    assert all(error is None and text for text, error in alone.values()), alone
+    requests_64 = [QUESTIONS[i % len(QUESTIONS)] for i in range(64)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda q: stream_chat(stack, q), requests_64))
+    elapsed = time.monotonic() - started
+    print(f"\n64 concurrent streams (12 tokens, limit {CONCURRENCY}): {elapsed:.1f} s")
+    assert [error for _, error in results] == [None] * 64
+    assert [text for text, _ in results] == [alone[q][0] for q in requests_64]
+    assert wait_idle(stack)["queue_length"] == 0
+
+
+def test_controller_restart_worker_registers_again(stack):
+    controller = next(c for c in stack.children if c.name == "controller")
+    controller.process.send_signal(signal.SIGTERM)
+    controller.process.wait(30)
+    stack.children.remove(controller)
+    with mock.patch.dict(os.environ, HEARTBEAT):
+        stack.start("controller", "fastchat.serve.controller", "--port",
+                    stack.controller.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if stack.models() == [MODEL]:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    assert stack.models() == [MODEL]
+    assert post(stack, "chat/completions", chat_body()).status_code == 200
+
+
+def test_killed_worker_gets_a_clear_error_not_a_hang(stack):
+    worker = next(c for c in stack.children if c.name == "worker")
+    worker.process.kill()
+    worker.process.wait(30)
+    started = time.monotonic()
+    reply = post(stack, "chat/completions", chat_body())     # the controller still lists it
+    print(f"\nworker killed: {reply.status_code} {reply.text}")
+    assert (reply.status_code, reply.json()["code"]) == (503, 50005)
+    assert "worker" in reply.json()["message"] and time.monotonic() - started < 30
+    with post(stack, "chat/completions", chat_body(stream=True), stream=True) as streamed:
+        assert streamed.status_code == 503 or b"data:" not in b"".join(streamed.iter_content())
+    time.sleep(8)                                             # the controller drops it (6 s)
+    reply = post(stack, "chat/completions", chat_body())
+    print(f"after expiry: {reply.status_code} {reply.text}")
+    assert (reply.status_code, reply.json()["code"]) == (400, 40301)
