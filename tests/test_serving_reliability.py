@@ -103,7 +103,7 @@ BAD = {   # kind: (endpoint, body, what the error message must name)
     "top_p negative": ("chat/completions", chat_body(top_p=-0.1), "top_p"),
     "top_k zero": ("chat/completions", chat_body(top_k=0, temperature=0.7), "top_k"),
     "top_k negative": ("chat/completions", chat_body(top_k=-5, temperature=0.7), "top_k"),
-    "n zero": ("chat/completions", chat_body(n=0), "'n'"),
+    "n zero": ("chat/completions", chat_body(n=0), "n:"),
     "n absurd": ("chat/completions", chat_body(n=100000), "n:"),
     "prompt longer than the context": ("chat/completions", chat_body(LONG), "context length"),
     "empty messages": ("chat/completions", {**chat_body(), "messages": []}, "messages"),
@@ -173,7 +173,7 @@ def test_worker_serves_after_bad_requests(stack):
 def test_injected_cuda_oom_is_50002_and_the_next_request_succeeds(stack):
     reply = post(stack, "chat/completions", chat_body(f"{OOM} please"))
     assert reply.status_code == 400 and reply.json()["code"] == 50002
-    assert "out of memory" in reply.json()["message"].lower() or OOM in reply.json()["message"]
+    assert "out of memory" in reply.json()["message"]
     assert post(stack, "chat/completions", chat_body()).status_code == 200
     assert wait_idle(stack)["queue_length"] == 0
 
@@ -265,7 +265,34 @@ def test_killed_worker_gets_a_clear_error_not_a_hang(stack):
     assert "worker" in reply.json()["message"] and time.monotonic() - started < 30
     with post(stack, "chat/completions", chat_body(stream=True), stream=True) as streamed:
         assert streamed.status_code == 503 or b"data:" not in b"".join(streamed.iter_content())
-    time.sleep(8)                                             # the controller drops it (6 s)
-    reply = post(stack, "chat/completions", chat_body())
+    deadline, codes = time.monotonic() + 60, set()
+    while 40301 not in codes and time.monotonic() < deadline:   # until the controller drops it
+        time.sleep(2)
+        reply = post(stack, "chat/completions", chat_body())
+        codes.add(reply.json()["code"])
     print(f"after expiry: {reply.status_code} {reply.text}")
-    assert (reply.status_code, reply.json()["code"]) == (400, 40301)
+    assert codes <= {50005, 40301} and (reply.status_code, reply.json()["code"]) == (400, 40301)
+
+
+def not_a_model(folder) -> str:
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
+    return str(folder)
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--block-size", "0"], "block_size must be in [1, 1024], got 0"),
+    (["--block-size", "100000"], "block_size must be in [1, 1024], got 100000"),
+    (["--model-path", "/no/such/model"], "'/no/such/model' does not exist"),
+    (["--model-path", "{tmp}"], "is not a model folder"),
+    (["--model-path", "{bad}"], "cannot load --model-path"),
+])
+def test_worker_refuses_to_start_with_one_line(tmp_path, flags, reason):
+    (tmp_path / "empty").mkdir()
+    flags = [f.format(tmp=tmp_path / "empty", bad=not_a_model(tmp_path)) for f in flags]
+    done = subprocess.run([sys.executable, "-m", "fastchat_cllm.worker", "--no-register",
+                           "--port", str(free_ports(1)[0]), *flags], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    print(f"\n{flags}: exit {done.returncode}: {errors}")
+    assert done.returncode != 0 and reason in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 6

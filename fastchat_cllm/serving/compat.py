@@ -132,7 +132,8 @@ def _validation_message(self) -> str:
 
 def check_requests() -> None:
     """Refuse in the API server's request models what FastChat lets through: n > MAX_CHOICES,
-    empty messages, unknown roles, empty stop strings; validation errors read 'param: problem' (all 400s)."""
+    empty messages, unknown roles, empty stop strings; validation errors read 'param: problem'
+    (all 400s)."""
     from fastapi.exceptions import RequestValidationError
     from pydantic import Field, field_validator
 

@@ -81,7 +81,8 @@ class JacobiTotals:
 def _maybe_inject_oom(params: dict) -> None:
     marker = os.environ.get(INJECT_OOM)
     if marker and marker in str(params.get("prompt", "")):
-        raise torch.cuda.OutOfMemoryError(f"injected by {INJECT_OOM} (test hook)")
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {INJECT_OOM} test "
+                                          f"hook)")
 
 
 def _chunk(payload: dict) -> bytes:
