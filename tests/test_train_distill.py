@@ -19,13 +19,7 @@ from fastchat_cllm.train.trajectory import CollectConfig, collect_trajectory
 BLOCK, NEW = 8, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharp_tiny_model():
