@@ -14,6 +14,7 @@ import time
 
 import pytest
 import requests
+import torch
 
 from conftest import ar_greedy
 
@@ -170,6 +171,21 @@ def test_stop_strings_and_n_choices(client, greedy_chat):
     single = chat(client, stop=[word]).usage
     assert reply.usage.completion_tokens == 2 * single.completion_tokens
     assert reply.usage.prompt_tokens == 2 * single.prompt_tokens
+
+
+def test_completion_logprobs_equal_a_plain_forward(client, smollm2):
+    model, tokenizer = smollm2
+    prompt = "The three primary colors are"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                      logprobs=2)
+    ids = tokenizer(prompt).input_ids
+    generated = ar_greedy(model, ids, 6)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + generated])).logits[0, len(ids) - 1: -1].float()
+    expected = logits.log_softmax(-1).gather(1, torch.tensor(generated)[:, None])[:, 0]
+    got = reply.choices[0].logprobs
+    assert len(got.token_logprobs) == 6 and all(len(top) >= 2 for top in got.top_logprobs)
+    assert torch.allclose(torch.tensor(got.token_logprobs), expected, atol=2e-3)
 
 
 def test_streamed_completion_echoes_the_prompt(client):
