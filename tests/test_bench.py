@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import TINY, ar_greedy, tiny_model
 from fastchat_cllm.bench.methods import counting_forwards, decoder

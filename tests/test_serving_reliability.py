@@ -4,7 +4,6 @@ module with a 2 s heartbeat, then bad requests, an injected CUDA OOM, a client h
 64 concurrent streams, a controller restart and a killed worker, in that order."""
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess

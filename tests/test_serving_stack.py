@@ -3,7 +3,6 @@ worker on SmolLM2 in fp32, our API server, our web UI) driven through the openai
 headless Chromium; the terminal chat; answers compared with transformers' greedy generate."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket

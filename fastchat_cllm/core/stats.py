@@ -1,7 +1,7 @@
 """Exact per-call statistics of a Jacobi decoding run (vocabulary as in the CLLM paper)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -49,6 +49,3 @@ class JacobiStats:
             if self.block_sizes else 0.0,
             "mean_iterations_per_block": round(self.mean_iterations_per_block, 3),
         }
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_forward": self.tokens_per_forward}
