@@ -56,6 +56,24 @@ def test_stream_steps_carry_logprobs_of_their_tokens():
     assert all([lp.token for lp in step.logprobs] == step.tokens for step in steps)
 
 
+@pytest.mark.parametrize("prompt", [[7], list(range(10, 19))])
+def test_prompt_logprobs_equal_a_plain_forward(prompt):
+    model = tiny_model("llama", seed=4)
+    out = jacobi_generate(model, prompt, max_new_tokens=9, logprobs=2, prompt_logprobs=True,
+                          temperature=0.7, seed=2)
+    plain = jacobi_generate(model, prompt, max_new_tokens=9, logprobs=2, temperature=0.7, seed=2)
+    assert (out.tokens, out.logprobs) == (plain.tokens, plain.logprobs)
+    assert plain.prompt_logprobs is None
+    expected = forward_logprobs(model, prompt[:1], prompt[1:] + out.tokens)[: len(prompt) - 1]
+    assert [lp.token for lp in out.prompt_logprobs] == prompt[1:]
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs])
+    assert torch.allclose(got, expected.gather(1, torch.tensor(prompt[1:], dtype=torch.long)[:, None])[:, 0],
+                          atol=1e-4)
+    assert all(len(lp.top) == 2 for lp in out.prompt_logprobs)
+    with pytest.raises(ValueError, match="prompt_logprobs needs logprobs"):
+        jacobi_generate(model, prompt, max_new_tokens=2, prompt_logprobs=True)
+
+
 @pytest.mark.slow
 def test_smollm2_sampled_logprobs(smollm2):
     model, tokenizer = smollm2

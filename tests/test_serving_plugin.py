@@ -96,7 +96,7 @@ def test_adapter_claims_the_worker_path_and_leaves_others_alone(tmp_path):
     ({"prompt": "x", "repetition_penalty": 0}, 40302),
     ({"prompt": "x", "stop": 5}, 40302),
     ({"prompt": "x", "stop_token_ids": ["a"]}, 40302),
-    ({"prompt": "x", "logprobs": 1}, 40302),
+    ({"prompt": "x", "logprobs": 21}, 40302),
     ({"prompt": "x", "presence_penalty": 0.5}, 40302),
     ({"prompt": "x", "best_of": 3}, 40302),
 ])

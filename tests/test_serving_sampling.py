@@ -72,8 +72,24 @@ def test_logprobs_without_alternatives_and_off(smollm2):
     assert run(smollm2, temperature=0, max_new_tokens=4)[-1]["logprobs"] is None
 
 
-@pytest.mark.parametrize("params", [{"logprobs": 1, "echo": True}, {"logprobs": 21},
-                                    {"logprobs": -1}, {"seed": -3}])
+def test_echo_with_logprobs_scores_the_prompt_too(smollm2):
+    model, tokenizer = smollm2
+    text = "The three primary colors are"
+    ids = tokenizer(text).input_ids
+    last = run(smollm2, prompt=text, temperature=0, logprobs=1, echo=True, max_new_tokens=5)[-1]
+    lp = last["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["tokens"]) == len(ids) + 5 and "".join(lp["tokens"]) == last["text"]
+    assert last["text"].startswith(text) and lp["text_offset"][len(ids)] == len(text)
+    answer = run(smollm2, prompt=text, temperature=0, logprobs=1, max_new_tokens=5)[-1]
+    assert lp["token_logprobs"][len(ids):] == pytest.approx(answer["logprobs"]["token_logprobs"],
+                                                            abs=1e-4)
+    expected = forward_logprobs(model, ids[:1], ids[1:])[torch.arange(len(ids) - 1), ids[1:]]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:len(ids)]), expected, atol=2e-3)
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+
+
+@pytest.mark.parametrize("params", [{"logprobs": 21}, {"logprobs": -1}, {"seed": -3}])
 def test_unsupported_logprobs_requests_are_refused(smollm2, params):
     from fastchat_cllm.serving.params import ParamError
 

@@ -30,6 +30,8 @@ class JacobiConfig:
         penalised logits); top_k 0 and top_p 1 are off; repetition_penalty 1 is off.
     logprobs: None (off) or how many most likely alternatives to report with each final
         token's logprob (0: the token's own logprob only).
+    prompt_logprobs: also report the logprobs of the prompt's tokens (after the first), from the
+        prefill (which then keeps all its logits); needs `logprobs`.
     ngram_pool: 0 (off) or how many keys the n-gram pool keeps: n-grams of `ngram_size` tokens
         from the context and the engine's own predictions, proposed as a block's guesses.
     """
@@ -48,6 +50,7 @@ class JacobiConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    prompt_logprobs: bool = False
     ngram_pool: int = 0
     ngram_size: int = 4
 
@@ -77,6 +80,8 @@ class JacobiConfig:
         _check_float("repetition_penalty", self.repetition_penalty, lambda r: r > 0, "> 0")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (0 or more alternatives)")
 
     @property
     def sampling(self) -> bool:

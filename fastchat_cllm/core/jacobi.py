@@ -39,6 +39,7 @@ class Step:
     finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens) or None
     stats: JacobiStats         # the call's statistics so far (one object, updated in place)
     logprobs: list[TokenLogprob] | None = None  # one per token in `tokens` (config.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prefill only: prompt tokens 2.. (config)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class JacobiResult:
     stats: JacobiStats
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def carried_ages(window: list[int], ages: list[int], predictions: list[int], k: int) -> list[int]:
@@ -95,14 +97,16 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
     cache = kv_cache.new_cache(model)
 
     rule = acceptance_rule(config, ids[0])
-    logits = kv_cache.forward(model, cache, ids, last_only=True)       # [1, V]
-    first = rule.verify(ids[0, -1:].tolist(), logits).next_token
+    logits = kv_cache.forward(model, cache, ids, last_only=not config.prompt_logprobs)
+    first = rule.verify(ids[0, -1:].tolist(), logits[-1:]).next_token      # logits[-1:]: [1, V]
     tokens, reason = finish([first], config, 0)
     stats.tokens = len(tokens)
     context.extend(tokens)
     rule.commit(tokens)
+    prompt = (token_logprobs(logits[:-1], ids[0, 1:].tolist(), config.logprobs)
+              if config.prompt_logprobs else None)
     yield Step(tokens, [], [], 0, True, reason, stats,
-               token_logprobs(logits, tokens, config.logprobs))
+               token_logprobs(logits[-1:], tokens, config.logprobs), prompt)
 
     next_token, guesses, ages = first, [], []  # ages[i]: forwards guesses[i] kept its value
     block_left = block_forwards = produced = 0
@@ -169,9 +173,10 @@ def jacobi_generate(model, input_ids, config: JacobiConfig | None = None, **opti
     """
     tokens: list[int] = []
     logprobs: list[TokenLogprob] = []
-    step = None
+    step = prompt = None
     for step in jacobi_stream(model, input_ids, config, **options):
         tokens.extend(step.tokens)
         logprobs.extend(step.logprobs or [])
+        prompt = step.prompt_logprobs if prompt is None else prompt
     return JacobiResult(tokens, step.stats, step.finish_reason,
-                        logprobs if step.logprobs is not None else None)
+                        logprobs if step.logprobs is not None else None, prompt)

@@ -25,6 +25,8 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int | None) -> 
     """
     if top is None:
         return None
+    if not tokens:
+        return []
     rows = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)             # [n, V]
     picked = rows.gather(1, torch.tensor(tokens, device=rows.device)[:, None])  # [n, 1]
     best = torch.topk(rows, min(top, rows.shape[-1]), dim=-1)                   # [n, top]

@@ -75,9 +75,6 @@ def _token_ids(value) -> tuple[int, ...]:
 
 def _refuse_unsupported(params: dict) -> None:
     """Options FastChat forwards that this worker cannot honour yet: refused, never ignored."""
-    if params.get("logprobs") is not None and params.get("echo", True):
-        raise ParamError("'logprobs' with 'echo' (prompt logprobs) is not supported by the "
-                         "Jacobi worker")
     if params.get("images"):
         raise ParamError("images are not supported: the Jacobi worker serves text models")
     if (params.get("best_of") or 1) > 1 or params.get("use_beam_search"):

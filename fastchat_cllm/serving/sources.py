@@ -23,6 +23,8 @@ class Batch:
     finish_reason: str | None                # "stop" (a stop token), "length" or None
     stats: JacobiStats                       # the Jacobi call's live statistics
     logprobs: list[TokenLogprob] | None      # one per token, when the request asks for them
+    prompt_logprobs: list[TokenLogprob] | None = None   # first batch, echo with logprobs: the
+                                             # prompt's tokens after the first
 
 
 def engine_config(request: GenerationRequest, base: JacobiConfig,
@@ -36,7 +38,8 @@ def engine_config(request: GenerationRequest, base: JacobiConfig,
                       top_p=request.top_p if sampled else 1.0,
                       top_k=max(request.top_k, 0) if sampled else 0,
                       repetition_penalty=request.repetition_penalty,
-                      logprobs=request.logprobs, seed=seed)
+                      logprobs=request.logprobs, seed=seed,
+                      prompt_logprobs=request.echo and request.logprobs is not None)
 
 
 def token_batches(model, prompt_ids: Sequence[int], request: GenerationRequest,
@@ -44,4 +47,5 @@ def token_batches(model, prompt_ids: Sequence[int], request: GenerationRequest,
     """Decode `prompt_ids` as `request` asks: FastChat's parameters meet the engine here only."""
     config = engine_config(request, base, stop_ids)
     for step in jacobi_stream(model, list(prompt_ids), config):
-        yield Batch(step.tokens, step.finish_reason, step.stats, step.logprobs)
+        yield Batch(step.tokens, step.finish_reason, step.stats, step.logprobs,
+                    step.prompt_logprobs)

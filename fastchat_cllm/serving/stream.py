@@ -123,7 +123,9 @@ def generate_stream(model, tokenizer, params: dict, device=None, context_len: in
     with closing(batches):
         for batch in batches:
             stats = batch.stats
-            if logprobs:
+            if logprobs is not None:
+                if batch.prompt_logprobs is not None:
+                    logprobs.add_prompt(prompt_ids[0], batch.prompt_logprobs)
                 logprobs.add(batch.logprobs)
             reason = "stop" if answer.add(batch.tokens) else batch.finish_reason
             if reason:
@@ -134,7 +136,7 @@ def generate_stream(model, tokenizer, params: dict, device=None, context_len: in
                 sent, sent_at = text, len(answer.tokens)
                 yield {"text": text, "usage": usage(len(prompt_ids), answer, stats),
                        "finish_reason": None,
-                       "logprobs": logprobs and logprobs.chunk(answer.tokens)}
+                       "logprobs": None if logprobs is None else logprobs.chunk(answer.tokens)}
     yield {"text": answer.text, "usage": usage(len(prompt_ids), answer, stats),
            "finish_reason": reason or "length",
-           "logprobs": logprobs and logprobs.chunk(answer.tokens)}
+           "logprobs": None if logprobs is None else logprobs.chunk(answer.tokens)}
