@@ -119,8 +119,8 @@ def greedy_chat(stack, smollm2):
 
 def chat(client, **kwargs):
     return client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0,
-        max_tokens=48, **kwargs)
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+        **{"temperature": 0, "max_tokens": 48, **kwargs})
 
 
 def test_models_lists_the_served_model(client):
@@ -185,6 +185,93 @@ def test_completion_logprobs_equal_a_plain_forward(client, smollm2):
     got = reply.choices[0].logprobs
     assert len(got.token_logprobs) == 6 and all(len(top) >= 2 for top in got.top_logprobs)
     assert torch.allclose(torch.tensor(got.token_logprobs), expected, atol=2e-3)
+
+
+def test_chat_logprobs_equal_a_plain_forward(client, greedy_chat, smollm2):
+    model, tokenizer = smollm2
+    ids, out, text = greedy_chat
+    reply = chat(client, logprobs=True, top_logprobs=2)
+    entries = reply.choices[0].logprobs.content
+    shown = out[:-1] if out[-1] == tokenizer.eos_token_id else out      # EOS is not shown
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content == text
+    assert [bytes(e.bytes).decode() for e in entries] == [e.token for e in entries]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + shown])).logits[0, len(ids) - 1: -1].float()
+    expected = logits.log_softmax(-1)
+    got = torch.tensor([e.logprob for e in entries])
+    assert torch.allclose(got, expected.gather(1, torch.tensor(shown)[:, None])[:, 0], atol=2e-3)
+    for entry, row in zip(entries, expected):
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            row.topk(2).values.tolist(), abs=2e-3)
+    assert chat(client).choices[0].logprobs is None
+
+
+def test_streamed_chat_logprobs_arrive_with_their_text(client, greedy_chat):
+    whole = chat(client, logprobs=True).choices[0].logprobs.content
+    chunks = [c.choices[0] for c in chat(client, logprobs=True, stream=True)]
+    for choice in chunks:
+        pieces = choice.logprobs.content if choice.logprobs else []
+        assert "".join(e.token for e in pieces) == (choice.delta.content or "")
+    streamed = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+    assert [e.top_logprobs for e in streamed] == [[]] * len(streamed)
+    assert "".join(c.delta.content or "" for c in chunks) == greedy_chat[2]
+
+
+def test_seed_makes_sampled_choices_reproducible(client):
+    import openai
+
+    def sampled(**kwargs):
+        reply = chat(client, temperature=0.9, max_tokens=24, **kwargs)
+        return [c.message.content for c in reply.choices]
+
+    pair = sampled(seed=7, n=2)
+    assert sampled(seed=7, n=2) == pair and pair[0] != pair[1]
+    assert sampled(seed=7) == pair[:1] and sampled(seed=8) == pair[1:]   # choice i: seed + i
+    completion = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0.9)
+    texts = {client.completions.create(**completion, seed=3).choices[0].text for _ in range(2)}
+    assert len(texts) == 1
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        chat(client, seed=-1)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        chat(client, top_logprobs=2)
+
+
+def test_streamed_completion_logprobs_are_per_chunk(client):
+    request = dict(model=MODEL, prompt="The three primary colors are", max_tokens=12,
+                   temperature=0, logprobs=1)
+    whole = client.completions.create(**request).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**request, stream=True)]
+    assert all("".join(c.logprobs.tokens) == c.text for c in chunks)
+    assert [t for c in chunks for t in c.logprobs.tokens] == whole.logprobs.tokens
+    assert [t for c in chunks for t in c.logprobs.text_offset] == whole.logprobs.text_offset
+    assert "".join(c.text for c in chunks) == whole.text
+
+
+def test_streamed_choices_are_numbered_across_prompts(client):
+    request = dict(model=MODEL, prompt=["Red, green and", "One, two,"], max_tokens=3,
+                   temperature=0, n=2)
+    whole = client.completions.create(**request).choices
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [c.index for c in whole] == [0, 1, 2, 3]
+    assert streamed == {c.index: c.text for c in whole}
+    assert whole[0].text == whole[1].text != whole[2].text == whole[3].text
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt(client, smollm2):
+    _, tokenizer = smollm2
+    prompt = "The three primary colors are"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                      echo=True, logprobs=0)
+    got = reply.choices[0]
+    count = len(tokenizer(prompt).input_ids)
+    assert got.text.startswith(prompt) and len(got.logprobs.tokens) == count + 4
+    assert got.logprobs.token_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in got.logprobs.token_logprobs[1:])
 
 
 def test_streamed_completion_echoes_the_prompt(client):

@@ -12,17 +12,21 @@ here reaches the re-executed copy).
    validation errors carry a source-file dump: all 400s naming the parameter here.
 6. A worker that died (the controller still lists it) makes the API server answer a bare 500;
    answer 503 with code 50005 naming the unreachable worker instead.
+7. Chat `logprobs`/`top_logprobs` and `seed` are not in the request models and never reach the
+   worker: the models take them here, and openai_routes.py serves the two endpoints that use them.
 (gradio >= 6 breaks the web UI: setup.cfg pins gradio < 6.)
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16
+MAX_LOGPROBS = 20               # alternatives per token, as the worker allows
+MAX_SEED = 1 << 62              # choice i samples with seed + i
 ROLES = ("system", "user", "assistant")
 
 # rope types whose max_position_embeddings already is the extended length
@@ -135,7 +139,7 @@ def check_requests() -> None:
     empty messages, unknown roles, empty stop strings; validation errors read 'param: problem'
     (all 400s)."""
     from fastapi.exceptions import RequestValidationError
-    from pydantic import Field, field_validator
+    from pydantic import Field, field_validator, model_validator
 
     from fastchat.protocol import openai_api_protocol as protocol
 
@@ -146,6 +150,15 @@ def check_requests() -> None:
     class ChatCompletionRequest(protocol.ChatCompletionRequest):
         checked: ClassVar[bool] = True
         n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
+        logprobs: Optional[bool] = False
+        top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+
+        @model_validator(mode="after")
+        def top_logprobs_needs_logprobs(self):
+            if self.top_logprobs and not self.logprobs:
+                raise ValueError("'top_logprobs' needs 'logprobs': true")
+            return self
 
         @field_validator("messages")
         @classmethod
@@ -159,6 +172,8 @@ def check_requests() -> None:
 
     class CompletionRequest(protocol.CompletionRequest):
         n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
+        logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 
         @field_validator("stop")
         @classmethod
@@ -178,23 +193,27 @@ async def _worker_unreachable(request, exc):
                          "code": ErrorCode.CONTROLLER_NO_WORKER}, status_code=503)
 
 
-def answer_unreachable_worker() -> None:
-    """Give the API server's app (as uvicorn.run receives it) the unreachable-worker handler."""
-    import aiohttp
-    import httpx
+def fix_app_when_served(fix: Callable) -> None:
+    """Call fix(app) on the app the stock module hands to uvicorn.run (it builds its app while
+    runpy executes it, so this is the first moment the app exists)."""
     import uvicorn
 
     run = uvicorn.run
-    if getattr(run, "answers_unreachable", False):
-        return
 
-    def run_with_handler(app, *args, **kwargs):
-        for error in (aiohttp.ClientConnectionError, httpx.ConnectError):
-            app.add_exception_handler(error, _worker_unreachable)
+    def run_fixed(app, *args, **kwargs):
+        fix(app)
         return run(app, *args, **kwargs)
 
-    run_with_handler.answers_unreachable = True
-    uvicorn.run = run_with_handler
+    uvicorn.run = run_fixed
+
+
+def answer_unreachable_worker(app) -> None:
+    """Give the API server's app the unreachable-worker handler."""
+    import aiohttp
+    import httpx
+
+    for error in (aiohttp.ClientConnectionError, httpx.ConnectError):
+        app.add_exception_handler(error, _worker_unreachable)
 
 
 def worker_conversation(controller_url: str, model_name: str):

@@ -9,7 +9,7 @@ import sys
 from functools import partial
 
 from .. import loading
-from . import compat, plugin
+from . import compat, openai_routes, plugin
 
 CONTROLLER = "http://127.0.0.1:21001"
 
@@ -31,7 +31,8 @@ def api_server() -> None:
     compat.fix_streaming_json()
     compat.keep_jacobi_usage()
     compat.check_requests()
-    compat.answer_unreachable_worker()
+    compat.fix_app_when_served(compat.answer_unreachable_worker)
+    compat.fix_app_when_served(openai_routes.install)
     run_stock("fastchat.serve.openai_api_server",
               {"--host": "127.0.0.1", "--controller-address": CONTROLLER})
 

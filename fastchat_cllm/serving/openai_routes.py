@@ -1,0 +1,251 @@
+"""The API server's /v1/chat/completions and /v1/completions, in place of fschat 0.2.36's.
+
+FastChat's own endpoints drop parameters its request models lack: chat `logprobs` and
+`top_logprobs`, and `seed` on both, never reach the worker. Its streamed completions repeat every
+logprob so far in each chunk and number choices by n alone. These endpoints build the worker
+request with FastChat's own helpers (conversation template, stop strings, model and length
+checks) and add:
+- chat logprobs in OpenAI's format: `choice.logprobs.content` is a list of
+  {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}; streamed, each chunk carries
+  the entries of its own tokens;
+- `seed`: choice i of a request samples with seed + i, so the same request gets the same answers;
+- streamed completions: each chunk carries its own tokens' logprobs; choices are numbered across
+  prompts x n, as in the non-streamed answer.
+Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) usage.
+"""
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Optional
+
+import shortuuid
+from fastapi import Depends
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+DONE = "data: [DONE]\n\n"
+
+
+def install(app) -> None:
+    """Replace the stock module's two endpoints on `app` (its helpers are found through the
+    stock chat endpoint's globals: the module runpy is running)."""
+    from fastchat.protocol import openai_api_protocol as protocol
+
+    stock = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == CHAT)
+    routes = Routes(stock.endpoint.__globals__, protocol.UsageInfo)
+
+    async def chat(request: protocol.ChatCompletionRequest):
+        return await routes.chat(request)
+
+    async def completions(request: protocol.CompletionRequest):
+        return await routes.completions(request)
+
+    app.router.routes = [r for r in app.router.routes
+                         if not (isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS))]
+    guard = [Depends(routes.server["check_api_key"])]
+    app.add_api_route(CHAT, chat, methods=["POST"], dependencies=guard)
+    app.add_api_route(COMPLETIONS, completions, methods=["POST"], dependencies=guard)
+
+
+def per_choice(params: dict, n: int, seed: Optional[int], first: int = 0) -> list[dict]:
+    """The worker request of each of n choices: with a seed, choice i samples with seed + i."""
+    if seed is None:
+        return [params] * n
+    return [dict(params, seed=seed + first + i) for i in range(n)]
+
+
+def chat_logprobs(logprobs: Optional[dict], start: int = 0) -> list[dict]:
+    """OpenAI chat `logprobs.content` entries for the worker's tokens from `start` on."""
+    if not logprobs:
+        return []
+
+    def entry(token: str, value: float) -> dict:
+        return {"token": token, "logprob": value, "bytes": list(token.encode("utf-8"))}
+
+    rows = zip(logprobs["tokens"][start:], logprobs["token_logprobs"][start:],
+               logprobs["top_logprobs"][start:])
+    return [dict(entry(token, value),
+                 top_logprobs=[entry(alt, alt_value) for alt, alt_value in (top or {}).items()])
+            for token, value, top in rows]
+
+
+def completion_logprobs(logprobs: Optional[dict], start: int) -> Optional[dict]:
+    """The worker's completions-format logprobs of the tokens from `start` on."""
+    if logprobs is None:
+        return None
+    return {key: values[start:] for key, values in logprobs.items()}
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Sent:
+    """What a choice's stream has sent: the answer's text and how many of its tokens."""
+
+    def __init__(self):
+        self.text, self.tokens = "", 0
+
+    @staticmethod
+    def _text(content: dict) -> str:
+        return content["text"].replace("\ufffd", "")   # bytes of a character still to come
+
+    def delta(self, content: dict) -> tuple[str, int]:
+        """The text `content` adds, and the index of its first unsent token."""
+        return self._text(content)[len(self.text):], self.tokens
+
+    def advance(self, content: dict) -> None:
+        text = self._text(content)
+        self.text = text if len(text) > len(self.text) else self.text
+        self.tokens = len((content.get("logprobs") or {}).get("tokens", ()))
+
+
+class Routes:
+    def __init__(self, server: dict, usage_model):
+        self.server, self.usage_model = server, usage_model
+
+    def error(self, code: int, message: str) -> JSONResponse:
+        return self.server["create_error_response"](code, message)
+
+    async def checked(self, request) -> tuple[Optional[str], Optional[JSONResponse]]:
+        """FastChat's model and parameter checks; the address of the model's worker."""
+        error = await self.server["check_model"](request) or self.server["check_requests"](request)
+        if error is not None:
+            return None, error
+        return await self.server["get_worker_address"](request.model), None
+
+    async def gen_params(self, request, worker: str, messages, **options) -> dict:
+        return await self.server["get_gen_params"](
+            request.model, worker, messages, temperature=request.temperature,
+            top_p=request.top_p, top_k=request.top_k, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, stop=request.stop, **options)
+
+    async def generate_all(self, choices: list[dict], worker: str):
+        """Every choice's final worker answer, or the first error as a response."""
+        generate = self.server["generate_completion"]
+        contents = await asyncio.gather(*(generate(params, worker) for params in choices))
+        for content in contents:
+            if content["error_code"] != 0:
+                return None, self.error(content["error_code"], content["text"])
+        return contents, None
+
+    def usage(self, contents: list[dict]) -> dict:
+        """FastChat's usage summed over the choices (Jacobi counts included)."""
+        total = self.usage_model()
+        for content in contents:
+            for key, value in self.usage_model.model_validate(content["usage"]):
+                setattr(total, key, getattr(total, key) + value)
+        return total.model_dump()
+
+    def stream(self, model: str, kind: str, choices: list[dict], worker: str,
+               chunk_choice) -> StreamingResponse:
+        """SSE chunks of every choice in turn; chunk_choice(index, content, delta) -> the
+        chunk's choice, or None when the chunk adds nothing."""
+        header = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{shortuuid.random()}",
+                  "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                  "created": int(time.time()), "model": model}
+
+        async def events() -> AsyncIterator[str]:
+            for index, params in enumerate(choices):
+                first = chunk_choice(index, None, None)
+                if first is not None:
+                    yield sse(dict(header, choices=[first]))
+                sent = Sent()
+                async for content in self.server["generate_completion_stream"](params, worker):
+                    if content["error_code"] != 0:
+                        yield sse(content)
+                        yield DONE
+                        return
+                    choice = chunk_choice(index, content, sent.delta(content))
+                    if choice is not None:
+                        sent.advance(content)
+                        yield sse(dict(header, choices=[choice]))
+            yield DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def chat(self, request) -> Any:
+        worker, error = await self.checked(request)
+        if error is not None:
+            return error
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        params = await self.gen_params(request, worker, request.messages,
+                                       max_tokens=request.max_tokens, echo=False, logprobs=top)
+        max_new_tokens, error = await self.server["check_length"](
+            request, params["prompt"], params["max_new_tokens"], worker)
+        if error is not None:
+            return error
+        params["max_new_tokens"] = max_new_tokens
+        choices = per_choice(params, request.n or 1, request.seed)
+        if request.stream:
+            return self.stream(request.model, "chat", choices, worker,
+                               lambda i, content, delta: chat_chunk(i, content, delta, top))
+        contents, error = await self.generate_all(choices, worker)
+        if error is not None:
+            return error
+        return {"id": f"chatcmpl-{shortuuid.random()}", "object": "chat.completion",
+                "created": int(time.time()), "model": request.model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                             "logprobs": None if top is None else
+                             {"content": chat_logprobs(c.get("logprobs"))},
+                             "finish_reason": c.get("finish_reason", "stop")}
+                            for i, c in enumerate(contents)],
+                "usage": self.usage(contents)}
+
+    async def completions(self, request) -> Any:
+        worker, error = await self.checked(request)
+        if error is not None:
+            return error
+        prompts = self.server["process_input"](request.model, request.prompt)
+        max_tokens = request.max_tokens
+        for text in prompts:
+            room, error = await self.server["check_length"](request, text, max_tokens, worker)
+            if error is not None:
+                return error
+            max_tokens = room if max_tokens is None else min(max_tokens, room)
+        choices: list[dict] = []
+        for text in prompts:
+            params = await self.gen_params(
+                request, worker, text, max_tokens=max_tokens, logprobs=request.logprobs,
+                echo=request.echo, best_of=request.best_of,
+                use_beam_search=request.use_beam_search)
+            choices += per_choice(params, request.n or 1, request.seed, len(choices))
+        if request.stream:
+            return self.stream(request.model, "completion", choices, worker, completion_chunk)
+        contents, error = await self.generate_all(choices, worker)
+        if error is not None:
+            return error
+        return {"id": f"cmpl-{shortuuid.random()}", "object": "text_completion",
+                "created": int(time.time()), "model": request.model,
+                "choices": [{"index": i, "text": c["text"], "logprobs": c.get("logprobs"),
+                             "finish_reason": c.get("finish_reason", "stop")}
+                            for i, c in enumerate(contents)],
+                "usage": self.usage(contents)}
+
+
+def chat_chunk(index: int, content: Optional[dict], delta, top: Optional[int]) -> Optional[dict]:
+    """A streamed chat choice: the role first, then new text with its tokens' logprobs."""
+    if content is None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""},
+                "logprobs": None, "finish_reason": None}
+    text, start = delta
+    entries = chat_logprobs(content.get("logprobs"), start)
+    reason = content.get("finish_reason")
+    if not (text or entries or reason):
+        return None
+    return {"index": index, "delta": {"content": text} if text else {},
+            "logprobs": None if top is None else {"content": entries}, "finish_reason": reason}
+
+
+def completion_chunk(index: int, content: Optional[dict], delta) -> Optional[dict]:
+    """A streamed completion choice: new text with its tokens' logprobs."""
+    if content is None:
+        return None
+    text, start = delta
+    reason = content.get("finish_reason")
+    if not (text or reason):
+        return None
+    return {"index": index, "text": text,
+            "logprobs": completion_logprobs(content.get("logprobs"), start),
+            "finish_reason": reason}
