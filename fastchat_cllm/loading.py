@@ -62,6 +62,8 @@ def resolve(path: str | None) -> ModelSource:
         if ggufs:
             raise ValueError(f"{p} holds several .gguf files; name one: {[g.name for g in ggufs]}")
         raise ValueError(f"{p} is not a model folder (no config.json, adapter_config.json or .gguf)")
+    if p.exists():
+        raise ValueError(f"{p} is not a model: give a .gguf file or a model folder")
     if HUB_ID.match(path):
         return ModelSource(Path(path))   # a Hugging Face hub id: transformers downloads it
     raise FileNotFoundError(f"model path {path!r} does not exist")

@@ -290,6 +290,7 @@ def not_a_model(folder) -> str:
     (["--model-path", "/no/such/model"], "'/no/such/model' does not exist"),
     (["--model-path", "{tmp}"], "is not a model folder"),
     (["--model-path", "{bad}"], "cannot load --model-path"),
+    (["--model-path", "{bad}/config.json"], "is not a model: give a .gguf file or a model folder"),
 ])
 def test_worker_refuses_to_start_with_one_line(tmp_path, flags, reason):
     (tmp_path / "empty").mkdir()

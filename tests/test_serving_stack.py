@@ -3,6 +3,7 @@ worker on SmolLM2 in fp32, our API server, our web UI) driven through the openai
 headless Chromium; the terminal chat; answers compared with transformers' greedy generate."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -372,3 +373,28 @@ def test_serve_stops_all_when_a_child_dies(tmp_path):
     assert "worker exited with code 2" in done.stderr
     assert "block_size must be in [1, 1024], got 0" in done.stderr
     assert "stopped api, worker, controller" in done.stdout
+
+
+def test_children_stop_when_serve_is_killed(tmp_path):
+    """SIGKILL gives serve no chance to stop its children: they get SIGTERM from the kernel."""
+    import re
+
+    controller, worker, api = free_ports(3)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastchat_cllm.serve", "--controller-port", str(controller),
+         "--worker-port", str(worker), "--api-port", str(api), "--logdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    pids = []
+    for line in process.stdout:               # controller ready, worker and API server started
+        pids += [int(p) for p in re.findall(r"^started \w+ \(pid (\d+)", line)]
+        if len(pids) == 3:
+            break
+    process.kill()
+    process.wait(30)
+    deadline = time.monotonic() + 60
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+        time.sleep(0.5)
+    assert len(pids) == 3 and not alive

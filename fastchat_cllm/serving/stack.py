@@ -8,6 +8,7 @@ tail is printed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import subprocess
@@ -15,18 +16,32 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import requests
 
 from .. import loading
 
+PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 900          # seconds; loading a 7B checkpoint can take minutes
 STOP_TIMEOUT = 15
+LINUX = sys.platform.startswith("linux")
 
 
 class StackError(RuntimeError):
     pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec (Linux): SIGTERM when serve dies, even by SIGKILL, so no
+    server is left holding its port."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:         # serve died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -74,7 +89,9 @@ class Stack:
         env = {**os.environ, "LOGDIR": str(self.logdir), "PYTHONUNBUFFERED": "1"}
         with open(log, "w") as out:   # the child keeps its own handle
             process = subprocess.Popen([sys.executable, "-m", module, *flags], stdout=out,
-                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=partial(_die_with_parent, os.getpid())
+                                       if LINUX else None)
         self.children.append(Child(name, process, log))
         print(f"started {name} (pid {process.pid}, log {log})", flush=True)
 
