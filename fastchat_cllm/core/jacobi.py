@@ -60,6 +60,54 @@ def carried_ages(window: list[int], ages: list[int], predictions: list[int], k: 
     return out
 
 
+@dataclass
+class Blocks:
+    """Block bookkeeping: the next window's size and the forwards each block took.
+
+    Fixed blocks (the reference's) run the `left` positions of a block until all are accepted;
+    a sliding window counts a block every block_size accepted tokens."""
+
+    fixed: bool
+    block_size: int
+    left: int = 0          # fixed: positions of the current block not yet accepted
+    produced: int = 0      # sliding: tokens accepted since the last block boundary
+    forwards: int = 0      # forwards in the current block
+
+    def next_size(self, sizer: BlockSizer, room: int) -> tuple[int, bool]:
+        """(the next window's size, whether a fixed block starts with it)."""
+        if not self.fixed:
+            return sizer.next_size(room), False
+        fresh = self.left == 0
+        if fresh:
+            self.left = sizer.next_size(room)
+        return self.left, fresh
+
+    def accepted(self, k: int) -> int | None:
+        """Count a forward that accepted k tokens; the block's forwards when it just ended."""
+        self.forwards += 1
+        if self.fixed:
+            self.left -= k
+            done = self.left == 0
+        else:
+            self.produced += k
+            done = self.produced >= self.block_size
+            self.produced -= self.block_size if done else 0
+        if not done:
+            return None
+        forwards, self.forwards = self.forwards, 0
+        return forwards
+
+
+def make_window(fill: str, context: Context, next_token: int, carried: list[int],
+                carried_ages: list[int], size: int) -> tuple[list[int], list[int]]:
+    """The block [next_token, guesses...] ([size]) and each position's age: how many forwards
+    its guess has kept its value (0 for next_token and fresh guesses)."""
+    guesses = block_guesses(fill, context, next_token, carried, size - 1)
+    ages = [0] + [carried_ages[i] if i < len(carried) and guesses[i] == carried[i] else 0
+                  for i in range(size - 1)]
+    return [next_token] + guesses, ages
+
+
 def finish(tokens: list[int], config: JacobiConfig, produced: int) -> tuple[list[int], str | None]:
     """Cut `tokens` after the first EOS and at the token budget; say why decoding ends."""
     for i, tok in enumerate(tokens):
@@ -109,21 +157,13 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
                token_logprobs(logits[-1:], tokens, config.logprobs), prompt)
 
     next_token, guesses, ages = first, [], []  # ages[i]: forwards guesses[i] kept its value
-    block_left = block_forwards = produced = 0
-    block_start = True
+    blocks = Blocks(config.fixed_blocks, config.block_size)
+    first_forward = True
     while reason is None:
-        room = config.max_new_tokens - stats.tokens
-        if config.fixed_blocks:
-            if block_left == 0:
-                block_left, block_start, guesses, ages = sizer.next_size(room), True, [], []
-            size = block_left
-        else:
-            size = sizer.next_size(room)
-        carried = guesses
-        guesses = block_guesses(config.fill, context, next_token, carried, size - 1)
-        window = [next_token] + guesses                              # [size]
-        ages = [0] + [ages[i] if i < len(carried) and guesses[i] == carried[i] else 0
-                      for i in range(size - 1)]
+        size, fresh_block = blocks.next_size(sizer, config.max_new_tokens - stats.tokens)
+        if fresh_block:
+            guesses, ages = [], []
+        window, ages = make_window(config.fill, context, next_token, guesses, ages, size)
 
         started = time.perf_counter()
         logits = kv_cache.forward(model, cache, torch.tensor([window], device=ids.device))
@@ -132,33 +172,19 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
         k, predictions = verdict.accepted, verdict.predictions
         kv_cache.drop_last(cache, size - k)
         sizer.observe(size, k, seconds)
+        stats.record_forward(size, k, ages)
 
-        stats.forwards += 1
-        stats.accepted_per_forward.append(k)
-        stats.block_sizes.append(size)
-        stats.fast_forwarded += k - 1
-        stats.stationary += sum(1 for age in ages[1:k] if age >= 1)
         tokens, reason = finish(window[1:k] + [verdict.next_token], config, stats.tokens)
         stats.tokens += len(tokens)
         context.extend(tokens)
         rule.commit(tokens)
-
-        # A fixed block ends at its fixed point; a sliding window counts every block_size tokens.
-        block_forwards += 1
-        if config.fixed_blocks:
-            block_left -= k
-            done = block_left == 0
-        else:
-            produced += k
-            done = produced >= config.block_size
-            produced -= config.block_size if done else 0
-        if done:
+        block_forwards = blocks.accepted(k)
+        if block_forwards is not None:
             stats.iterations_per_block.append(block_forwards)
-            block_forwards = 0
-
-        yield Step(tokens, window, predictions, k, block_start, reason, stats,
+        yield Step(tokens, window, predictions, k, first_forward or fresh_block, reason, stats,
                    token_logprobs(logits, tokens, config.logprobs))
-        block_start = False
+
+        first_forward = False
         next_token = verdict.next_token
         end = size - 1 if config.fixed_blocks else size    # a fixed block never grows
         guesses = predictions[k:end]

@@ -27,6 +27,15 @@ class JacobiStats:
     stationary: int = 0
     iterations_per_block: list[int] = field(default_factory=list)
 
+    def record_forward(self, size: int, accepted: int, ages: list[int]) -> None:
+        """A forward over a window of `size` that accepted `accepted` positions; ages[i]: how
+        many forwards the guess at position i had kept its value."""
+        self.forwards += 1
+        self.accepted_per_forward.append(accepted)
+        self.block_sizes.append(size)
+        self.fast_forwarded += accepted - 1
+        self.stationary += sum(1 for age in ages[1:accepted] if age >= 1)
+
     @property
     def tokens_per_forward(self) -> float:
         """Tokens made final per forward after the prefill (1.0 for autoregressive decoding)."""
