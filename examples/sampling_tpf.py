@@ -4,7 +4,8 @@ python examples/sampling_tpf.py [--model smollm2-135m-instruct] [--max-new-token
     [--block-size 16] [--temperature 0.7] [--top-p 0.9] [--seeds 3] [--threads 2]
     [--prompts held_out.jsonl [--limit 8]]
 
-Runs every prompt greedily and with sampling (one run per seed), each with a fixed window of
+Runs every prompt greedily and with sampling (one run per seed, under each acceptance rule:
+Gumbel noise fixed per position, and the textbook speculative rule), each with a fixed window of
 --block-size positions (what acceptance allows) and with the adaptive engine (what it pays to
 run), and prints tokens made final per forward and seconds per token. --prompts takes JSON lines
 with a "prompt" field (e.g. a CLLM's held-out problems) instead of the 4 built-in chat prompts.
@@ -71,7 +72,10 @@ def main(argv=None) -> None:
     base = dict(max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                 eos_token_id=tokenizer.eos_token_id)
     sampled = dict(temperature=args.temperature, top_p=args.top_p)
-    runs = {"greedy": [dict()], "sampled": [dict(sampled, seed=s) for s in range(args.seeds)]}
+    runs = {"greedy": [dict()]}
+    for rule in ("gumbel", "speculative"):
+        runs[f"sampled, {rule}"] = [dict(sampled, seed=s, acceptance=rule)
+                                    for s in range(args.seeds)]
     windows = {f"fixed window {args.block_size}": dict(adaptive=False), "adaptive": dict()}
     results = {(d, w): [] for d in runs for w in windows}
     for question in prompts:
@@ -81,12 +85,12 @@ def main(argv=None) -> None:
                 for variant in variants:
                     results[decoding, window].append(
                         measure(model, ids, {**base, **window_options, **variant}))
-    print(f"{'decoding':<34}{'window':<18}{'tokens/forward':>15}{'s/token':>10}{'runs':>6}")
+    print(f"sampled: T={args.temperature}, top-p={args.top_p}; gumbel / speculative: the "
+          f"acceptance rule (fastchat_cllm/core/sampling.py)")
+    print(f"{'decoding':<24}{'window':<18}{'tokens/forward':>15}{'s/token':>10}{'runs':>6}")
     for (decoding, window), rows in results.items():
-        label = decoding if decoding == "greedy" else (
-            f"sampled (T={args.temperature}, top-p={args.top_p})")
         tpf = sum(r[0] for r in rows) / sum(r[1] for r in rows)     # pooled over the runs
-        print(f"{label:<34}{window:<18}{tpf:>15.3f}"
+        print(f"{decoding:<24}{window:<18}{tpf:>15.3f}"
               f"{statistics.median(r[2] for r in rows):>10.3f}{len(rows):>6}")
 
 

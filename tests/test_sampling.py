@@ -11,7 +11,8 @@ from transformers.generation.logits_process import (LogitsProcessorList,
 from conftest import ar_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.sampling import (GreedyRule, acceptance_rule, gumbel, prefix_presence,
-                                         process_logits, top_p_filter, verify_sampled)
+                                         process_logits, top_p_filter, verify_sampled,
+                                         verify_speculative)
 
 MODES = {
     "ar": dict(block_size=1),
@@ -100,6 +101,39 @@ def test_rule_accepts_with_probability_p_and_resamples_without_the_guess():
     assert 0.5 * (taken / taken.sum() - residual).abs().sum() < 0.02
 
 
+def test_speculative_rule_accepts_with_probability_p_and_resamples_without_the_guess():
+    """Fresh randomness per call: P(accept g) = p(g), the second guess is judged only after the
+    first is accepted, and a rejected position's token is drawn from p without its guess."""
+    scores = torch.tensor([[1.2, 0.4, -0.3, 0.9, -2.0], [0.5, -1.0, 2.0, 0.0, 0.3], [0.0] * 5])
+    p = scores.softmax(-1).double()
+    window, draws = [0, 3, 2], 20000
+    generator = torch.Generator().manual_seed(0)
+    accepted = torch.zeros(3)
+    taken = torch.zeros(5, dtype=torch.float64)
+    for _ in range(draws):
+        verdict = verify_speculative(window, scores, generator)
+        accepted[verdict.accepted - 1] += 1
+        assert verdict.predictions[: verdict.accepted - 1] == window[1: verdict.accepted]
+        if verdict.accepted == 1:
+            assert verdict.next_token != 3
+            taken[verdict.next_token] += 1
+    both = float(p[0, 3] * p[1, 2])
+    assert abs(accepted[1:].sum() / draws - p[0, 3]) < 0.015       # binomial sd ~0.0034
+    assert abs(accepted[2] / draws - both) < 0.015
+    residual = p[0].clone()
+    residual[3] = 0
+    residual /= residual.sum()
+    assert 0.5 * (taken / taken.sum() - residual).abs().sum() < 0.02
+
+
+def test_speculative_rule_is_reproducible_for_a_fixed_window(model):
+    options = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, acceptance="speculative",
+                   block_size=6, adaptive=False)
+    runs = [jacobi_generate(model, prompt(7), seed=seed, **options) for seed in (3, 3, 4)]
+    assert runs[0].tokens == runs[1].tokens and runs[0].tokens != runs[2].tokens
+    assert sum(r.stats.fast_forwarded for r in runs) > 0
+
+
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_seeded_output_is_the_same_for_every_block_size_and_fill(model, settings):
     """The noise belongs to output positions: block size 1 (AR sampling) fixes the text."""
@@ -154,7 +188,8 @@ def test_greedy_ignores_top_p_and_top_k(model):
                                  dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(top_k=2.5), dict(repetition_penalty=0.0),
                                  dict(repetition_penalty=float("inf")), dict(logprobs=-1),
-                                 dict(logprobs=True), dict(temperature="hot")])
+                                 dict(logprobs=True), dict(temperature="hot"),
+                                 dict(acceptance="metropolis")])
 def test_bad_sampling_settings_raise(bad):
     with pytest.raises(ValueError):
         JacobiConfig(**bad)

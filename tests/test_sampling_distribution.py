@@ -3,8 +3,9 @@
 The reference is exact: the joint law of the first tokens under autoregressive sampling with
 transformers' own processors in FastChat's order (temperature, repetition penalty, top-p, top-k),
 enumerated over the sampling support. Seeded Jacobi samples (block sizes > 1, guesses that are
-sometimes right) must fit it by a chi-square test; the same test must reject a deliberately
-wrong acceptance rule (always accept the guess) run through the same engine.
+sometimes right) must fit it by a chi-square test, under both acceptance rules; the same test
+must reject a deliberately wrong rule run through the same engine (always accept the guess; on
+rejection, resample without removing the guess).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fastchat_cllm.core import sampling
 from fastchat_cllm.core.verify import Verdict
 
 SETTINGS = dict(temperature=0.7, top_p=0.5, top_k=3, repetition_penalty=1.2)
-NEW_TOKENS, SAMPLES = 4, 1000
+NEW_TOKENS, SAMPLES = 4, 3000
 PROMPT = [3, 7, 4, 9, 3, 7, 4]
 
 
@@ -67,14 +68,14 @@ def chi_square_p(counts: dict[tuple, int], law: dict[tuple, float], total: int) 
     return float(torch.special.gammaincc(df, torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
-def jacobi_samples(model) -> tuple[dict[tuple, int], int, int]:
+def jacobi_samples(model, acceptance: str) -> tuple[dict[tuple, int], int, int]:
     """Outcome counts of SAMPLES seeded runs; also guesses accepted and rejected in all."""
     counts: dict[tuple, int] = {}
     accepted = rejected = 0
     for seed in range(SAMPLES):
         tokens = []
         for step in jacobi_stream(model, PROMPT, max_new_tokens=NEW_TOKENS, block_size=4,
-                                  adaptive=False, seed=seed, **SETTINGS):
+                                  adaptive=False, seed=seed, acceptance=acceptance, **SETTINGS):
             tokens += step.tokens
             if step.window:
                 accepted += step.accepted - 1
@@ -88,6 +89,10 @@ def always_accept(window: list[int], scores: torch.Tensor, noise: torch.Tensor) 
     predictions = (scores + noise).argmax(-1).tolist()
     return Verdict(len(window), predictions[-1], predictions)
 
+
+def keep_the_guess(probs: torch.Tensor, guess: int, generator: torch.Generator) -> int:
+    """A wrong resample for the speculative rule: the rejected guess may be drawn again."""
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,19 +121,22 @@ def law(model):
     return law
 
 
-def test_jacobi_sampling_fits_ar_distribution(model, law):
-    counts, accepted, rejected = jacobi_samples(model)
+@pytest.mark.parametrize("acceptance", ["gumbel", "speculative"])
+def test_jacobi_sampling_fits_ar_distribution(model, law, acceptance):
+    counts, accepted, rejected = jacobi_samples(model, acceptance)
     p_value = chi_square_p(counts, law, SAMPLES)
-    print(f"\nchi-square p-value (Jacobi rule) = {p_value:.4f}; outcomes {len(law)}, "
+    print(f"\nchi-square p-value ({acceptance} rule) = {p_value:.4f}; outcomes {len(law)}, "
           f"guesses accepted {accepted}, forwards with a rejection {rejected}")
-    assert accepted > SAMPLES // 10 and rejected > SAMPLES // 2   # the rule was exercised
+    assert accepted > SAMPLES // 20 and rejected > SAMPLES // 2   # the rule was exercised
     assert p_value > 1e-3
 
 
-def test_wrong_rule_fails_the_same_check(model, law, monkeypatch):
-    monkeypatch.setattr(sampling, "verify_sampled", always_accept)
-    counts, _, _ = jacobi_samples(model)
+@pytest.mark.parametrize("acceptance, target, wrong", [
+    ("gumbel", "verify_sampled", always_accept),
+    ("speculative", "resample_without", keep_the_guess)])
+def test_wrong_rule_fails_the_same_check(model, law, monkeypatch, acceptance, target, wrong):
+    monkeypatch.setattr(sampling, target, wrong)
+    counts, _, _ = jacobi_samples(model, acceptance)
     p_value = chi_square_p(counts, law, SAMPLES)
-    print(f"\nchi-square p-value (always accept) = {p_value:.3g}")
+    print(f"\nchi-square p-value ({acceptance}, {wrong.__name__}) = {p_value:.3g}")
     assert p_value < 1e-6
-

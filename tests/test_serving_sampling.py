@@ -15,12 +15,13 @@ def prompt(tokenizer) -> str:
     return tokenizer.decode(chat_ids(tokenizer, QUESTION))
 
 
-def run(smollm2, **params):
+def run(smollm2, jacobi=None, **params):
     from fastchat_cllm.serving.stream import generate_stream
 
     model, tokenizer = smollm2
     params = {"prompt": prompt(tokenizer), "echo": False, "max_new_tokens": 24, **params}
-    return list(generate_stream(model, tokenizer, params, context_len=8192, stream_interval=3))
+    return list(generate_stream(model, tokenizer, params, context_len=8192, stream_interval=3,
+                                jacobi=jacobi))
 
 
 def direct(smollm2, **options):
@@ -42,6 +43,22 @@ def test_sampled_request_runs_the_jacobi_engine_reproducibly(smollm2):
     assert first["text"] == tokenizer.decode(out.tokens, skip_special_tokens=True)
     others = {run(smollm2, temperature=0.9, max_new_tokens=8)[-1]["text"] for _ in range(3)}
     assert len(others) >= 2          # no seed given: a fresh one per request
+
+
+def test_worker_flag_picks_the_speculative_rule(smollm2):
+    from fastchat_cllm.serving.options import jacobi_config
+    from fastchat_cllm.serving.worker import build_parser
+
+    parser = build_parser()
+    assert jacobi_config(parser, parser.parse_args([])).acceptance == "gumbel"
+    config = jacobi_config(parser, parser.parse_args(
+        ["--acceptance", "speculative", "--no-adaptive", "--block-size", "6"]))
+    assert config.acceptance == "speculative"
+    params = dict(temperature=0.9, seed=4)
+    first, again = (run(smollm2, jacobi=config, **params)[-1] for _ in range(2))
+    assert first["text"] == again["text"] and first["usage"]["jacobi_forwards"] >= 1
+    coupled = run(smollm2, jacobi=config.with_(acceptance="gumbel"), **params)[-1]
+    assert coupled["text"] != first["text"]          # other randomness, another sample
 
 
 def test_logprobs_chunks_follow_fastchat_format(smollm2):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from .ngram_pool import NGramPool
 
 FILLS = ("lookup", "random")
+ACCEPTANCES = ("gumbel", "speculative")
 GREEDY_TEMPERATURE = 1e-5   # below this, decoding is greedy (FastChat's threshold)
 
 
@@ -28,6 +29,9 @@ class JacobiConfig:
     temperature, top_p, top_k, repetition_penalty: FastChat's sampling settings; temperature
         below 1e-5 is greedy (exact greedy output; with a repetition penalty, the argmax of the
         penalised logits); top_k 0 and top_p 1 are off; repetition_penalty 1 is off.
+    acceptance: the sampling acceptance rule (sampling.py): "gumbel" fixes the noise of each
+        output position (the seed's text at any window size, carried samples kept), or
+        "speculative", the textbook rule with fresh randomness per forward.
     logprobs: None (off) or how many most likely alternatives to report with each final
         token's logprob (0: the token's own logprob only).
     prompt_logprobs: also report the logprobs of the prompt's tokens (after the first), from the
@@ -49,6 +53,7 @@ class JacobiConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    acceptance: str = "gumbel"
     logprobs: int | None = None
     prompt_logprobs: bool = False
     ngram_pool: int = 0
@@ -78,6 +83,8 @@ class JacobiConfig:
         _check_float("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
         _check_int("top_k", self.top_k, 0)
         _check_float("repetition_penalty", self.repetition_penalty, lambda r: r > 0, "> 0")
+        if self.acceptance not in ACCEPTANCES:
+            raise ValueError(f"acceptance must be one of {ACCEPTANCES}, got {self.acceptance!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs and self.logprobs is None:

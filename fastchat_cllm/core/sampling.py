@@ -14,6 +14,13 @@ Because G_t belongs to the output position (not to the forward), carried guesses
 of the previous forward with the same noise, so the loop is an ordinary Jacobi iteration of a
 fixed map, and the output is the autoregressive sample for this seed whatever the block sizes,
 the fill or the timing-driven adaptive window: seeded runs are reproducible.
+
+`acceptance="speculative"` is the textbook form with fresh randomness in every forward: guess
+i is accepted when u_i < p_{i-1}(guess) for a new uniform u_i; the first rejected position's
+token is drawn from p_{i-1} with the guess removed; later positions get fresh samples as their
+next guesses. Exact in distribution as well, but the text for a seed then depends on the window
+sizes (which the adaptive controller picks from timings), and a carried guess is accepted only
+with probability p(guess), where the coupled noise accepts it whenever the sample is unchanged.
 """
 from __future__ import annotations
 
@@ -99,6 +106,35 @@ def verify_sampled(window: list[int], scores: torch.Tensor, noise: torch.Tensor)
     return verify_greedy(window, scores + noise)
 
 
+def resample_without(probs: torch.Tensor, guess: int, generator: torch.Generator) -> int:
+    """A draw from probs [V] with `guess` removed and the rest renormalised."""
+    residual = probs.clone()
+    residual[guess] = 0
+    return int(torch.multinomial(residual, 1, generator=generator))
+
+
+def verify_speculative(window: list[int], scores: torch.Tensor,
+                       generator: torch.Generator) -> Verdict:
+    """The speculative-sampling rule with fresh randomness (see the module doc).
+
+    window: [L]; scores: processed logits [L, V]. Accepted positions predict their guess; the
+    first rejected one its resample; the rest (and the last, when all are accepted) a sample.
+    """
+    probs = scores.double().softmax(-1)                                        # [L, V]
+    size = len(window)
+    predictions = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
+    guesses = torch.tensor(window[1:], device=probs.device)                    # [L - 1]
+    chance = probs[:-1].gather(1, guesses[:, None])[:, 0]                      # p_{i-1}(g_i)
+    uniform = torch.rand(size - 1, generator=generator, dtype=torch.float64,
+                         device=probs.device)
+    taken = (uniform < chance).tolist()
+    k = 1 + (taken.index(False) if False in taken else size - 1)
+    predictions[: k - 1] = window[1:k]
+    if k < size:
+        predictions[k - 1] = resample_without(probs[k - 1], window[k], generator)
+    return Verdict(k, predictions[k - 1], predictions)
+
+
 class SampledRule:
     """The acceptance rule of one call with processing: the final text's tokens and the noise
     of output positions not yet final. Row i of a verified window predicts output position
@@ -126,6 +162,8 @@ class SampledRule:
         scores = process_logits(logits, self.presence(window, logits), self.config)
         if not self.config.sampling:
             return verify_greedy(window, scores)
+        if self.config.acceptance == "speculative":
+            return verify_speculative(window, scores, self.generator)
         while len(self.noise) < size:
             self.noise.append(gumbel(self.generator, vocab, logits.device))
         return verify_sampled(window, scores, torch.stack(self.noise[:size]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..core import JacobiConfig
-from ..core.config import FILLS
+from ..core.config import ACCEPTANCES, FILLS
 
 DEFAULTS = JacobiConfig()
 
@@ -24,6 +24,10 @@ def add_jacobi_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fill", choices=FILLS, default=DEFAULTS.fill,
                        help="initial guesses: continue the context's bigrams, or random tokens "
                             "from the context (the reference)")
+    group.add_argument("--acceptance", choices=ACCEPTANCES, default=DEFAULTS.acceptance,
+                       help="sampled requests: Gumbel noise fixed per output position (a seed "
+                            "gives the same text at any window), or the textbook speculative "
+                            "rule with fresh randomness per forward")
     group.add_argument("--block-cost", type=float, default=None,
                        help="prior cost of one more block position relative to a 1-token forward")
     group.add_argument("--ngram-pool", type=int, default=DEFAULTS.ngram_pool, metavar="KEYS",
@@ -39,6 +43,7 @@ def jacobi_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return JacobiConfig(block_size=args.block_size, min_block_size=args.min_block_size,
                             adaptive=not args.no_adaptive, fixed_blocks=args.fixed_blocks,
                             fill=args.fill, block_cost=args.block_cost,
+                            acceptance=args.acceptance,
                             ngram_pool=args.ngram_pool, ngram_size=args.ngram_size)
     except ValueError as e:
         parser.error(f"bad Jacobi option: {e}")
