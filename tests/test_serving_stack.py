@@ -220,6 +220,20 @@ def test_streamed_chat_logprobs_arrive_with_their_text(client, greedy_chat):
     assert "".join(c.delta.content or "" for c in chunks) == greedy_chat[2]
 
 
+def test_stream_options_include_usage(client, greedy_chat):
+    ids, out, _ = greedy_chat
+    chunks = list(chat(client, stream=True, n=2, stream_options={"include_usage": True}))
+    assert [c.usage is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == 2 * len(out)
+    assert usage.prompt_tokens == 2 * len(ids) and usage.model_extra["jacobi_forwards"] >= 2
+    completion = list(client.completions.create(model=MODEL, prompt="One, two,", max_tokens=3,
+                                                temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert completion[-1].usage.completion_tokens == 3
+    assert all(c.usage is None for c in chat(client, stream=True, max_tokens=4))
+
+
 def test_seed_makes_sampled_choices_reproducible(client):
     import openai
 

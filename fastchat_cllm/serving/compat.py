@@ -12,8 +12,9 @@ here reaches the re-executed copy).
    validation errors carry a source-file dump: all 400s naming the parameter here.
 6. A worker that died (the controller still lists it) makes the API server answer a bare 500;
    answer 503 with code 50005 naming the unreachable worker instead.
-7. Chat `logprobs`/`top_logprobs` and `seed` are not in the request models and never reach the
-   worker: the models take them here, and openai_routes.py serves the two endpoints that use them.
+7. Chat `logprobs`/`top_logprobs`, `seed` and `stream_options` are not in the request models
+   and never reach the worker: the models take them here, and openai_routes.py serves the two
+   endpoints that use them.
 (gradio >= 6 breaks the web UI: setup.cfg pins gradio < 6.)
 """
 from __future__ import annotations
@@ -139,7 +140,7 @@ def check_requests() -> None:
     empty messages, unknown roles, empty stop strings; validation errors read 'param: problem'
     (all 400s)."""
     from fastapi.exceptions import RequestValidationError
-    from pydantic import Field, field_validator, model_validator
+    from pydantic import BaseModel, Field, field_validator, model_validator
 
     from fastchat.protocol import openai_api_protocol as protocol
 
@@ -147,12 +148,16 @@ def check_requests() -> None:
         return
     RequestValidationError.__str__ = _validation_message
 
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
+
     class ChatCompletionRequest(protocol.ChatCompletionRequest):
         checked: ClassVar[bool] = True
         n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
         logprobs: Optional[bool] = False
         top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+        stream_options: Optional[StreamOptions] = None
 
         @model_validator(mode="after")
         def top_logprobs_needs_logprobs(self):
@@ -174,6 +179,7 @@ def check_requests() -> None:
         n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
         logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+        stream_options: Optional[StreamOptions] = None
 
         @field_validator("stop")
         @classmethod

@@ -10,7 +10,9 @@ checks) and add:
   the entries of its own tokens;
 - `seed`: choice i of a request samples with seed + i, so the same request gets the same answers;
 - streamed completions: each chunk carries its own tokens' logprobs; choices are numbered across
-  prompts x n, as in the non-streamed answer.
+  prompts x n, as in the non-streamed answer;
+- `stream_options: {"include_usage": true}`: a last chunk carries the usage (with the Jacobi
+  forwards and tokens per forward), as OpenAI's API does.
 Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) usage.
 """
 import asyncio
@@ -138,20 +140,23 @@ class Routes:
                 setattr(total, key, getattr(total, key) + value)
         return total.model_dump()
 
-    def stream(self, model: str, kind: str, choices: list[dict], worker: str,
+    def stream(self, request, kind: str, choices: list[dict], worker: str,
                chunk_choice) -> StreamingResponse:
         """SSE chunks of every choice in turn; chunk_choice(index, content, delta) -> the
-        chunk's choice, or None when the chunk adds nothing."""
+        chunk's choice, or None when the chunk adds nothing. With stream_options.include_usage,
+        a last chunk with no choices carries the usage of all (Jacobi counts included)."""
+        with_usage = bool(request.stream_options and request.stream_options.include_usage)
+        finals: list[dict] = []                 # each choice's last chunk (its usage)
         header = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{shortuuid.random()}",
                   "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                  "created": int(time.time()), "model": model}
+                  "created": int(time.time()), "model": request.model}
 
         async def events() -> AsyncIterator[str]:
             for index, params in enumerate(choices):
                 first = chunk_choice(index, None, None)
                 if first is not None:
                     yield sse(dict(header, choices=[first]))
-                sent = Sent()
+                sent, content = Sent(), None
                 async for content in self.server["generate_completion_stream"](params, worker):
                     if content["error_code"] != 0:
                         yield sse(content)
@@ -161,6 +166,10 @@ class Routes:
                     if choice is not None:
                         sent.advance(content)
                         yield sse(dict(header, choices=[choice]))
+                if content is not None:
+                    finals.append(content)
+            if with_usage:
+                yield sse(dict(header, choices=[], usage=self.usage(finals)))
             yield DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -179,7 +188,7 @@ class Routes:
         params["max_new_tokens"] = max_new_tokens
         choices = per_choice(params, request.n or 1, request.seed)
         if request.stream:
-            return self.stream(request.model, "chat", choices, worker,
+            return self.stream(request, "chat", choices, worker,
                                lambda i, content, delta: chat_chunk(i, content, delta, top))
         contents, error = await self.generate_all(choices, worker)
         if error is not None:
@@ -212,7 +221,7 @@ class Routes:
                 use_beam_search=request.use_beam_search)
             choices += per_choice(params, request.n or 1, request.seed, len(choices))
         if request.stream:
-            return self.stream(request.model, "completion", choices, worker, completion_chunk)
+            return self.stream(request, "completion", choices, worker, completion_chunk)
         contents, error = await self.generate_all(choices, worker)
         if error is not None:
             return error
