@@ -62,7 +62,9 @@ def test_prompt_logprobs_equal_a_plain_forward(prompt):
     out = jacobi_generate(model, prompt, max_new_tokens=9, logprobs=2, prompt_logprobs=True,
                           temperature=0.7, seed=2)
     plain = jacobi_generate(model, prompt, max_new_tokens=9, logprobs=2, temperature=0.7, seed=2)
-    assert (out.tokens, out.logprobs) == (plain.tokens, plain.logprobs)
+    assert out.tokens == plain.tokens
+    assert [lp.logprob for lp in out.logprobs] == pytest.approx(
+        [lp.logprob for lp in plain.logprobs], abs=1e-5)
     assert plain.prompt_logprobs is None
     expected = forward_logprobs(model, prompt[:1], prompt[1:] + out.tokens)[: len(prompt) - 1]
     assert [lp.token for lp in out.prompt_logprobs] == prompt[1:]

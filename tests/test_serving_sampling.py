@@ -66,8 +66,11 @@ def test_logprobs_chunks_follow_fastchat_format(smollm2):
     params = dict(temperature=0.7, top_p=0.9, seed=5)
     chunks = run(smollm2, logprobs=2, **params)
     last = chunks[-1]["logprobs"]
-    assert set(last) == {"text_offset", "tokens", "token_logprobs", "top_logprobs"}
+    assert set(last) == {"text_offset", "tokens", "token_logprobs", "top_logprobs", "detail"}
     assert "".join(last["tokens"]) == chunks[-1]["text"]
+    assert b"".join(bytes(d["bytes"]) for d in last["detail"]) == chunks[-1]["text"].encode()
+    assert all([alt[0] for alt in d["top"]] == list(top) for d, top in
+               zip(last["detail"], last["top_logprobs"]))
     assert last["text_offset"] == [len("".join(last["tokens"][:i]))
                                    for i in range(len(last["tokens"]))]
     for chunk in chunks[:-1]:                          # cumulative, like the text
@@ -81,6 +84,23 @@ def test_logprobs_chunks_follow_fastchat_format(smollm2):
     for top, row in zip(last["top_logprobs"], forward_logprobs(model, ids, shown)):
         assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(2).values.tolist(),
                                                                    abs=2e-3)
+
+
+def test_tokens_holding_part_of_a_character_keep_their_bytes(smollm2):
+    """'🎉' is three byte-level tokens that each decode to U+FFFD alone."""
+    from fastchat_cllm.core.logprobs import TokenLogprob
+    from fastchat_cllm.serving.logprobs import AnswerLogprobs
+
+    _, tokenizer = smollm2
+    ids = tokenizer(" 🎉 日本").input_ids
+    answer = AnswerLogprobs(tokenizer, [tokenizer.eos_token_id])
+    answer.add([TokenLogprob(t, -1.0, tuple((alt, -2.0) for alt in ids[:3])) for t in ids])
+    chunk = answer.chunk(ids)
+    assert "\ufffd" in "".join(chunk["tokens"])
+    assert b"".join(bytes(d["bytes"]) for d in chunk["detail"]) == " 🎉 日本".encode()
+    top = chunk["detail"][0]["top"]
+    assert [bytes(b) for _, _, b in top] == [bytes(d["bytes"]) for d in chunk["detail"][:3]]
+    assert len(chunk["top_logprobs"][0]) < 3          # the text-keyed map merges them
 
 
 def test_logprobs_without_alternatives_and_off(smollm2):

@@ -5,12 +5,52 @@ when the prompt is echoed (its first token has no logprob: null, as OpenAI repor
 answer's. Values are the model's raw log-probabilities (see fastchat_cllm/core/logprobs.py), as
 FastChat reports them; `top_logprobs` maps each of the request's `logprobs` most likely tokens'
 text to its value (where two tokens read alike, the likelier one's value).
+
+One more key, "detail", is lossless for OpenAI's chat format: per token {"bytes": the token's
+own bytes, "top": [[text, logprob, bytes], ...] best first}. A token holding part of a
+character decodes to U+FFFD alone; its bytes are read from the tokenizer's vocabulary instead
+(byte-level BPE, or SentencePiece's <0xNN> byte pieces). Stock FastChat ignores the key.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
+from tokenizers import decoders
+
 from ..core.logprobs import TokenLogprob
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte (GPT-2's table), inverted: char -> byte.
+
+    Printable bytes stand for themselves; the other 68 map, in byte order, to chr(256 + i)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+def byte_reader(tokenizer):
+    """token id -> its bytes, or None where the vocabulary does not say (then: its text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    alphabet = byte_level_alphabet() if isinstance(getattr(backend, "decoder", None),
+                                                   decoders.ByteLevel) else None
+
+    def read(token: int) -> bytes | None:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        if not isinstance(piece, str):
+            return None
+        if alphabet is not None and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        match = BYTE_PIECE.fullmatch(piece)
+        return bytes([int(match[1], 16)]) if match else None
+
+    return read
 
 
 class AnswerLogprobs:
@@ -18,13 +58,19 @@ class AnswerLogprobs:
 
     def __init__(self, tokenizer, stop_ids: Sequence[int]):
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.read_bytes = byte_reader(tokenizer)
         self.texts: list[str] = []
         self.values: list[float | None] = []
         self.tops: list[dict[str, float] | None] = []
+        self.details: list[dict] = []
         self.prompt_count = 0
 
     def _text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _bytes(self, token: int) -> list[int]:
+        raw = self.read_bytes(token)
+        return list(raw if raw is not None else self._text(token).encode("utf-8"))
 
     def _top(self, entry: TokenLogprob) -> dict[str, float]:
         top: dict[str, float] = {}
@@ -37,6 +83,7 @@ class AnswerLogprobs:
         self.texts.append(self._text(first_token))
         self.values.append(None)
         self.tops.append(None)
+        self.details.append({"bytes": self._bytes(first_token), "top": None})
         self.add(entries)
         self.prompt_count = len(self.texts)
 
@@ -45,6 +92,9 @@ class AnswerLogprobs:
             self.texts.append(self._text(entry.token))
             self.values.append(entry.logprob)
             self.tops.append(self._top(entry))
+            self.details.append({"bytes": self._bytes(entry.token),
+                                 "top": [[self._text(tok), value, self._bytes(tok)]
+                                         for tok, value in entry.top]})
 
     def chunk(self, answer_tokens: Sequence[int]) -> dict:
         """The field for an answer of `answer_tokens` (a trailing stop token is not shown)."""
@@ -57,4 +107,5 @@ class AnswerLogprobs:
             offsets.append(at)
             at += len(text)
         return {"text_offset": offsets, "tokens": self.texts[:count],
-                "token_logprobs": self.values[:count], "top_logprobs": self.tops[:count]}
+                "token_logprobs": self.values[:count], "top_logprobs": self.tops[:count],
+                "detail": self.details[:count]}

@@ -58,25 +58,35 @@ def per_choice(params: dict, n: int, seed: Optional[int], first: int = 0) -> lis
 
 
 def chat_logprobs(logprobs: Optional[dict], start: int = 0) -> list[dict]:
-    """OpenAI chat `logprobs.content` entries for the worker's tokens from `start` on."""
+    """OpenAI chat `logprobs.content` entries for the worker's tokens from `start` on (bytes
+    from the worker's "detail" when it sends them, else the text's UTF-8)."""
     if not logprobs:
         return []
 
-    def entry(token: str, value: float) -> dict:
-        return {"token": token, "logprob": value, "bytes": list(token.encode("utf-8"))}
+    def entry(token: str, value: float, raw: Optional[list[int]]) -> dict:
+        return {"token": token, "logprob": value,
+                "bytes": raw if raw is not None else list(token.encode("utf-8"))}
 
+    details = logprobs.get("detail") or [None] * len(logprobs["tokens"])
     rows = zip(logprobs["tokens"][start:], logprobs["token_logprobs"][start:],
-               logprobs["top_logprobs"][start:])
-    return [dict(entry(token, value),
-                 top_logprobs=[entry(alt, alt_value) for alt, alt_value in (top or {}).items()])
-            for token, value, top in rows]
+               logprobs["top_logprobs"][start:], details[start:])
+    out = []
+    for token, value, top, detail in rows:
+        if detail is not None:
+            alternatives = [entry(*alt) for alt in detail["top"] or ()]
+        else:
+            alternatives = [entry(alt, v, None) for alt, v in (top or {}).items()]
+        out.append(dict(entry(token, value, detail and detail["bytes"]),
+                        top_logprobs=alternatives))
+    return out
 
 
-def completion_logprobs(logprobs: Optional[dict], start: int) -> Optional[dict]:
-    """The worker's completions-format logprobs of the tokens from `start` on."""
+def completion_logprobs(logprobs: Optional[dict], start: int = 0) -> Optional[dict]:
+    """OpenAI completions `logprobs` of the worker's tokens from `start` on."""
     if logprobs is None:
         return None
-    return {key: values[start:] for key, values in logprobs.items()}
+    return {key: logprobs[key][start:]
+            for key in ("text_offset", "tokens", "token_logprobs", "top_logprobs")}
 
 
 def sse(data: dict) -> str:
@@ -227,7 +237,8 @@ class Routes:
             return error
         return {"id": f"cmpl-{shortuuid.random()}", "object": "text_completion",
                 "created": int(time.time()), "model": request.model,
-                "choices": [{"index": i, "text": c["text"], "logprobs": c.get("logprobs"),
+                "choices": [{"index": i, "text": c["text"],
+                             "logprobs": completion_logprobs(c.get("logprobs")),
                              "finish_reason": c.get("finish_reason", "stop")}
                             for i, c in enumerate(contents)],
                 "usage": self.usage(contents)}
