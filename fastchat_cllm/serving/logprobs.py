@@ -13,6 +13,7 @@ character decodes to U+FFFD alone; its bytes are read from the tokenizer's vocab
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from ..core.logprobs import TokenLogprob
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+@functools.lru_cache(maxsize=None)
 def byte_level_alphabet() -> dict[str, int]:
     """Byte-level BPE's character for each byte (GPT-2's table), inverted: char -> byte.
 
@@ -54,47 +56,51 @@ def byte_reader(tokenizer):
 
 
 class AnswerLogprobs:
-    """The logprobs of the (echoed prompt and) answer tokens, each token's text decoded once."""
+    """The logprobs of the (echoed prompt and) answer tokens, each token decoded once."""
 
     def __init__(self, tokenizer, stop_ids: Sequence[int]):
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
         self.read_bytes = byte_reader(tokenizer)
         self.texts: list[str] = []
+        self.offsets: list[int] = []                  # where each text starts
         self.values: list[float | None] = []
         self.tops: list[dict[str, float] | None] = []
         self.details: list[dict] = []
         self.prompt_count = 0
 
-    def _text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _bytes(self, token: int) -> list[int]:
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        """A token's text and its bytes."""
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
         raw = self.read_bytes(token)
-        return list(raw if raw is not None else self._text(token).encode("utf-8"))
+        return text, list(raw if raw is not None else text.encode("utf-8"))
 
-    def _top(self, entry: TokenLogprob) -> dict[str, float]:
-        top: dict[str, float] = {}
-        for token, value in entry.top:                # best first: keep a text's first value
-            top.setdefault(self._text(token), value)
-        return top
+    def _append(self, token: int, value: float | None,
+                top: tuple[tuple[int, float], ...] | None) -> None:
+        text, raw = self._piece(token)
+        self.offsets.append(self.offsets[-1] + len(self.texts[-1]) if self.texts else 0)
+        self.texts.append(text)
+        self.values.append(value)
+        if top is None:
+            self.details.append({"bytes": raw, "top": None})
+            self.tops.append(None)
+            return
+        alternatives, texts = [], {}
+        for alt, alt_value in top:                    # best first: keep a text's first value
+            alt_text, alt_raw = self._piece(alt)
+            alternatives.append([alt_text, alt_value, alt_raw])
+            texts.setdefault(alt_text, alt_value)
+        self.details.append({"bytes": raw, "top": alternatives})
+        self.tops.append(texts)
 
     def add_prompt(self, first_token: int, entries: list[TokenLogprob]) -> None:
         """The echoed prompt: its first token (no logprob) and the logprobs of the rest."""
-        self.texts.append(self._text(first_token))
-        self.values.append(None)
-        self.tops.append(None)
-        self.details.append({"bytes": self._bytes(first_token), "top": None})
+        self._append(first_token, None, None)
         self.add(entries)
         self.prompt_count = len(self.texts)
 
     def add(self, entries: list[TokenLogprob]) -> None:
         for entry in entries:
-            self.texts.append(self._text(entry.token))
-            self.values.append(entry.logprob)
-            self.tops.append(self._top(entry))
-            self.details.append({"bytes": self._bytes(entry.token),
-                                 "top": [[self._text(tok), value, self._bytes(tok)]
-                                         for tok, value in entry.top]})
+            self._append(entry.token, entry.logprob, entry.top)
 
     def chunk(self, answer_tokens: Sequence[int]) -> dict:
         """The field for an answer of `answer_tokens` (a trailing stop token is not shown)."""
@@ -102,10 +108,6 @@ class AnswerLogprobs:
         if count and answer_tokens[-1] in self.stop_ids:
             count -= 1
         count += self.prompt_count
-        offsets, at = [], 0
-        for text in self.texts[:count]:
-            offsets.append(at)
-            at += len(text)
-        return {"text_offset": offsets, "tokens": self.texts[:count],
+        return {"text_offset": self.offsets[:count], "tokens": self.texts[:count],
                 "token_logprobs": self.values[:count], "top_logprobs": self.tops[:count],
                 "detail": self.details[:count]}

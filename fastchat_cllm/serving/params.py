@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from fastchat.constants import ErrorCode
 
-GREEDY_TEMPERATURE, GREEDY_TOP_P = 1e-5, 1e-8   # FastChat's rule: below either, decode greedily
+from ..core.config import GREEDY_TEMPERATURE
+
+GREEDY_TOP_P = 1e-8            # FastChat's rule: below it (or GREEDY_TEMPERATURE), decode greedily
 MAX_STOPS = 16                                  # request's stop strings plus the template's
 
 

@@ -7,24 +7,11 @@ each with a fresh seed unless the request names one.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from ..core import JacobiConfig, JacobiStats, jacobi_stream
-from ..core.logprobs import TokenLogprob
+from ..core import JacobiConfig, jacobi_stream
+from ..core.jacobi import Step
 from .params import GenerationRequest
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Tokens that became final together."""
-
-    tokens: list[int]
-    finish_reason: str | None                # "stop" (a stop token), "length" or None
-    stats: JacobiStats                       # the Jacobi call's live statistics
-    logprobs: list[TokenLogprob] | None      # one per token, when the request asks for them
-    prompt_logprobs: list[TokenLogprob] | None = None   # first batch, echo with logprobs: the
-                                             # prompt's tokens after the first
 
 
 def engine_config(request: GenerationRequest, base: JacobiConfig,
@@ -43,9 +30,7 @@ def engine_config(request: GenerationRequest, base: JacobiConfig,
 
 
 def token_batches(model, prompt_ids: Sequence[int], request: GenerationRequest,
-                  base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Batch]:
-    """Decode `prompt_ids` as `request` asks: FastChat's parameters meet the engine here only."""
-    config = engine_config(request, base, stop_ids)
-    for step in jacobi_stream(model, list(prompt_ids), config):
-        yield Batch(step.tokens, step.finish_reason, step.stats, step.logprobs,
-                    step.prompt_logprobs)
+                  base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Step]:
+    """Decode `prompt_ids` as `request` asks: FastChat's parameters meet the engine here only.
+    Each Step holds the tokens that became final together (and their logprobs when asked)."""
+    return jacobi_stream(model, list(prompt_ids), engine_config(request, base, stop_ids))
