@@ -147,7 +147,7 @@ def test_api_usage_keeps_jacobi_counts_and_streaming_json_works():
     usage = json.loads(protocol.ChatCompletionResponse(model="m", choices=[],
                                                        usage=total).model_dump_json())["usage"]
     assert usage["jacobi_forwards"] == 6 and usage["jacobi_tokens_per_forward"] == round(8 / 6, 4)
-    plain = protocol.CompletionResponse(model="m", choices=[], usage=protocol.UsageInfo())
+    plain = protocol.ChatCompletionResponse(model="m", choices=[], usage=protocol.UsageInfo())
     assert not any(k.startswith("jacobi") for k in plain.model_dump()["usage"])
     chunk = protocol.ChatCompletionStreamResponse(id="x", model="m", choices=[
         protocol.ChatCompletionResponseStreamChoice(index=0, delta=protocol.DeltaMessage(

@@ -66,8 +66,7 @@ def _json(self, *, ensure_ascii: bool = False, **kwargs) -> str:
 def fix_streaming_json() -> None:
     from fastchat.protocol import openai_api_protocol as protocol
 
-    for cls in (protocol.ChatCompletionStreamResponse, protocol.CompletionStreamResponse):
-        cls.json = _json
+    protocol.ChatCompletionStreamResponse.json = _json    # (completions: openai_routes.py)
 
 
 def keep_jacobi_usage() -> None:
@@ -99,12 +98,8 @@ def keep_jacobi_usage() -> None:
     class ChatCompletionResponse(protocol.ChatCompletionResponse):
         usage: UsageInfo
 
-    class CompletionResponse(protocol.CompletionResponse):
-        usage: UsageInfo
-
     protocol.UsageInfo = UsageInfo
-    protocol.ChatCompletionResponse = ChatCompletionResponse
-    protocol.CompletionResponse = CompletionResponse
+    protocol.ChatCompletionResponse = ChatCompletionResponse    # the stock /api/v1 chat route
 
 
 def _check_messages(messages):
@@ -199,15 +194,16 @@ async def _worker_unreachable(request, exc):
                          "code": ErrorCode.CONTROLLER_NO_WORKER}, status_code=503)
 
 
-def fix_app_when_served(fix: Callable) -> None:
-    """Call fix(app) on the app the stock module hands to uvicorn.run (it builds its app while
-    runpy executes it, so this is the first moment the app exists)."""
+def fix_app_when_served(*fixes: Callable) -> None:
+    """Call fix(app) for each fix on the app the stock module hands to uvicorn.run (it builds its
+    app while runpy executes it, so this is the first moment the app exists)."""
     import uvicorn
 
     run = uvicorn.run
 
     def run_fixed(app, *args, **kwargs):
-        fix(app)
+        for fix in fixes:
+            fix(app)
         return run(app, *args, **kwargs)
 
     uvicorn.run = run_fixed

@@ -31,8 +31,7 @@ def api_server() -> None:
     compat.fix_streaming_json()
     compat.keep_jacobi_usage()
     compat.check_requests()
-    compat.fix_app_when_served(compat.answer_unreachable_worker)
-    compat.fix_app_when_served(openai_routes.install)
+    compat.fix_app_when_served(compat.answer_unreachable_worker, openai_routes.install)
     run_stock("fastchat.serve.openai_api_server",
               {"--host": "127.0.0.1", "--controller-address": CONTROLLER})
 

@@ -35,7 +35,7 @@ def install(app) -> None:
     from fastchat.protocol import openai_api_protocol as protocol
 
     stock = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == CHAT)
-    routes = Routes(stock.endpoint.__globals__, protocol.UsageInfo)
+    routes = Routes(stock.endpoint.__globals__)
 
     async def chat(request: protocol.ChatCompletionRequest):
         return await routes.chat(request)
@@ -114,8 +114,8 @@ class Sent:
 
 
 class Routes:
-    def __init__(self, server: dict, usage_model):
-        self.server, self.usage_model = server, usage_model
+    def __init__(self, server: dict):
+        self.server = server          # the stock module's globals: FastChat's helpers
 
     def error(self, code: int, message: str) -> JSONResponse:
         return self.server["create_error_response"](code, message)
@@ -144,9 +144,10 @@ class Routes:
 
     def usage(self, contents: list[dict]) -> dict:
         """FastChat's usage summed over the choices (Jacobi counts included)."""
-        total = self.usage_model()
+        usage_model = self.server["UsageInfo"]      # compat.keep_jacobi_usage's
+        total = usage_model()
         for content in contents:
-            for key, value in self.usage_model.model_validate(content["usage"]):
+            for key, value in usage_model.model_validate(content["usage"]):
                 setattr(total, key, getattr(total, key) + value)
         return total.model_dump()
 
@@ -222,7 +223,7 @@ class Routes:
             room, error = await self.server["check_length"](request, text, max_tokens, worker)
             if error is not None:
                 return error
-            max_tokens = room if max_tokens is None else min(max_tokens, room)
+            max_tokens = room                   # FastChat's min(max_tokens, what fits)
         choices: list[dict] = []
         for text in prompts:
             params = await self.gen_params(
