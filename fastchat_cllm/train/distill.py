@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .trainer import DistillConfig, total_steps, train
+from .trainer import LOSSES, SCHEDULES, DistillConfig, total_steps, train
 from .trajectory import Trajectory
 
 
@@ -77,11 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (checkpoint, log, model)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (0: one epoch)")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
     p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of the steps")
     p.add_argument("--ar-weight", type=float, default=d.ar_weight)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--loss", choices=("global", "local"), default=d.loss)
+    p.add_argument("--loss", choices=LOSSES, default=d.loss)
     p.add_argument("--states-per-block", type=int, default=d.states_per_block)
     p.add_argument("--records-per-step", type=int, default=d.records_per_step)
     p.add_argument("--save-every", type=int, default=d.save_every)

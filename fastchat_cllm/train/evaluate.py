@@ -13,6 +13,7 @@ import torch
 
 from ..core import jacobi_generate
 from .problems import Problem, is_correct
+from .trajectory import REFERENCE_BLOCKS
 
 
 @dataclass
@@ -78,7 +79,7 @@ def evaluate(model, tokenizer, problems: list[Problem], prompt_ids: dict, teache
         adaptive, adaptive_s = _timed(jacobi_generate, model, ids, max_new_tokens=max_new_tokens,
                                       block_size=block_size, eos_token_id=eos)
         fixed = jacobi_generate(model, ids, max_new_tokens=max_new_tokens, block_size=block_size,
-                                eos_token_id=eos, adaptive=False, fixed_blocks=True, fill="random")
+                                eos_token_id=eos, **REFERENCE_BLOCKS)
         result.problems += 1
         result.tokens += len(ar)
         result.ar_seconds += ar_s

@@ -75,8 +75,3 @@ def write_jsonl(problems: list[Problem], path: str | Path) -> None:
     with open(path, "w") as f:
         for problem in problems:
             f.write(json.dumps(asdict(problem)) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[Problem]:
-    with open(path) as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]

@@ -6,6 +6,7 @@ resumed from a checkpoint continues exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -95,12 +96,18 @@ def lr_factor(step: int, steps: int, config: DistillConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, count: int) -> tuple[int, ...]:
+    """The shuffle of `count` trajectories for one epoch."""
+    return tuple(random.Random(f"{seed}:epoch{epoch}").sample(range(count), count))
+
+
 def record_order(count: int, step: int, config: DistillConfig) -> list[int]:
     """Indices of the trajectories step `step` uses (a fresh shuffle every epoch)."""
     out = []
     for slot in range(step * config.records_per_step, (step + 1) * config.records_per_step):
         epoch, index = divmod(slot, count)
-        out.append(random.Random(f"{config.seed}:epoch{epoch}").sample(range(count), count)[index])
+        out.append(epoch_order(config.seed, epoch, count)[index])
     return out
 
 

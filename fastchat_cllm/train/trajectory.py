@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 from ..core import jacobi_stream
 
+# The reference CLLM's Jacobi blocks: fixed windows iterated to their fixed point from random
+# guesses. Trajectories are collected with them, and evaluation reports their tokens per forward.
+REFERENCE_BLOCKS = dict(adaptive=False, fixed_blocks=True, fill="random")
+
 
 @dataclass(frozen=True)
 class CollectConfig:
@@ -83,7 +87,7 @@ def record_blocks(model, prompt_ids: list[int], config: CollectConfig):
     step = None
     for step in jacobi_stream(model, prompt_ids, max_new_tokens=config.max_new_tokens,
                               block_size=config.block_size, eos_token_id=config.eos_token_id,
-                              adaptive=False, fixed_blocks=True, fill="random", seed=config.seed):
+                              seed=config.seed, **REFERENCE_BLOCKS):
         if step.window and step.block_start:
             # window[0] is the newest final token, already the last of `output`
             blocks.append(Block(len(output) - 1, [], []))
