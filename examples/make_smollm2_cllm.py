@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fastchat_cllm.chat_prompt import chat_prompt_ids
 from fastchat_cllm.loading import load
-from fastchat_cllm.train.collect import prompt_tokens
 from fastchat_cllm.train.evaluate import evaluate
 from fastchat_cllm.train.problems import make_problems, write_jsonl
 
@@ -65,7 +65,8 @@ def run(module: str, *args) -> None:
 def measure(path, problems, teacher, args, label: str) -> tuple[dict, dict]:
     """(summary, greedy outputs by id) of the model at `path` on the held-out problems."""
     model, tokenizer = load(path, dtype=torch.float32, device=device())
-    ids = {p.id: prompt_tokens(tokenizer, {"prompt": p.prompt}, chat=True) for p in problems}
+    ids = {p.id: chat_prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}])
+           for p in problems}
     started = time.monotonic()
     result = evaluate(model, tokenizer, problems, ids, teacher, args.max_new_tokens,
                       args.block_size)

@@ -20,6 +20,7 @@ import time
 import torch
 
 from fastchat_cllm import jacobi_generate
+from fastchat_cllm.chat_prompt import chat_prompt_ids
 from fastchat_cllm.loading import load
 
 PROMPTS = ("What is the capital of France? Answer in one sentence.",
@@ -51,9 +52,7 @@ def read_prompts(path: str | None, limit: int | None) -> list[str]:
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                        add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
 
 
 def measure(model, ids, options: dict) -> tuple[int, int, float]:

@@ -49,9 +49,9 @@ def smollm2():
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                        add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    from fastchat_cllm.chat_prompt import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
 
 
 def pytest_collection_modifyitems(config, items):

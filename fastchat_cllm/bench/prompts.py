@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat_prompt import chat_prompt_ids
+
 CHAT = (
     "What are three good habits for staying healthy while working from home?",
     "Explain the difference between a list and a tuple in Python.",
@@ -89,9 +91,4 @@ def select_prompts(path: str | None, count: int | None) -> list[Prompt]:
 
 def encode(tokenizer, prompt: Prompt) -> list[int]:
     """Prompt token ids through the tokenizer's chat template (plain text when it has none)."""
-    messages = list(prompt.messages)
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    text = "\n".join(m["content"] for m in messages)
-    return tokenizer(text)["input_ids"]
+    return chat_prompt_ids(tokenizer, prompt.messages)

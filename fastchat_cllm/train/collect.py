@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..chat_prompt import chat_prompt_ids
 from .trajectory import CollectConfig, collect_trajectory
 
 
@@ -66,10 +67,8 @@ def done_ids(path: str | Path) -> set[str]:
 def prompt_tokens(tokenizer, record: dict, chat: bool) -> list[int]:
     if "prompt_ids" in record:
         return list(record["prompt_ids"])
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if chat:
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": record["prompt"]}])
     return tokenizer(record["prompt"])["input_ids"]
 
 
