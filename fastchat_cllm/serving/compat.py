@@ -1,12 +1,12 @@
-"""Fixes for fschat 0.2.36 on current libraries, applied to FastChat's own modules before a
-launcher runs a stock front end (runpy re-imports names from these modules, so patching them
-here reaches the re-executed copy).
+"""Fixes for fschat 0.2.36 on current libraries. The request and response models are fixed in
+FastChat's protocol module before the API server's module is imported (`fix_protocol`); the
+launchers then build the stock apps explicitly and add the rest (launch.py).
 
 1. transformers 5: get_context_length raises KeyError 'factor' (rope_scaling is always a dict).
 2. pydantic 2: the API server's streaming `chunk.json(..., ensure_ascii=False)` raises TypeError.
 3. The API server drops the worker's extra usage fields; keep the Jacobi statistics.
-4. The web UI guesses a conversation template from the model name in its own process; ask the
-   worker that serves the model instead, as the API server does.
+4. The web UI guesses a conversation template from the model name in its own process; it asks
+   the worker that serves the model instead, as the API server does (web_ui.py).
 5. The API server runs n choices one worker request each, with no upper bound on n (n is capped
    at MAX_CHOICES); it answers 500 for an unknown role, decodes empty messages, and its
    validation errors carry a source-file dump: all 400s naming the parameter here.
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar, Optional
+
+from .stock import StockMismatch
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,20 @@ def check_requests() -> None:
     protocol.CompletionRequest = CompletionRequest
 
 
+def fix_protocol() -> None:
+    """Fixes 2, 3, 5 and 7 in FastChat's protocol module; they must precede the import of the
+    API server's module, which takes the request and response models by name."""
+    from fastchat.protocol import openai_api_protocol as protocol
+
+    fixed = getattr(protocol.ChatCompletionRequest, "checked", False)
+    if "fastchat.serve.openai_api_server" in sys.modules and not fixed:
+        raise StockMismatch("fastchat.serve.openai_api_server was imported before the protocol "
+                           "fixes: its routes would drop logprobs, seed and the Jacobi usage")
+    fix_streaming_json()
+    keep_jacobi_usage()
+    check_requests()
+
+
 async def _worker_unreachable(request, exc):
     from fastapi.responses import JSONResponse
     from fastchat.constants import ErrorCode
@@ -194,21 +210,6 @@ async def _worker_unreachable(request, exc):
                          "code": ErrorCode.CONTROLLER_NO_WORKER}, status_code=503)
 
 
-def fix_app_when_served(*fixes: Callable) -> None:
-    """Call fix(app) for each fix on the app the stock module hands to uvicorn.run (it builds its
-    app while runpy executes it, so this is the first moment the app exists)."""
-    import uvicorn
-
-    run = uvicorn.run
-
-    def run_fixed(app, *args, **kwargs):
-        for fix in fixes:
-            fix(app)
-        return run(app, *args, **kwargs)
-
-    uvicorn.run = run_fixed
-
-
 def answer_unreachable_worker(app) -> None:
     """Give the API server's app the unreachable-worker handler."""
     import aiohttp
@@ -216,41 +217,3 @@ def answer_unreachable_worker(app) -> None:
 
     for error in (aiohttp.ClientConnectionError, httpx.ConnectError):
         app.add_exception_handler(error, _worker_unreachable)
-
-
-def worker_conversation(controller_url: str, model_name: str):
-    """The conversation template of the worker serving `model_name` (as the API server builds
-    it from /worker_get_conv_template)."""
-    import requests
-    from fastchat.conversation import Conversation, SeparatorStyle
-
-    address = requests.post(controller_url + "/get_worker_address", json={"model": model_name},
-                            timeout=10).json()["address"]
-    if not address:
-        raise LookupError(f"no worker serves {model_name}")
-    conv = requests.post(address + "/worker_get_conv_template", json={"model": model_name},
-                         timeout=10).json()["conv"]
-    return Conversation(name=conv["name"], system_template=conv["system_template"],
-                        system_message=conv["system_message"], roles=tuple(conv["roles"]),
-                        messages=[list(m) for m in conv["messages"]], offset=conv["offset"],
-                        sep_style=SeparatorStyle(conv["sep_style"]), sep=conv["sep"],
-                        sep2=conv["sep2"], stop_str=conv["stop_str"],
-                        stop_token_ids=conv["stop_token_ids"])
-
-
-def web_ui_asks_worker(controller_url: str) -> None:
-    """Make the web UI take each model's template from its worker (FastChat's own guess from
-    the name stays the fallback, e.g. for API-provider models)."""
-    import requests
-    from fastchat.model import model_adapter
-
-    guess = model_adapter.get_conversation_template
-
-    def get_conversation_template(model_name: str):
-        try:
-            return worker_conversation(controller_url, model_name)
-        except (requests.RequestException, LookupError, KeyError, ValueError) as e:
-            log.warning("template of %s from its worker failed (%s); guessing", model_name, e)
-            return guess(model_name)
-
-    model_adapter.get_conversation_template = get_conversation_template
