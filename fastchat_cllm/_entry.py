@@ -5,6 +5,12 @@ import os
 import sys
 
 
+def fail(message: str) -> None:
+    """One line on the real stderr (FastChat's loggers replace sys.stderr), exit code 1."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.__stderr__, flush=True)
+    sys.exit(1)
+
+
 def run(module: str, function: str = "main"):
     try:
         target = getattr(importlib.import_module(module), function)
@@ -12,5 +18,5 @@ def run(module: str, function: str = "main"):
         stock = sys.modules.get("fastchat_cllm.serving.stock")
         if stock is None or not isinstance(e, stock.StockMismatch):
             raise
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        fail(str(e))
     return target()

@@ -11,6 +11,7 @@ import sys
 from functools import partial
 
 from .. import loading
+from .._entry import fail
 from . import compat, openai_routes, stock
 
 CONTROLLER = "http://127.0.0.1:21001"
@@ -29,7 +30,7 @@ def _checked(start):
         try:
             start()
         except stock.StockMismatch as e:
-            sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+            fail(str(e))
     launcher.__doc__ = start.__doc__
     return launcher
 
@@ -85,6 +86,7 @@ def web_server() -> None:
     web.model_worker_stream_iter = web_ui.with_answer_stats(web.model_worker_stream_iter)
     web.get_model_list = web_ui.describing(web.get_model_list)
     models, _ = web.get_model_list(args.controller_url, args.register_api_endpoint_file, False)
+    web.models = models                    # ... and its model list from this one
     auth = web.parse_gradio_auth_creds(args.gradio_auth_path) if args.gradio_auth_path else None
     demo = web.build_demo(models)
     demo.queue(default_concurrency_limit=args.concurrency_count, status_update_rate=10,
