@@ -7,30 +7,24 @@ launchers then build the stock apps explicitly and add the rest (launch.py).
 3. The API server drops the worker's extra usage fields; keep the Jacobi statistics.
 4. The web UI guesses a conversation template from the model name in its own process; it asks
    the worker that serves the model instead, as the API server does (web_ui.py).
-5. The API server runs n choices one worker request each, with no upper bound on n (n is capped
-   at MAX_CHOICES); it answers 500 for an unknown role, decodes empty messages, and its
-   validation errors carry a source-file dump: all 400s naming the parameter here.
+5. The request models lack what current clients send and let bad input through to 500s
+   (api_models.py).
 6. A worker that died (the controller still lists it) makes the API server answer a bare 500;
    answer 503 with code 50005 naming the unreachable worker instead.
-7. Chat `logprobs`/`top_logprobs`, `seed` and `stream_options` are not in the request models
-   and never reach the worker: the models take them here, and openai_routes.py serves the two
-   endpoints that use them.
+7. The chat and completions endpoints drop logprobs, seed, logit_bias and token-id prompts:
+   openai_routes.py serves both.
 (gradio >= 6 breaks the web UI: setup.cfg pins gradio < 6.)
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import ClassVar, Optional
+from typing import ClassVar
 
+from . import api_models
 from .stock import StockMismatch
 
 log = logging.getLogger(__name__)
-
-MAX_CHOICES = 16
-MAX_LOGPROBS = 20               # alternatives per token, as the worker allows
-MAX_SEED = 1 << 62              # choice i samples with seed + i
-ROLES = ("system", "user", "assistant")
 
 # rope types whose max_position_embeddings already is the extended length
 EXTENDED_ROPE = ("default", "llama3", "longrope")
@@ -104,89 +98,6 @@ def keep_jacobi_usage() -> None:
     protocol.ChatCompletionResponse = ChatCompletionResponse    # the stock /api/v1 chat route
 
 
-def _check_messages(messages):
-    """Chat messages FastChat's prompt builder can use: a string, or a non-empty list of
-    {role, content} with a known role (FastChat itself answers 500 for an unknown role)."""
-    if isinstance(messages, str):
-        return messages
-    if not messages:
-        raise ValueError("'messages' must not be empty")
-    for message in messages:
-        if message.get("role") not in ROLES:
-            raise ValueError(f"'messages' role must be one of {', '.join(ROLES)}, got "
-                             f"{message.get('role')!r}")
-    return messages
-
-
-def _check_stop(stop):
-    """FastChat drops an empty stop string silently; refuse it instead."""
-    if stop == "" or (isinstance(stop, list) and not all(stop)):
-        raise ValueError("'stop' strings must not be empty")
-    return stop
-
-
-def _validation_message(self) -> str:
-    """'param: what is wrong' per error, instead of pydantic's dump with the endpoint's file."""
-    def name(loc) -> str:
-        return ".".join(p for p in loc[1:2] if isinstance(p, str)) or "body"
-    return "; ".join(f"{name(e['loc'])}: {e['msg']}" for e in self.errors())
-
-
-def check_requests() -> None:
-    """Refuse in the API server's request models what FastChat lets through: n > MAX_CHOICES,
-    empty messages, unknown roles, empty stop strings; validation errors read 'param: problem'
-    (all 400s)."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import BaseModel, Field, field_validator, model_validator
-
-    from fastchat.protocol import openai_api_protocol as protocol
-
-    if getattr(protocol.ChatCompletionRequest, "checked", False):
-        return
-    RequestValidationError.__str__ = _validation_message
-
-    class StreamOptions(BaseModel):
-        include_usage: bool = False
-
-    class ChatCompletionRequest(protocol.ChatCompletionRequest):
-        checked: ClassVar[bool] = True
-        n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
-        logprobs: Optional[bool] = False
-        top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-        stream_options: Optional[StreamOptions] = None
-
-        @model_validator(mode="after")
-        def top_logprobs_needs_logprobs(self):
-            if self.top_logprobs and not self.logprobs:
-                raise ValueError("'top_logprobs' needs 'logprobs': true")
-            return self
-
-        @field_validator("messages")
-        @classmethod
-        def known_roles(cls, messages):
-            return _check_messages(messages)
-
-        @field_validator("stop")
-        @classmethod
-        def no_empty_stop(cls, stop):
-            return _check_stop(stop)
-
-    class CompletionRequest(protocol.CompletionRequest):
-        n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
-        logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-        stream_options: Optional[StreamOptions] = None
-
-        @field_validator("stop")
-        @classmethod
-        def no_empty_stop(cls, stop):
-            return _check_stop(stop)
-
-    protocol.ChatCompletionRequest = ChatCompletionRequest
-    protocol.CompletionRequest = CompletionRequest
-
-
 def fix_protocol() -> None:
     """Fixes 2, 3, 5 and 7 in FastChat's protocol module; they must precede the import of the
     API server's module, which takes the request and response models by name."""
@@ -198,7 +109,7 @@ def fix_protocol() -> None:
                            "fixes: its routes would drop logprobs, seed and the Jacobi usage")
     fix_streaming_json()
     keep_jacobi_usage()
-    check_requests()
+    api_models.install()
 
 
 async def _worker_unreachable(request, exc):

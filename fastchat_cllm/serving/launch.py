@@ -12,7 +12,7 @@ from functools import partial
 
 from .. import loading
 from .._entry import fail
-from . import compat, openai_routes, stock
+from . import body_limit, compat, openai_routes, stock
 
 CONTROLLER = "http://127.0.0.1:21001"
 
@@ -47,10 +47,16 @@ def api_server() -> None:
 
     compat.fix_protocol()                  # before the stock module takes the models by name
     server = stock.load("fastchat.serve.openai_api_server")
+    ours = argparse.ArgumentParser(add_help=False)
+    ours.add_argument("--max-request-bytes", type=int, default=body_limit.DEFAULT_MAX_BYTES)
+    limits, sys.argv[1:] = ours.parse_known_args()
+    if limits.max_request_bytes < 1:
+        fail(f"--max-request-bytes must be >= 1, got {limits.max_request_bytes}")
     _defaults({"--host": "127.0.0.1", "--controller-address": CONTROLLER})
     args = server.create_openai_api_server()
     openai_routes.install(server.app, server)
     compat.answer_unreachable_worker(server.app)
+    server.app.add_middleware(body_limit.BodyLimit, max_bytes=limits.max_request_bytes)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level="info", **_ssl(args.ssl))
 
 
