@@ -65,4 +65,4 @@ def test_cuda_half_precision_equals_ar_up_to_near_ties(dtype, arch, block_size):
     if first is not None:
         gap = top2_gap(logits[first])
         assert gap < NEAR_TIE_EPS * torch.finfo(dtype).eps, (
-            f"token {first} differs from AR, where AR's top-2 gap is {gap:.3g} of the largest logit")
+            f"token {first} differs from AR, where AR's top-2 gap is {gap:.3g} of its largest logit")

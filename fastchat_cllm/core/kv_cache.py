@@ -1,8 +1,9 @@
 """Every call to the model and to the transformers cache API, in one module.
 
 transformers renames cache arguments between releases (`past_key_values=` became `cache=` in
-5.2x and the old name goes away in 5.40; `DynamicCache.crop` takes a negative count in 5.x):
-when the next release moves again, this is the file to change.
+5.2x and the old name goes away in 5.40; `DynamicCache.crop` takes a negative count in 5.x;
+`StaticCache` crops only from 5.2x, not in 5.17): when the next release moves again, this is the
+file to change.
 """
 from __future__ import annotations
 
