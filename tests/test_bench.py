@@ -69,8 +69,8 @@ def test_prompts_file_accepts_prompt_and_messages(tmp_path):
     prompts = read_prompts(path)
     assert [p.name for p in prompts] == ["prompt-0", "two"]
     assert prompts[1].messages[0]["content"] == "yo"
-    path.write_text('{"answer": 1}\n')
-    with pytest.raises(ValueError):
+    path.write_text('{"prompt": "hi"}\n{"answer": 1}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: needs 'messages' or 'prompt'"):
         read_prompts(path)
 
 

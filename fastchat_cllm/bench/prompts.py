@@ -1,11 +1,11 @@
 """Benchmark prompts: a built-in mix (chat, code, extractive) or a JSONL file, as chat messages."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat_prompt import chat_prompt_ids
+from ..jsonl import numbered_jsonl
 
 CHAT = (
     "What are three good habits for staying healthy while working from home?",
@@ -62,23 +62,25 @@ def builtin_prompts() -> list[Prompt]:
     return [group[i] for i in range(max(map(len, groups))) for group in groups if i < len(group)]
 
 
-def _messages(record: dict) -> tuple:
-    if "messages" in record:
+def _messages(record) -> tuple:
+    if isinstance(record, dict) and "messages" in record:
         return tuple(record["messages"])
     for key in ("prompt", "question", "text"):
-        if isinstance(record.get(key), str):
+        if isinstance(record, dict) and isinstance(record.get(key), str):
             return _user(record[key])
-    raise ValueError(f"a prompt record needs 'messages' or 'prompt': {sorted(record)}")
+    raise ValueError("needs 'messages' or 'prompt'")
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """One JSON object a line: {"prompt": str} or {"messages": [...]}, optional name/category."""
     prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines()):
-        if line.strip():
-            record = json.loads(line)
-            prompts.append(Prompt(str(record.get("name", f"prompt-{n}")),
-                                  str(record.get("category", "custom")), _messages(record)))
+    for number, record in numbered_jsonl(path):
+        try:
+            messages = _messages(record)
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
+        prompts.append(Prompt(str(record.get("name", f"prompt-{number - 1}")),
+                              str(record.get("category", "custom")), messages))
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts
