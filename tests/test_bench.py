@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from conftest import TINY, ar_greedy, tiny_model
-from fastchat_cllm.bench.methods import counting_forwards, decoder
+from fastchat_cllm import jacobi_generate
+from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
+from fastchat_cllm.bench.offline import _record, summarize
 from fastchat_cllm.bench.nocache import nocache_generate
 from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, read_prompts
 
@@ -124,6 +126,17 @@ def test_unknown_methods_are_rejected():
         decoder("assisted")   # no draft model
 
 
+def test_tokens_per_forward_is_the_engines_and_tokens_per_model_call_counts_the_prefill():
+    model = tiny_model("llama")
+    target = Target([1, 5, 9, 5, 9, 5, 9, 30], 40, (), 0)
+    run = timed_run(decoder("jacobi-b4"), model, target)
+    engine = jacobi_generate(model, target.ids, max_new_tokens=40, block_size=4, adaptive=False)
+    assert run.tokens == engine.tokens and run.model_calls == engine.stats.forwards + 1
+    summary = summarize([_record("jacobi-b4", run, run, 0, 0)], ("jacobi-b4",))["jacobi-b4"]
+    assert summary["tokens_per_forward"] == round(engine.stats.tokens_per_forward, 4)
+    assert summary["tokens_per_model_call"] == round(40 / run.model_calls, 4)
+
+
 def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
     target, draft = tiny_dirs
     out, plot = tmp_path / "results.json", tmp_path / "results.png"
@@ -148,9 +161,10 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
         assert name in done.stdout
     ar = data["methods"]["ar"]
     assert ar["tokens_per_forward"] == 1.0 and ar["speedup_vs_ar"] == 1.0
+    assert 0 < ar["tokens_per_model_call"] <= 1.0
     for run in data["runs"]:
         if run["method"].startswith("jacobi"):
             assert run["stationary"] is not None and run["fast_forwarded"] is not None
-            assert run["forwards"] + run["fast_forwarded"] >= run["tokens"]
+            assert run["model_calls"] + run["fast_forwarded"] >= run["tokens"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "imports fastchat: False" in done.stdout
