@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+from .serving import PERCENTILES
+
 
 def cpu_model() -> str:
     try:
@@ -62,12 +64,23 @@ def offline_table(methods: dict[str, dict]) -> str:
 
 
 def serving_table(levels: list[dict]) -> str:
-    header = ["concurrency", "requests (failed)", "TTFT median (s)", "TTFT p90 (s)",
-              "tokens/s per stream", "aggregate tokens/s"]
-    rows = [[l["concurrency"], f"{l['requests']} ({l['failed']})", l["ttft_median_s"],
-             l["ttft_p90_s"], l["stream_tokens_per_second"], l["aggregate_tokens_per_second"]]
-            for l in levels]
+    spread = "/".join(f"p{q}" for q in PERCENTILES)
+    header = ["concurrency", "requests (failed)", f"TTFT {spread} (s)", f"latency {spread} (s)",
+              "tokens/s per stream", "aggregate tokens/s", "requests/s"]
+    rows = [[l["concurrency"], f"{l['requests']} ({l['failed']})", _spread(l, "ttft"),
+             _spread(l, "latency"), l["stream_tokens_per_second"],
+             l["aggregate_tokens_per_second"], l["requests_per_second"]] for l in levels]
     return markdown_table(header, rows)
+
+
+def _spread(level: dict, name: str) -> str:
+    return " / ".join(_cell(level[f"{name}_p{q}_s"]) for q in PERCENTILES)
+
+
+def failures(levels: list[dict], shown: int = 3) -> list[str]:
+    """A line per level with failed requests: how many, and its first distinct errors."""
+    return [f"concurrency {l['concurrency']}: {l['failed']} of {l['requests'] + l['failed']} "
+            f"requests failed: " + "; ".join(l["errors"][:shown]) for l in levels if l["failed"]]
 
 
 def write_json(data: dict, path: str | Path) -> None:
