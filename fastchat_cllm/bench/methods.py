@@ -1,4 +1,4 @@
-"""The decoders a benchmark compares, by name, each timed and its model forwards counted.
+"""The decoders a benchmark compares, by name, each timed and its calls of the model counted.
 
 Names: `ar` (transformers generate, greedy, KV cache), `jacobi` (the engine's adaptive default),
 `jacobi-bN` (the engine at a fixed window of N), `jacobi[-bN]-pool` (the same with the n-gram
