@@ -29,8 +29,8 @@ def engine_config(request: GenerationRequest, base: JacobiConfig,
                       prompt_logprobs=request.echo and request.logprobs is not None)
 
 
-def token_batches(model, prompt_ids: Sequence[int], request: GenerationRequest,
-                  base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Step]:
+def decode_steps(model, prompt_ids: Sequence[int], request: GenerationRequest,
+                 base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Step]:
     """Decode `prompt_ids` as `request` asks: FastChat's parameters meet the engine here only.
     Each Step holds the tokens that became final together (and their logprobs when asked)."""
     return jacobi_stream(model, list(prompt_ids), engine_config(request, base, stop_ids))

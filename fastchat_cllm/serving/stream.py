@@ -22,7 +22,7 @@ from fastchat.constants import ErrorCode
 from ..core import JacobiConfig, JacobiStats
 from .logprobs import AnswerLogprobs
 from .params import ParamError, parse_params
-from .sources import token_batches
+from .sources import decode_steps
 
 
 def stop_token_ids(model, tokenizer, requested: Sequence[int]) -> tuple[int, ...]:
@@ -119,15 +119,15 @@ def generate_stream(model, tokenizer, params: dict, device=None, context_len: in
     answer = Answer(tokenizer, prompt_ids, request.echo, request.stop, stop_ids)
     logprobs = AnswerLogprobs(tokenizer, stop_ids) if request.logprobs is not None else None
     sent, sent_at, reason, stats = "", None, None, None
-    batches = token_batches(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids)
-    with closing(batches):
-        for batch in batches:
-            stats = batch.stats
+    steps = decode_steps(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids)
+    with closing(steps):
+        for step in steps:
+            stats = step.stats
             if logprobs is not None:
-                if batch.prompt_logprobs is not None:
-                    logprobs.add_prompt(prompt_ids[0], batch.prompt_logprobs)
-                logprobs.add(batch.logprobs)
-            reason = "stop" if answer.add(batch.tokens) else batch.finish_reason
+                if step.prompt_logprobs is not None:
+                    logprobs.add_prompt(prompt_ids[0], step.prompt_logprobs)
+                logprobs.add(step.logprobs)
+            reason = "stop" if answer.add(step.tokens) else step.finish_reason
             if reason:
                 break
             text = answer.shown()
