@@ -21,6 +21,7 @@ import logging
 import sys
 from typing import ClassVar
 
+from ..core.stats import tokens_per_forward
 from . import api_models
 from .stock import StockMismatch
 
@@ -88,7 +89,8 @@ def keep_jacobi_usage() -> None:
             data = handler(self)
             if not self.jacobi_forwards:     # not a Jacobi worker: plain OpenAI usage
                 return {k: v for k, v in data.items() if not k.startswith("jacobi_")}
-            data["jacobi_tokens_per_forward"] = round(self.jacobi_tokens / self.jacobi_forwards, 4)
+            rate = tokens_per_forward(self.jacobi_tokens, self.jacobi_forwards)
+            data["jacobi_tokens_per_forward"] = round(rate, 4)
             return data
 
     class ChatCompletionResponse(protocol.ChatCompletionResponse):

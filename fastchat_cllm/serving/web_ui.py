@@ -15,6 +15,8 @@ import requests
 from fastchat.conversation import Conversation, SeparatorStyle
 from fastchat.model.model_registry import get_model_info, register_model_info
 
+from ..core.stats import tokens_per_forward
+
 log = logging.getLogger(__name__)
 
 LINK = "https://github.com/hao-ai-lab/Consistency_LLM"
@@ -43,7 +45,8 @@ def stats_line(usage: dict, seconds: float) -> str:
     """'*2.31 tokens per forward · 14.2 tokens/s*' from a worker's usage and the answer's time."""
     parts = []
     if usage.get("jacobi_forwards"):
-        parts.append(f"{usage['jacobi_tokens'] / usage['jacobi_forwards']:.2f} tokens per forward")
+        rate = tokens_per_forward(usage["jacobi_tokens"], usage["jacobi_forwards"])
+        parts.append(f"{rate:.2f} tokens per forward")
     if usage.get("completion_tokens") and seconds > 0:
         parts.append(f"{usage['completion_tokens'] / seconds:.1f} tokens/s")
     return f"*{' · '.join(parts)}*" if parts else ""

@@ -26,6 +26,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import str_to_torch_dtype
 
 from .. import loading
+from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
 from .options import add_jacobi_args, jacobi_config
@@ -73,7 +74,7 @@ class JacobiTotals:
 
     def summary(self) -> dict:
         with self.lock:
-            rate = self.tokens / self.forwards if self.forwards else 0.0
+            rate = tokens_per_forward(self.tokens, self.forwards)
             return {"requests": self.requests, "forwards": self.forwards, "tokens": self.tokens,
                     "tokens_per_forward": round(rate, 4)}
 
