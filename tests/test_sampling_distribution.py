@@ -33,9 +33,9 @@ def hf_processors(s: dict) -> LogitsProcessorList:
 
 
 @torch.inference_mode()
-def ar_distribution(model, prompt: list[int], steps: int, s: dict) -> dict[tuple, float]:
+def ar_distribution(model, prompt: list[int], steps: int,
+                    processors: LogitsProcessorList) -> dict[tuple, float]:
     """Exact law of the first `steps` tokens under autoregressive sampling (full forwards)."""
-    processors = hf_processors(s)
     law = {(): 1.0}
     for _ in range(steps):
         grown = {}
@@ -68,14 +68,15 @@ def chi_square_p(counts: dict[tuple, int], law: dict[tuple, float], total: int) 
     return float(torch.special.gammaincc(df, torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
-def jacobi_samples(model, acceptance: str) -> tuple[dict[tuple, int], int, int]:
-    """Outcome counts of SAMPLES seeded runs; also guesses accepted and rejected in all."""
+def jacobi_samples(model, acceptance: str, settings: dict = SETTINGS, samples: int = SAMPLES,
+                   new_tokens: int = NEW_TOKENS) -> tuple[dict[tuple, int], int, int]:
+    """Outcome counts of `samples` seeded runs; also guesses accepted and rejected in all."""
     counts: dict[tuple, int] = {}
     accepted = rejected = 0
-    for seed in range(SAMPLES):
+    for seed in range(samples):
         tokens = []
-        for step in jacobi_stream(model, PROMPT, max_new_tokens=NEW_TOKENS, block_size=4,
-                                  adaptive=False, seed=seed, acceptance=acceptance, **SETTINGS):
+        for step in jacobi_stream(model, PROMPT, max_new_tokens=new_tokens, block_size=4,
+                                  adaptive=False, seed=seed, acceptance=acceptance, **settings):
             tokens += step.tokens
             if step.window:
                 accepted += step.accepted - 1
@@ -98,8 +99,7 @@ def keep_the_guess(probs: torch.Tensor, guess: int, generator: torch.Generator) 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model():
+def peaked_model():
     """A tiny Llama with a 12-token vocabulary and a scaled-up output head (peaked
     distributions, so top-p bites)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,8 +114,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def model():
+    return peaked_model()
+
+
+@pytest.fixture(scope="module")
 def law(model):
-    law = ar_distribution(model, PROMPT, NEW_TOKENS, SETTINGS)
+    law = ar_distribution(model, PROMPT, NEW_TOKENS, hf_processors(SETTINGS))
     assert abs(sum(law.values()) - 1) < 1e-6
     assert 20 <= len(law) < 3 ** NEW_TOKENS        # many outcomes; top-p cut some
     return law

@@ -25,6 +25,7 @@ def engine_config(request: GenerationRequest, base: JacobiConfig,
                       top_p=request.top_p if sampled else 1.0,
                       top_k=max(request.top_k, 0) if sampled else 0,
                       repetition_penalty=request.repetition_penalty,
+                      logit_bias=request.logit_bias,
                       logprobs=request.logprobs, seed=seed,
                       prompt_logprobs=request.echo and request.logprobs is not None)
 
