@@ -29,6 +29,7 @@ from .. import loading
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
+from .counting import count_prompt_tokens
 from .options import add_jacobi_args, jacobi_config
 from .params import ParamError
 from .stream import generate_stream
@@ -121,6 +122,12 @@ class JacobiWorker(BaseModelWorker):
         self.context_len = context_length(model.config)
         self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
         log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
+
+    def count_token(self, params: dict) -> dict:
+        """The prompt's token count for the API server's length check, tokenizing no more of a
+        huge prompt than proves it over the context."""
+        count = count_prompt_tokens(self.tokenizer, str(params.get("prompt", "")), self.context_len)
+        return {"count": count, "error_code": 0}
 
     def get_status(self) -> dict:
         return {**super().get_status(), "jacobi": self.totals.summary()}
