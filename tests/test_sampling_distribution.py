@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (LogitsProcessorList,
                                                     TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from conftest import TINY
+from harness import TINY
 from fastchat_cllm import jacobi_stream
 from fastchat_cllm.core import sampling
 from fastchat_cllm.core.verify import Verdict
