@@ -1,34 +1,29 @@
-"""Shared fixtures: tiny random models of several architectures and the real SmolLM2."""
+"""Fixtures over harness.py: one thread for tiny models, the real SmolLM2, and subprocesses that
+import the fastchat_cllm under test; the `cuda` marker skips where no GPU is present."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+from harness import ROOT, Serve
 
 
-def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0):
-    """A randomly initialised decoder-only model with a small vocabulary, in eval mode."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
-
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}
-    config_class, model_class = classes[arch]
-    torch.manual_seed(seed)
-    config = config_class(**TINY, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return model_class(config).to(dtype).eval()
+def pytest_configure(config):
+    """Servers, workers and `python -c` children import this checkout's fastchat_cllm, not
+    whichever copy an editable install elsewhere points at."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
-def ar_greedy(model, ids, max_new_tokens: int, eos=None) -> list[int]:
-    """The reference: transformers' own greedy generate (KV cache), new tokens only."""
-    ids = torch.as_tensor(ids).reshape(1, -1).to(model.device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=list(eos) if eos else None, pad_token_id=0,
-                         attention_mask=torch.ones_like(ids))
-    return out[0, ids.shape[1]:].tolist()
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +43,16 @@ def smollm2():
     return load(None, dtype=torch.float32, device="cpu")
 
 
-def chat_ids(tokenizer, question: str) -> list[int]:
-    from fastchat_cllm.chat_prompt import chat_prompt_ids
+@pytest.fixture
+def serve(tmp_path):
+    """Starts harness.Serve(tmp_path, *flags, web=...) as often as asked; whatever still runs
+    at teardown is killed."""
+    started = []
 
-    return chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    def start(*flags: str, web: bool = False) -> Serve:
+        started.append(Serve(tmp_path, *flags, web=web))
+        return started[-1]
 
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    yield start
+    for served in started:
+        served.close()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import TINY, ar_greedy, tiny_model
+from harness import TINY, ar_greedy, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
 from fastchat_cllm.bench.offline import _record, summarize

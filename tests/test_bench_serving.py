@@ -17,12 +17,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import tiny_model
+from harness import char_tokenizer, tiny_model
 from fastchat_cllm import jacobi_stream
 from fastchat_cllm.bench.__main__ import main
 from fastchat_cllm.bench.prompts import builtin_prompts, read_prompts
 from fastchat_cllm.bench.serving import ServingConfig, percentile, run_serving
-from test_bench import char_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

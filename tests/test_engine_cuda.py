@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ar_greedy, tiny_model
+from harness import ar_greedy, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.loading import attention_implementation
 

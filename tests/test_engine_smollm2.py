@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ar_greedy, chat_ids
+from harness import ar_greedy, chat_ids
 from fastchat_cllm import jacobi_generate
 
 QUESTIONS = ("What is the capital of France? Answer in one sentence.",
@@ -11,16 +11,26 @@ QUESTIONS = ("What is the capital of France? Answer in one sentence.",
              "Tom has 3 apples and buys 5 more. How many apples does he have?")
 
 
+@pytest.fixture(scope="module")
+def greedy(smollm2):
+    """Per question: its chat prompt ids and transformers' greedy answer (computed once)."""
+    model, tokenizer = smollm2
+    eos = [tokenizer.eos_token_id]
+    references = {}
+    for question in QUESTIONS:
+        ids = chat_ids(tokenizer, question)
+        references[question] = ids, ar_greedy(model, ids, 40, eos=eos)
+    return references
+
+
 @pytest.mark.parametrize("options", [dict(), dict(block_size=4, adaptive=False),
                                      dict(block_size=16, adaptive=False, fixed_blocks=True,
                                           fill="random")],
                          ids=["adaptive", "sliding-4", "reference-16"])
-def test_smollm2_jacobi_equals_greedy(smollm2, options):
+def test_smollm2_jacobi_equals_greedy(smollm2, greedy, options):
     model, tokenizer = smollm2
     eos = [tokenizer.eos_token_id]
-    for question in QUESTIONS:
-        ids = chat_ids(tokenizer, question)
-        expected = ar_greedy(model, ids, 40, eos=eos)
+    for ids, expected in greedy.values():
         out = jacobi_generate(model, ids, max_new_tokens=40, eos_token_id=eos, **options)
         assert out.tokens == expected, tokenizer.decode(out.tokens)
         assert 1.0 <= out.stats.tokens_per_forward <= 16

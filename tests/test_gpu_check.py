@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from harness import tiny_model
 from fastchat_cllm.bench.gpu_check import REFUSAL
 from fastchat_cllm.core import kv_cache
 

@@ -9,11 +9,10 @@ from transformers.generation.logits_process import (LogitsProcessorList,
                                                     SequenceBiasLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper)
 
-from conftest import tiny_model
+from harness import tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.sampling import bias_vector, process_logits
-from test_sampling_distribution import (PROMPT, ar_distribution, chi_square_p, jacobi_samples,
-                                        peaked_model)
+from harness import PROMPT, ar_distribution, chi_square_p, jacobi_samples, peaked_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EOS = 2

@@ -4,16 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import chat_ids, tiny_model
+from harness import chat_ids, forward_logprobs, tiny_model
 from fastchat_cllm import jacobi_generate, jacobi_stream
-
-
-@torch.inference_mode()
-def forward_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """Raw log_softmax at the positions that predict `tokens`: [n, V] (one full forward)."""
-    ids = torch.tensor([prompt + tokens], device=model.device)
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
-    return torch.log_softmax(logits, dim=-1)
 
 
 def check(out, expected: torch.Tensor, top: int, atol: float) -> None:

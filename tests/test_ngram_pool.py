@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, ar_greedy, tiny_model
+from harness import ARCHITECTURES, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.guesses import Context, block_guesses
 from fastchat_cllm.core.ngram_pool import NGramPool
@@ -45,7 +45,7 @@ def test_block_guesses_prefer_a_longer_pool_proposal():
 def test_pool_keeps_output_exact(arch, block_size, pool):
     model = tiny_model(arch)
     ids = torch.arange(3, 30).reshape(1, -1) % 11 + 3    # a repetitive prompt
-    expected = ar_greedy(model, ids, 48)
+    expected = tiny_greedy(arch, ids, 48)
     size, keys = pool
     for adaptive in (False, True):
         out = jacobi_generate(model, ids, max_new_tokens=48, block_size=block_size,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import chat_ids
+from harness import chat_ids
 from fastchat_cllm.serving.counting import count_prompt_tokens, max_chars_per_token
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (LogitsProcessorList,
                                                     TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from conftest import ar_greedy, tiny_model
+from harness import ar_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.sampling import (GreedyRule, acceptance_rule, gumbel, prefix_presence,
                                          process_logits, top_p_filter, verify_sampled,

@@ -9,24 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model
-
-NO_FASTCHAT = """
-import sys
-sys.modules["fastchat"] = None          # as if FastChat were not installed
-import torch
-import fastchat_cllm
-from fastchat_cllm.core import JacobiConfig
-from transformers import LlamaConfig, LlamaForCausalLM
-torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-out = fastchat_cllm.jacobi_generate(model, [1, 5, 9, 14], max_new_tokens=12, block_size=4)
-ref = model.generate(torch.tensor([[1, 5, 9, 14]]), max_new_tokens=12, do_sample=False)
-assert out.tokens == ref[0, 4:].tolist(), (out.tokens, ref)
-assert not any(m.startswith("fastchat.") for m in sys.modules), "FastChat got imported"
-print("ok", len(out.tokens))
-"""
+from harness import tiny_model
 
 LAZY = """
 import sys
@@ -37,18 +20,10 @@ print(type(model_adapters[0]).__name__, type(get_model_adapter("lmsys/vicuna-7b-
 """
 
 
-def run_python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def test_core_works_without_fastchat():
-    assert run_python(NO_FASTCHAT).split() == ["ok", "12"]
-
-
 def test_plugin_registers_first_when_fastchat_is_imported():
-    assert run_python(LAZY).split() == ["CllmAdapter", "VicunaAdapter"]
+    done = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["CllmAdapter", "VicunaAdapter"]
 
 
 @pytest.mark.parametrize("path, prompt", [
@@ -199,8 +174,7 @@ def test_lora_folder_loads_base_with_adapter_merged(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--block-size", "0"], "block_size must be in [1, 1024], got 0"),
-    (["--block-size", "100000"], "block_size must be in [1, 1024]"),
+    (["--block-size", "100000"], "block_size must be in [1, 1024], got 100000"),
     (["--load-8bit"], "--load-8bit cannot be honoured"),
     (["--gptq-wbits", "4"], "--gptq-ckpt/--gptq-wbits cannot be honoured"),
     (["--num-gpus", "2", "--device", "cpu"], "--num-gpus/--max-gpu-memory"),

@@ -15,7 +15,8 @@ from unittest import mock
 import pytest
 import requests
 
-from test_serving_stack import MODEL, free_ports
+from harness import (MODEL, auth, free_ports, listed_models, post_json, sse_chunks, start_stack,
+                     wait_idle, wait_for, worker_status)
 
 pytestmark = pytest.mark.slow
 KEY = "sk-reliability"
@@ -27,42 +28,19 @@ HEARTBEAT = {"FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "2",
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from fastchat_cllm.serving.stack import Stack, parse
-
-    controller, worker, api = free_ports(3)
-    args, worker_args = parse([
-        "--controller-port", str(controller), "--worker-port", str(worker),
-        "--api-port", str(api), "--api-keys", KEY, "--logdir", str(tmp_path_factory.mktemp("logs")),
-        "--dtype", "float32", "--limit-worker-concurrency", str(CONCURRENCY)])
-    served = Stack(args, worker_args)
-    try:
-        with mock.patch.dict(os.environ, HEARTBEAT):
-            served.up()
-        yield served
-    finally:
-        served.down()
+    served = start_stack(tmp_path_factory.mktemp("logs"), "--dtype", "float32",
+                         "--limit-worker-concurrency", str(CONCURRENCY), key=KEY, env=HEARTBEAT)
+    yield served
+    served.down()
 
 
 def post(stack, path: str, body=None, key: str | None = KEY, **kwargs) -> requests.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.post(f"{stack.api}/{path}", json=body, headers=headers, timeout=120,
-                         **kwargs)
+    return post_json(f"{stack.api}/{path}", body, key, **kwargs)
 
 
 def chat_body(content: str = "Hi", max_tokens: int = 4, **kwargs) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0, **kwargs}
-
-
-def status(stack) -> dict:
-    return requests.post(stack.worker + "/worker_get_status", timeout=10).json()
-
-
-def wait_idle(stack, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while (now := status(stack))["queue_length"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return now
 
 
 def listening_hosts(port: int) -> set[str]:
@@ -86,7 +64,7 @@ def test_api_keys_through_the_launcher(stack):
     assert post(stack, "chat/completions", chat_body(), key=None).status_code == 401
     assert post(stack, "chat/completions", chat_body(), key="sk-wrong").status_code == 401
     assert requests.get(stack.api + "/models", timeout=10).status_code == 401
-    assert requests.get(stack.api + "/models", headers=stack.auth(), timeout=10).ok
+    assert requests.get(stack.api + "/models", headers=auth(KEY), timeout=10).ok
 
 
 LONG = "word " * 9000             # SmolLM2's context is 8192 tokens
@@ -148,14 +126,14 @@ def test_bad_request_is_refused_naming_the_parameter(stack, kind):
     print(f"\n{kind}: {reply.status_code} {error}")
     assert reply.status_code == 400 and names in error["message"]
     assert "Traceback" not in error["message"] and ".py" not in error["message"]
-    assert status(stack)["queue_length"] == 0
+    assert worker_status(stack.worker)["queue_length"] == 0
 
 
 @pytest.mark.parametrize("kind", sorted(RAW))
 def test_unparsable_body_is_refused(stack, kind):
     data, names = RAW[kind]
     reply = requests.post(stack.api + "/chat/completions", data=data, timeout=60, headers={
-        **stack.auth(), "Content-Type": "application/json"})
+        **auth(KEY), "Content-Type": "application/json"})
     print(f"\n{kind}: {reply.status_code} {reply.text}")
     assert reply.status_code == 400 and names in reply.text
 
@@ -172,7 +150,7 @@ def test_odd_but_valid_text_is_served(stack, content):
 def test_worker_serves_after_bad_requests(stack):
     reply = post(stack, "chat/completions", chat_body())
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
-    assert wait_idle(stack)["queue_length"] == 0
+    assert wait_idle(stack.worker)["queue_length"] == 0
 
 
 def test_injected_cuda_oom_is_50002_and_the_next_request_succeeds(stack):
@@ -180,19 +158,20 @@ def test_injected_cuda_oom_is_50002_and_the_next_request_succeeds(stack):
     assert reply.status_code == 400 and reply.json()["code"] == 50002
     assert "out of memory" in reply.json()["message"]
     assert post(stack, "chat/completions", chat_body()).status_code == 200
-    assert wait_idle(stack)["queue_length"] == 0
+    assert wait_idle(stack.worker)["queue_length"] == 0
 
 
 def test_client_hanging_up_frees_its_slot_and_stops_decoding(stack):
-    before = status(stack)["jacobi"]
+    before = worker_status(stack.worker)["jacobi"]
     body = chat_body("Write a long story about a dragon.", max_tokens=300, stream=True)
     with post(stack, "chat/completions", body, stream=True) as reply:
-        contents = (line for line in reply.iter_lines() if b'"content"' in line)
+        contents = (c for c in sse_chunks(reply)
+                    if c["choices"] and c["choices"][0]["delta"].get("content"))
         for _ in range(3):
             next(contents)
-    idle = wait_idle(stack, timeout=60)            # the hang-up reached the worker
+    idle = wait_idle(stack.worker, timeout=60)      # the hang-up reached the worker
     time.sleep(5)
-    after = status(stack)
+    after = worker_status(stack.worker)
     print(f"\nforwards: before {before['forwards']}, at hang-up {idle['jacobi']['forwards']}, "
           f"5 s later {after['jacobi']['forwards']}")
     assert idle["queue_length"] == 0 and after["queue_length"] == 0
@@ -207,17 +186,12 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "Count to f
 
 def stream_chat(stack, question: str) -> tuple[str, str | None]:
     """The streamed answer and the error (None when none) of one greedy chat request."""
-    import json
-
     text, error = "", None
     with post(stack, "chat/completions", chat_body(question, max_tokens=12, stream=True),
               stream=True) as reply:
         if reply.status_code != 200:
             return text, reply.text
-        for line in reply.iter_lines():
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[len(b"data: "):])
+        for chunk in sse_chunks(reply):
             if "error" in chunk or "code" in chunk:
                 error = str(chunk)
             for choice in chunk.get("choices", []):
@@ -236,7 +210,7 @@ def test_64_concurrent_streams_equal_each_request_alone(stack):
     print(f"\n64 concurrent streams (12 tokens, limit {CONCURRENCY}): {elapsed:.1f} s")
     assert [error for _, error in results] == [None] * 64
     assert [text for text, _ in results] == [alone[q][0] for q in requests_64]
-    assert wait_idle(stack)["queue_length"] == 0
+    assert wait_idle(stack.worker)["queue_length"] == 0
 
 
 def test_controller_restart_worker_registers_again(stack):
@@ -247,15 +221,8 @@ def test_controller_restart_worker_registers_again(stack):
     with mock.patch.dict(os.environ, HEARTBEAT):
         stack.start("controller", "fastchat.serve.controller", "--port",
                     stack.controller.rsplit(":", 1)[1])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if stack.models() == [MODEL]:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    assert stack.models() == [MODEL]
+    wait_for(lambda: listed_models(stack.controller) == [MODEL], 60, "the worker registers again",
+             check=stack.check_alive)
     assert post(stack, "chat/completions", chat_body()).status_code == 200
 
 
@@ -285,8 +252,6 @@ def not_a_model(folder) -> str:
 
 
 @pytest.mark.parametrize("flags, reason", [
-    (["--block-size", "0"], "block_size must be in [1, 1024], got 0"),
-    (["--block-size", "100000"], "block_size must be in [1, 1024], got 100000"),
     (["--model-path", "/no/such/model"], "'/no/such/model' does not exist"),
     (["--model-path", "{tmp}"], "is not a model folder"),
     (["--model-path", "{bad}"], "cannot load --model-path"),

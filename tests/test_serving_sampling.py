@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import chat_ids
-from test_logprobs import forward_logprobs
+from harness import chat_ids, forward_logprobs
 
 pytestmark = pytest.mark.slow
 QUESTION = "Give me two words that rhyme with cat."

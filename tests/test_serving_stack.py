@@ -3,10 +3,7 @@ worker on SmolLM2 in fp32, our API server, our web UI) driven through the openai
 headless Chromium; the terminal chat; answers compared with transformers' greedy generate."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,63 +13,18 @@ import pytest
 import requests
 import torch
 
-from conftest import ar_greedy
+from harness import MODEL, START_TIMEOUT, Serve, ar_greedy, worker_status
 
 pytestmark = pytest.mark.slow
-MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer in one sentence."
-READY = "Ctrl-C stops everything."
-START_TIMEOUT = 600
 SCREENSHOT = "/tmp/fastchat_cllm_webui.png"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-class Served:
-    """The serve process, its output lines, and the URLs it was given."""
-
-    def __init__(self, tmp):
-        controller, worker, api, web = free_ports(4)
-        self.controller, self.worker = f"http://127.0.0.1:{controller}", f"http://127.0.0.1:{worker}"
-        self.api, self.web = f"http://127.0.0.1:{api}/v1", f"http://127.0.0.1:{web}"
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fastchat_cllm.serve", "--web", "--dtype", "float32",
-             "--controller-port", str(controller), "--worker-port", str(worker),
-             "--api-port", str(api), "--web-port", str(web), "--logdir", str(tmp / "logs")],
-            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_ready(self):
-        deadline = time.monotonic() + START_TIMEOUT
-        while READY not in self.lines:
-            assert self.process.poll() is None, "serve exited:\n" + "\n".join(self.lines)
-            assert time.monotonic() < deadline, "serve not ready:\n" + "\n".join(self.lines)
-            time.sleep(0.5)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    served = Served(tmp_path_factory.mktemp("serve"))
+    served = Serve(tmp_path_factory.mktemp("serve"), "--dtype", "float32", web=True)
     yield served
-    if served.process.poll() is None:
-        served.stop()
+    served.close()
 
 
 @pytest.fixture(scope="module")
@@ -318,15 +270,15 @@ def test_status_answers_while_generating(client, stack):
             if chunk.choices and chunk.choices[0].delta.content:   # the worker is decoding
                 first.set()
 
-    before = requests.post(stack.worker + "/worker_get_status", timeout=5).json()["jacobi"]
+    before = worker_status(stack.worker)["jacobi"]
     thread = threading.Thread(target=long_request)
     thread.start()
     assert first.wait(120)
     started = time.monotonic()
-    busy = requests.post(stack.worker + "/worker_get_status", timeout=5).json()
+    busy = worker_status(stack.worker)
     elapsed = time.monotonic() - started
     thread.join(300)
-    after = requests.post(stack.worker + "/worker_get_status", timeout=5).json()["jacobi"]
+    after = worker_status(stack.worker)["jacobi"]
     assert busy["queue_length"] == 1 and elapsed < 5
     assert after["requests"] == before["requests"] + 1 and after["forwards"] > before["forwards"]
     print(f"\nworker status: {after}")
@@ -375,41 +327,3 @@ def test_serve_stops_everything_on_sigterm(stack):
     for url in (stack.controller, stack.worker, stack.api, stack.web):
         with pytest.raises(requests.ConnectionError):
             requests.get(url, timeout=5)
-
-
-def test_serve_stops_all_when_a_child_dies(tmp_path):
-    controller, worker, api = free_ports(3)
-    done = subprocess.run(
-        [sys.executable, "-m", "fastchat_cllm.serve", "--block-size", "0",
-         "--controller-port", str(controller), "--worker-port", str(worker),
-         "--api-port", str(api), "--logdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 1
-    assert "worker exited with code 2" in done.stderr
-    assert "block_size must be in [1, 1024], got 0" in done.stderr
-    assert "stopped api, worker, controller" in done.stdout
-
-
-def test_children_stop_when_serve_is_killed(tmp_path):
-    """SIGKILL gives serve no chance to stop its children: they get SIGTERM from the kernel."""
-    import re
-
-    controller, worker, api = free_ports(3)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fastchat_cllm.serve", "--controller-port", str(controller),
-         "--worker-port", str(worker), "--api-port", str(api), "--logdir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    pids = []
-    for line in process.stdout:               # controller ready, worker and API server started
-        pids += [int(p) for p in re.findall(r"^started \w+ \(pid (\d+)", line)]
-        if len(pids) == 3:
-            break
-    process.kill()
-    process.wait(30)
-    deadline = time.monotonic() + 60
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
-                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
-        time.sleep(0.5)
-    assert len(pids) == 3 and not alive

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ar_greedy
+from harness import ar_greedy, chat_ids
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -40,8 +40,6 @@ def decode(tokenizer, ids):
 
 
 def test_template_is_the_tokenizers_own_chat_format(chat):
-    from conftest import chat_ids
-
     _, tokenizer, prompt, ids, _ = chat
     assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert ids == chat_ids(tokenizer, QUESTION)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ar_greedy, tiny_model
+from harness import ar_greedy, tiny_model
 from fastchat_cllm.train.losses import ar_loss, consistency_loss
 from fastchat_cllm.train.packing import Segment, pack, packed_logits
 from fastchat_cllm.train.problems import is_correct, last_number, make_problems

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_model
+from harness import tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.loading import load
 from fastchat_cllm.train import collect, distill

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import chat_ids
+from harness import chat_ids
 from fastchat_cllm.serving.params import MAX_LOGIT_BIAS, ParamError, parse_params
 
 QUESTION = "What is the capital of France? Answer in one sentence."
