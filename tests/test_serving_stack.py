@@ -3,6 +3,7 @@ worker on SmolLM2 in fp32, our API server, our web UI) driven through the openai
 headless Chromium; the terminal chat; answers compared with transformers' greedy generate."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def client(stack):
 def greedy_chat(stack, smollm2):
     """The answer to QUESTION by transformers' greedy generate, on the prompt the API builds
     (the worker's conversation template)."""
-    from fastchat_cllm.serving.compat import worker_conversation
+    from fastchat_cllm.serving.web_ui import worker_conversation
 
     model, tokenizer = smollm2
     conv = worker_conversation(stack.controller, MODEL)
@@ -285,7 +286,11 @@ def test_status_answers_while_generating(client, stack):
 
 
 def test_web_ui_chat_turn_in_headless_chromium(stack, greedy_chat):
+    """A greedy chat turn in FastChat's UI: the greedy answer, and under it the line with its
+    tokens per forward and tokens/s (the worker's usage); our model description, no error."""
     from playwright.sync_api import sync_playwright
+
+    from fastchat_cllm.serving.web_ui import DESCRIPTION
 
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed (apt-get install chromium)"
@@ -310,7 +315,13 @@ def test_web_ui_chat_turn_in_headless_chromium(stack, greedy_chat):
                     b => b.innerText.includes('Regenerate'));
                 return bots.length && regen && !regen.disabled; }""", timeout=180_000)
             page.screenshot(path=SCREENSHOT, full_page=True)
-            assert answer.inner_text().strip() == greedy_chat[2].strip()
+            text, stats = answer.inner_text().strip().rsplit("\n", 1)
+            assert text.strip() == greedy_chat[2].strip()
+            assert re.fullmatch(r"(\d+\.\d\d) tokens per forward · (\d+\.\d) tokens/s", stats), stats
+            rate = float(stats.split()[0])
+            assert 1.0 <= rate <= 48, stats
+            assert DESCRIPTION in page.content()
+            assert not page.get_by_text("Error", exact=True).is_visible()
         finally:
             browser.close()
 
