@@ -46,15 +46,15 @@ def model(request):
     return tiny_model(request.param)
 
 
-@pytest.mark.parametrize("block_size", (1, 4, 16))
+@pytest.mark.parametrize("window_size", (1, 4, 16))
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_with_bias_equals_generate_with_sequence_bias(model, block_size, mode):
+def test_greedy_with_bias_equals_generate_with_sequence_bias(model, window_size, mode):
     changed = 0
     for seed in (1, 2, 3):
         ids, bias = prompt(seed), random_bias(seed)
         expected = ar_biased(model, ids, 40, bias)
         changed += expected != ar_biased(model, ids, 40, {})
-        out = jacobi_generate(model, ids, max_new_tokens=40, block_size=block_size,
+        out = jacobi_generate(model, ids, max_new_tokens=40, window_size=window_size,
                               eos_token_id=EOS, logit_bias=bias, **MODES[mode])
         assert out.tokens == expected
     assert changed == 3                         # every bias changed the greedy output
@@ -74,8 +74,8 @@ def test_greedy_with_bias_fp64():
     ids, bias = prompt(5, length=12), random_bias(5)
     expected = ar_biased(model, ids, 45, bias)
     assert expected != ar_biased(model, ids, 45, {})
-    for block_size in (4, 16):
-        assert jacobi_generate(model, ids, max_new_tokens=45, block_size=block_size,
+    for window_size in (4, 16):
+        assert jacobi_generate(model, ids, max_new_tokens=45, window_size=window_size,
                                eos_token_id=EOS, logit_bias=bias).tokens == expected
 
 

@@ -180,7 +180,7 @@ def test_lora_folder_loads_base_with_adapter_merged(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--block-size", "100000"], "block_size must be in [1, 1024], got 100000"),
+    (["--window-size", "100000"], "window_size must be in [1, 1024], got 100000"),
     (["--load-8bit"], "--load-8bit cannot be honoured"),
     (["--gptq-wbits", "4"], "--gptq-ckpt/--gptq-wbits cannot be honoured"),
     (["--num-gpus", "2", "--device", "cpu"], "--num-gpus/--max-gpu-memory"),

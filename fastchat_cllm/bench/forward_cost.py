@@ -143,14 +143,14 @@ def decode_overhead(model, grid: Grid, new_tokens: int) -> dict:
     prompt = _ids(model, 1, grid.context)[0].tolist()
     target = Target(prompt, new_tokens, eos_token_id=(), pad_token_id=0)
     methods = {}
-    for name in ("ar", "jacobi-b1"):
+    for name in ("ar", "jacobi-w1"):
         decode = decoder(name)
         timed_run(decode, model, target)
         runs = [timed_run(decode, model, target) for _ in range(DECODE_RUNS)]
         methods[name] = {"tokens": runs[0].tokens, "model_calls": runs[0].model_calls,
                          "tokens_per_second": statistics.median(
                              len(r.tokens) / r.seconds for r in runs)}
-    ar, engine = methods["ar"], methods["jacobi-b1"]
+    ar, engine = methods["ar"], methods["jacobi-w1"]
     return {"new_tokens": new_tokens, "identical": ar.pop("tokens") == engine.pop("tokens"),
             "engine_vs_ar": engine["tokens_per_second"] / ar["tokens_per_second"], **methods}
 

@@ -145,7 +145,7 @@ def _cost_section(cost: dict) -> list[str]:
     errors = [f"static cache: {cost['static_error']}"] if cost["static_error"] else []
     errors += [f"compile: {c['compiled_error']}" for c in cost["cells"] if "compiled_error" in c]
     methods = [[name, decode[name]["tokens_per_second"], decode[name]["model_calls"]]
-               for name in ("ar", "jacobi-b1")]
+               for name in ("ar", "jacobi-w1")]
     return [
         f"{model['shape']} ({model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
         f"{model['dtype']}, random weights): median ms of one forward of B rows x n new tokens "
