@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import string
 import subprocess
 import sys
 
 import pytest
 
-from harness import TINY, ar_greedy, tiny_model
+from harness import ar_greedy, char_tokenizer, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
 from fastchat_cllm.bench.offline import _record, summarize
@@ -16,29 +15,11 @@ from fastchat_cllm.bench.nocache import nocache_generate
 from fastchat_cllm.bench.report import speedup_chart
 from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, read_prompts
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 # `python -m fastchat_cllm.bench ARGS`, then say whether the run imported FastChat.
 RUN_MAIN = ("import sys; from fastchat_cllm.bench.__main__ import main; main(sys.argv[1:]); "
             "print('imports fastchat:', any(m.split('.')[0] == 'fastchat' for m in sys.modules))")
-METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nocache", "jacobi-nocache-b4", "pld",
-           "assisted")
-
-
-def char_tokenizer():
-    """A character-level tokenizer with ids in the tiny models' vocabulary (0-2: pad, bos, eos)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = (" \n" + string.ascii_letters + string.digits + string.punctuation)
-    vocab = {tok: i for i, tok in enumerate(specials + list(chars[: TINY["vocab_size"] - 4]))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nocache", "jacobi-nocache-b4",
+           "pld", "assisted")
 
 
 @pytest.fixture(scope="module")
