@@ -126,11 +126,14 @@ def test_nocache_stops_after_eos():
 
 
 def test_unknown_methods_are_rejected():
-    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool"):
+    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool",
+                 "jacobi-nocache-w4", "jacobi-w"):
         with pytest.raises(ValueError):
             decoder(name)
     with pytest.raises(ValueError):
         decoder("assisted")   # no draft model
+    model, target = tiny_model("llama"), Target([1, 7, 8, 9], 12, (), 2)
+    assert decoder("jacobi-b4")(model, target).tokens == decoder("jacobi-w4")(model, target).tokens
 
 
 def test_tokens_per_forward_is_the_engines_and_tokens_per_model_call_counts_the_prefill():

@@ -84,12 +84,12 @@ def _prefilled(model, grid: Grid, batch: int, static: bool):
     return cache
 
 
-def _window_forward(step, cache, block: torch.Tensor) -> Callable[[], None]:
-    """One forward of `block` [B, n] after the context; its keys/values dropped again after."""
+def _window_forward(step, cache, windows: torch.Tensor) -> Callable[[], None]:
+    """One forward of `windows` [B, n] after the context; its keys/values dropped again after."""
     def run() -> None:
         torch.compiler.cudagraph_mark_step_begin()
-        step(block)
-        kv_cache.drop_last(cache, block.shape[1])
+        step(windows)
+        kv_cache.drop_last(cache, windows.shape[1])
     return run
 
 
@@ -101,8 +101,9 @@ def eager_costs(model, grid: Grid, static: bool) -> dict[tuple[int, int], float]
         cache = _prefilled(model, grid, batch, static)
         step = kv_cache.step_function(model, cache)
         for window in grid.windows:
-            block = _ids(model, batch, window)
-            costs[batch, window] = median_ms(_window_forward(step, cache, block), model.device)
+            windows = _ids(model, batch, window)
+            costs[batch, window] = median_ms(_window_forward(step, cache, windows),
+                                             model.device)
     return costs
 
 

@@ -25,7 +25,7 @@ from . import report
 from .forward_cost import (SHAPES, Grid, break_even, build_model, compiled_costs,
                            decode_overhead, eager_costs)
 
-CUDA_TESTS = "tests/test_engine_cuda.py"
+CUDA_TESTS = Path(__file__).resolve().parents[2] / "tests" / "test_engine_cuda.py"
 SHIPPED_CLLM = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-cllm"
 COMPILE = {   # torch.compile options by device, and what they measure
     "cuda": ({"mode": "reduce-overhead"}, "inductor + CUDA graphs (mode=reduce-overhead)"),
@@ -58,9 +58,13 @@ def log(message: str) -> None:
 def cuda_tests(config: CheckConfig) -> dict:
     """Step 1: pytest on the CUDA-marked tests in a child process; its JUnit XML kept in --out."""
     xml = config.out / "cuda_tests.xml"
+    xml.unlink(missing_ok=True)              # never report an earlier run's results
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p",
-                           "no:cacheprovider", f"--junitxml={xml}", CUDA_TESTS],
+                           "no:cacheprovider", f"--junitxml={xml}", str(CUDA_TESTS)],
                           capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
+    if not xml.exists():
+        raise RuntimeError(f"pytest wrote no results (exit {done.returncode}):\n"
+                           f"{(done.stdout + done.stderr)[-2000:]}")
     root = ElementTree.parse(xml).getroot()
     suite = root.find("testsuite") if root.tag == "testsuites" else root
     count = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}

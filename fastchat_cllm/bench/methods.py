@@ -87,7 +87,7 @@ def _nocache(block_size: int) -> Decoder:
 
 def decoder(name: str, draft=None) -> Decoder:
     """The decoder a method name stands for; ValueError for an unknown name."""
-    match = NAME.match(name)
+    match = NAME.match(re.sub(r"^jacobi-b(\d)", r"jacobi-w\1", name))   # the former name
     if not match:
         raise ValueError(f"unknown method {name!r}: use ar, pld, assisted, jacobi, jacobi-wN, "
                          "jacobi[-wN]-pool, jacobi-nocache or jacobi-nocache-bN")

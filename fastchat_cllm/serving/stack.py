@@ -147,6 +147,9 @@ class Stack:
         for name in names:
             answer = requests.post(self.api + "/completions", headers=self.auth(), timeout=300,
                                    json={"model": name, "prompt": "Hi", "max_tokens": 1})
+            if 400 <= answer.status_code < 500 and answer.status_code != 429:
+                raise StackError(f"the first request to {name} was refused "
+                                 f"({answer.status_code}): {answer.text[:500]}")
             if not answer.ok:
                 return []
         return names
