@@ -251,13 +251,9 @@ class Serve:
         return self.wait()
 
     def close(self) -> None:
-        """Stop serve if it still runs: SIGTERM, then SIGKILL after a minute."""
-        if self.process.poll() is None:
-            try:
-                self.stop()
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.wait()
+        """Stop serve if it still runs (SIGTERM, then SIGKILL after a minute)."""
+        stop(self.process)
+        self.wait()
 
     def log(self, name: str) -> str:
         """What the child `name` (controller, worker, api, web) wrote to its log."""
