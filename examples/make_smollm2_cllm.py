@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ import torch
 from fastchat_cllm.chat_prompt import chat_prompt_ids
 from fastchat_cllm.loading import load
 from fastchat_cllm.train.evaluate import evaluate
-from fastchat_cllm.train.problems import make_problems, write_jsonl
+from fastchat_cllm.jsonl import write_jsonl
+from fastchat_cllm.train.problems import make_problems
 
 ROWS = (("tokens per forward, fixed blocks of 16 (reference)", "tpf_fixed", "{:.2f}"),
         ("tokens per forward, adaptive engine (default)", "tpf_adaptive", "{:.2f}"),
@@ -93,8 +95,8 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train, held_out = make_problems(args.train, args.held_out, args.seed)
-    write_jsonl(train, work / "train.jsonl")
-    write_jsonl(held_out, work / "held_out.jsonl")
+    write_jsonl(map(asdict, train), work / "train.jsonl")
+    write_jsonl(map(asdict, held_out), work / "held_out.jsonl")
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 

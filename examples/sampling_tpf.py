@@ -13,7 +13,6 @@ with a "prompt" field (e.g. a CLLM's held-out problems) instead of the 4 built-i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -21,6 +20,8 @@ import torch
 
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.chat_prompt import chat_prompt_ids
+from fastchat_cllm.core.stats import tokens_per_forward
+from fastchat_cllm.jsonl import read_jsonl
 from fastchat_cllm.loading import load
 
 PROMPTS = ("What is the capital of France? Answer in one sentence.",
@@ -47,8 +48,7 @@ def parse_args(argv=None):
 def read_prompts(path: str | None, limit: int | None) -> list[str]:
     if path is None:
         return list(PROMPTS)[:limit]
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()][:limit]
+    return [record["prompt"] for record in read_jsonl(path)][:limit]
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
           f"acceptance rule (fastchat_cllm/core/sampling.py)")
     print(f"{'decoding':<24}{'window':<18}{'tokens/forward':>15}{'s/token':>10}{'runs':>6}")
     for (decoding, window), rows in results.items():
-        tpf = sum(r[0] for r in rows) / sum(r[1] for r in rows)     # pooled over the runs
+        tpf = tokens_per_forward(sum(r[0] for r in rows), sum(r[1] for r in rows))   # pooled
         print(f"{decoding:<24}{window:<18}{tpf:>15.3f}"
               f"{statistics.median(r[2] for r in rows):>10.3f}{len(rows):>6}")
 

@@ -1,6 +1,7 @@
 """`python -m fastchat_cllm.worker`: FastChat's model worker with Jacobi decoding (every stock
 model_worker flag, plus --block-size and the other Jacobi flags)."""
-from .serving.worker import main
+
+from ._entry import run
 
 if __name__ == "__main__":
-    main()
+    run("fastchat_cllm.serving.worker", "main")

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from harness import ROOT, Serve
-from harness import TINY, ar_greedy, tiny_model  # noqa: F401  (test_bench.py, test_engine_cuda.py)
 
 
 def pytest_configure(config):

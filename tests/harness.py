@@ -278,3 +278,92 @@ def start_stack(logdir: Path, *flags: str, key: str | None = None, env: dict | N
         stack.down()
         raise
     return stack
+
+
+# --- sampling laws ---------------------------------------------------------------------------
+# The exact autoregressive law of a tiny model's first tokens, and seeded Jacobi samples to fit
+# against it (test_sampling_distribution.py, test_logit_bias.py).
+
+SETTINGS = dict(temperature=0.7, top_p=0.5, top_k=3, repetition_penalty=1.2)
+NEW_TOKENS, SAMPLES = 4, 3000
+PROMPT = [3, 7, 4, 9, 3, 7, 4]
+
+
+def hf_processors(s: dict):
+    """transformers' own processors in FastChat's order."""
+    from transformers.generation.logits_process import (LogitsProcessorList,
+                                                        RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    return LogitsProcessorList([TemperatureLogitsWarper(s["temperature"]),
+                                RepetitionPenaltyLogitsProcessor(s["repetition_penalty"]),
+                                TopPLogitsWarper(s["top_p"]), TopKLogitsWarper(s["top_k"])])
+
+
+@torch.inference_mode()
+def ar_distribution(model, prompt: list[int], steps: int, processors) -> dict[tuple, float]:
+    """Exact law of the first `steps` tokens under autoregressive sampling (full forwards)."""
+    law = {(): 1.0}
+    for _ in range(steps):
+        grown = {}
+        for seq, prob in law.items():
+            ids = torch.tensor([prompt + list(seq)])
+            scores = processors(ids, model(input_ids=ids).logits[:, -1, :].float())
+            probs = scores.softmax(-1)[0].double()
+            for tok in probs.nonzero()[:, 0].tolist():
+                grown[seq + (tok,)] = prob * float(probs[tok])
+        law = grown
+    return law
+
+
+def chi_square_p(counts: dict[tuple, int], law: dict[tuple, float], total: int) -> float:
+    """Goodness-of-fit p-value; outcomes expected fewer than 5 times are pooled into one cell."""
+    observed, expected, pooled_o, pooled_e = [], [], 0, 0.0
+    for seq, prob in law.items():
+        if prob * total >= 5:
+            observed.append(counts.get(seq, 0))
+            expected.append(prob * total)
+        else:
+            pooled_o, pooled_e = pooled_o + counts.get(seq, 0), pooled_e + prob * total
+    pooled_o += sum(n for seq, n in counts.items() if seq not in law)   # impossible outcomes
+    if pooled_e > 0 or pooled_o:
+        observed.append(pooled_o)
+        expected.append(max(pooled_e, 1e-9))
+    o, e = torch.tensor(observed, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64)
+    statistic = float(((o - e) ** 2 / e).sum())
+    df = torch.tensor((len(observed) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def jacobi_samples(model, acceptance: str, settings: dict = SETTINGS, samples: int = SAMPLES,
+                   new_tokens: int = NEW_TOKENS) -> tuple[dict[tuple, int], int, int]:
+    """Outcome counts of `samples` seeded runs; also guesses accepted and rejected in all."""
+    from fastchat_cllm import jacobi_stream
+
+    counts: dict[tuple, int] = {}
+    accepted = rejected = 0
+    for seed in range(samples):
+        tokens = []
+        for step in jacobi_stream(model, PROMPT, max_new_tokens=new_tokens, block_size=4,
+                                  adaptive=False, seed=seed, acceptance=acceptance, **settings):
+            tokens += step.tokens
+            if step.window:
+                accepted += step.accepted - 1
+                rejected += step.accepted < len(step.window)
+        counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
+    return counts, accepted, rejected
+
+
+def peaked_model():
+    """A tiny Llama with a 12-token vocabulary and a scaled-up output head (peaked
+    distributions, so top-p bites)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "vocab_size": 12}, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    return model

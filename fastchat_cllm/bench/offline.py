@@ -10,6 +10,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 
+from ..core.stats import tokens_per_forward
 from .methods import Decoder, Run, Target, decoder, timed_run
 from .prompts import Prompt, encode
 
@@ -93,7 +94,7 @@ def _record(name: str, run: Run, ar: Run, index: int, repeat: int) -> dict:
     return {
         "method": name, "prompt": index, "repeat": repeat, "tokens": len(run.tokens),
         "seconds": round(run.seconds, 5), "tokens_per_second": round(_rate(run), 3),
-        "forwards": run.forwards, "fast_forwarded": run.fast_forwarded,
+        "model_calls": run.model_calls, "fast_forwarded": run.fast_forwarded,
         "stationary": run.stationary, "identical_to_ar": run.tokens == ar.tokens,
         "speedup": round(_rate(run) / _rate(ar), 4) if _rate(ar) else None,
     }
@@ -104,13 +105,25 @@ def _total(values) -> int | None:
     return None if any(v is None for v in values) else sum(values)
 
 
+def _pooled_rates(mine: list[dict]) -> dict:
+    """Tokens per forward (core.stats.tokens_per_forward: the prefill's call and its token left
+    out of every run) and tokens per model call (all calls, the prefill included), pooled."""
+    tokens, calls = sum(r["tokens"] for r in mine), sum(r["model_calls"] for r in mine)
+    after_prefill = calls - len(mine)
+    return {
+        "tokens_per_forward": round(tokens_per_forward(tokens - len(mine), after_prefill), 4)
+        if after_prefill > 0 else None,
+        "tokens_per_model_call": round(tokens / calls, 4) if calls else None,
+    }
+
+
 def summarize(runs: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
-    """Per method: medians of tokens/s and of per-prompt speedups, pooled tokens per forward,
-    total fast-forwarded and stationary tokens, and how many outputs equal AR greedy."""
+    """Per method: medians of tokens/s and of per-prompt speedups, pooled tokens per forward and
+    per model call, total fast-forwarded and stationary tokens, how many outputs equal AR's."""
     out = {}
     for name in methods:
         mine = [r for r in runs if r["method"] == name]
-        tokens, forwards = sum(r["tokens"] for r in mine), sum(r["forwards"] for r in mine)
+        tokens = sum(r["tokens"] for r in mine)
         speedups = [r["speedup"] for r in mine if r["speedup"] is not None]
         identical = sum(r["identical_to_ar"] for r in mine)
         out[name] = {
@@ -118,7 +131,7 @@ def summarize(runs: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
             "tokens": tokens,
             "tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in mine), 3),
             "speedup_vs_ar": round(statistics.median(speedups), 4) if speedups else None,
-            "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
+            **_pooled_rates(mine),
             "fast_forwarded": _total(r["fast_forwarded"] for r in mine),
             "stationary": _total(r["stationary"] for r in mine),
             "identical_to_ar": identical,

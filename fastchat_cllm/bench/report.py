@@ -4,7 +4,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import textwrap
 from pathlib import Path
+
+from .serving import PERCENTILES
+
+YLABEL_CHARS = 30            # fits the axes' height of a 3.6-inch figure at 10 pt
+TITLE_CHARS_PER_INCH = 12    # characters of a 10 pt title line per inch of figure width
 
 
 def cpu_model() -> str:
@@ -62,12 +68,23 @@ def offline_table(methods: dict[str, dict]) -> str:
 
 
 def serving_table(levels: list[dict]) -> str:
-    header = ["concurrency", "requests (failed)", "TTFT median (s)", "TTFT p90 (s)",
-              "tokens/s per stream", "aggregate tokens/s"]
-    rows = [[l["concurrency"], f"{l['requests']} ({l['failed']})", l["ttft_median_s"],
-             l["ttft_p90_s"], l["stream_tokens_per_second"], l["aggregate_tokens_per_second"]]
-            for l in levels]
+    spread = "/".join(f"p{q}" for q in PERCENTILES)
+    header = ["concurrency", "requests (failed)", f"TTFT {spread} (s)", f"latency {spread} (s)",
+              "tokens/s per stream", "aggregate tokens/s", "requests/s"]
+    rows = [[l["concurrency"], f"{l['requests']} ({l['failed']})", _spread(l, "ttft"),
+             _spread(l, "latency"), l["stream_tokens_per_second"],
+             l["aggregate_tokens_per_second"], l["requests_per_second"]] for l in levels]
     return markdown_table(header, rows)
+
+
+def _spread(level: dict, name: str) -> str:
+    return " / ".join(_cell(level[f"{name}_p{q}_s"]) for q in PERCENTILES)
+
+
+def failures(levels: list[dict], shown: int = 3) -> list[str]:
+    """A line per level with failed requests: how many, and its first distinct errors."""
+    return [f"concurrency {l['concurrency']}: {l['failed']} of {l['requests'] + l['failed']} "
+            f"requests failed: " + "; ".join(l["errors"][:shown]) for l in levels if l["failed"]]
 
 
 def write_json(data: dict, path: str | Path) -> None:
@@ -76,24 +93,29 @@ def write_json(data: dict, path: str | Path) -> None:
 
 def bar_chart(labels: list[str], values: list[float], path: str | Path, title: str,
               ylabel: str, reference: float | None = None) -> None:
-    """A PNG bar chart (matplotlib, Agg backend), with an optional horizontal reference line."""
+    """A PNG bar chart (matplotlib, Agg backend), with an optional horizontal reference line.
+    Long title lines and the y label are wrapped to the figure; the saved image holds all text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.6))
+    width = max(4.0, 1.1 * len(labels) + 1.5)
+    fig, ax = plt.subplots(figsize=(width, 3.6), layout="constrained")
     bars = ax.bar(labels, values, color="#4c72b0")
     ax.bar_label(bars, fmt="%.2f")
     if reference is not None:
         ax.axhline(reference, color="#c44e52", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1.15 * max(values + [reference or 0.0]))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(textwrap.fill(ylabel, YLABEL_CHARS, break_on_hyphens=False))
+    fig.suptitle(_wrap(title, int(width * TITLE_CHARS_PER_INCH)), fontsize=10)
     ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _wrap(text: str, chars: int) -> str:
+    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
 
 
 def speedup_chart(methods: dict[str, dict], path: str | Path, title: str) -> None:

@@ -80,6 +80,7 @@ class BlockSizer:
         for i in range(1, min(window, accepted + 1)):
             self.trials[i] = self.trials[i] * DECAY + 1.0
             self.hits[i] = self.hits[i] * DECAY + (1.0 if accepted > i else 0.0)
-        if self.probing:
+        if self.probing:   # judged once: a fixed block runs its probe over several forwards
             paid = accepted / self.cost(window) > 1.0 / self.cost(1)
             self.probe_every = PROBE_MIN if paid else min(2 * self.probe_every, PROBE_MAX)
+            self.probing = False

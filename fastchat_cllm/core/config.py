@@ -29,6 +29,9 @@ class JacobiConfig:
     temperature, top_p, top_k, repetition_penalty: FastChat's sampling settings; temperature
         below 1e-5 is greedy (exact greedy output; with a repetition penalty, the argmax of the
         penalised logits); top_k 0 and top_p 1 are off; repetition_penalty 1 is off.
+    logit_bias: (token id, bias) pairs (a dict is accepted) added to the raw logits before any
+        other processing (OpenAI's logit_bias; transformers' single-token `sequence_bias`):
+        greedy output is the argmax of the biased logits, samples follow their distribution.
     acceptance: the sampling acceptance rule (sampling.py): "gumbel" fixes the noise of each
         output position (the seed's text at any window size, carried samples kept), or
         "speculative", the textbook rule with fresh randomness per forward.
@@ -53,6 +56,7 @@ class JacobiConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     acceptance: str = "gumbel"
     logprobs: int | None = None
     prompt_logprobs: bool = False
@@ -83,12 +87,28 @@ class JacobiConfig:
         _check_float("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
         _check_int("top_k", self.top_k, 0)
         _check_float("repetition_penalty", self.repetition_penalty, lambda r: r > 0, "> 0")
+        self._check_logit_bias()
         if self.acceptance not in ACCEPTANCES:
             raise ValueError(f"acceptance must be one of {ACCEPTANCES}, got {self.acceptance!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
         if self.prompt_logprobs and self.logprobs is None:
             raise ValueError("prompt_logprobs needs logprobs (0 or more alternatives)")
+
+    def _check_logit_bias(self) -> None:
+        """Normalise logit_bias to sorted (id, bias) pairs, one per id."""
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            pairs = sorted((token, bias) for token, bias in pairs or ())
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map token ids to biases, "
+                             f"got {self.logit_bias!r}") from None
+        for token, bias in pairs:
+            _check_int("logit_bias token id", token, 0)
+            _check_float("logit_bias value", bias, lambda b: True, "finite")
+        if len({token for token, _ in pairs}) < len(pairs):
+            raise ValueError("logit_bias names a token id twice")
+        object.__setattr__(self, "logit_bias", tuple((t, float(b)) for t, b in pairs))
 
     @property
     def sampling(self) -> bool:

@@ -1,8 +1,8 @@
 """Log-probabilities of final tokens, as FastChat and OpenAI report them.
 
-They are of the model's raw distribution, log_softmax(logits), before temperature, repetition
-penalty, top-p or top-k (FastChat's inference.py does the same): a token's logprob does not depend
-on the sampling settings that chose it.
+They are of the model's raw distribution, log_softmax(logits), before logit bias, temperature,
+repetition penalty, top-p or top-k (FastChat's inference.py does the same): a token's logprob
+does not depend on the settings that chose it.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Sampling inside Jacobi decoding, exact in distribution, plus FastChat's logits processors.
 
-Processing (FastChat's order: temperature, repetition penalty, top-p, top-k) runs on every window
-position with that position's own prefix: the final text plus window[:i+1].
+Processing runs on every window position with that position's own prefix (the final text plus
+window[:i+1]): first the logit bias (added to the raw logits, as OpenAI and transformers'
+`sequence_bias` do), then FastChat's order: temperature, repetition penalty, top-p, top-k.
+Greedy decoding with a bias or a repetition penalty takes the argmax of the processed logits.
 
 Acceptance rule. Output position t draws Gumbel noise G_t [V] once, from a generator seeded with
 `config.seed`, and its token is argmax(processed_t + G_t): the Gumbel-max trick, a sample from
@@ -79,9 +81,31 @@ def prefix_presence(seen: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return rows.scatter_(1, upto, True)
 
 
-def process_logits(logits: torch.Tensor, present: torch.Tensor | None,
-                   config: JacobiConfig) -> torch.Tensor:
-    """FastChat's processors on each row. logits: [L, V]; present: [L, V] bool or None."""
+def bias_vector(config: JacobiConfig, logits: torch.Tensor) -> torch.Tensor | None:
+    """config.logit_bias as one row [V] for logits like `logits` [.., V]; None without a bias.
+
+    At least float32 (transformers adds its float32 bias to float32 scores), so that a bias
+    is not rounded to a half-precision step."""
+    if not config.logit_bias:
+        return None
+    vocab = logits.shape[-1]
+    ids, values = zip(*config.logit_bias)
+    if ids[-1] >= vocab:                                  # ids are sorted
+        raise ValueError(f"logit_bias token id {ids[-1]} is outside the vocabulary of {vocab}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    bias = torch.zeros(vocab, dtype=dtype, device=logits.device)
+    bias[torch.tensor(ids, device=logits.device)] = torch.tensor(values, dtype=dtype,
+                                                                 device=logits.device)
+    return bias
+
+
+def process_logits(logits: torch.Tensor, present: torch.Tensor | None, config: JacobiConfig,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The bias, then FastChat's processors, on each row.
+
+    logits: [L, V]; present: [L, V] bool or None; bias: [V] from bias_vector(config, ..)."""
+    if bias is not None:
+        logits = logits.to(bias.dtype) + bias
     scores = logits / config.temperature if config.sampling else logits
     if config.repetition_penalty != 1.0:
         scores = penalize(scores, present, config.repetition_penalty)
@@ -146,6 +170,7 @@ class SampledRule:
         self.seen: torch.Tensor | None = None          # [V] bool
         self.generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
         self.noise: list[torch.Tensor] = []            # Gumbel rows for produced, produced + 1, ..
+        self.bias: torch.Tensor | None = None          # [V], built at the first verify
 
     def presence(self, window: list[int], logits: torch.Tensor) -> torch.Tensor | None:
         """[L, V] bool: the tokens of each row's prefix; None without a repetition penalty."""
@@ -159,7 +184,9 @@ class SampledRule:
     def verify(self, window: list[int], logits: torch.Tensor) -> Verdict:
         """window: [L] ids, logits: raw [L, V] of one forward over it."""
         size, vocab = logits.shape
-        scores = process_logits(logits, self.presence(window, logits), self.config)
+        if self.bias is None:
+            self.bias = bias_vector(self.config, logits)
+        scores = process_logits(logits, self.presence(window, logits), self.config, self.bias)
         if not self.config.sampling:
             return verify_greedy(window, scores)
         if self.config.acceptance == "speculative":
@@ -185,10 +212,11 @@ class GreedyRule:
 
 
 def acceptance_rule(config: JacobiConfig, prompt: torch.Tensor) -> GreedyRule | SampledRule:
-    """The rule for `config`: greedy unless sampling or a repetition penalty is asked for.
+    """The rule for `config`: plain greedy unless sampling, a repetition penalty or a logit
+    bias is asked for.
 
     prompt: [P] ids on the model's device.
     """
-    if config.sampling or config.repetition_penalty != 1.0:
+    if config.sampling or config.repetition_penalty != 1.0 or config.logit_bias:
         return SampledRule(config, prompt)
     return GreedyRule()

@@ -4,6 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def tokens_per_forward(accepted: int, forwards: int) -> float:
+    """Tokens per forward, the one definition (engine, worker usage, benchmark, evaluation):
+    tokens made final by the forwards after the prefill, divided by those forwards; 1.0 is
+    autoregressive decoding, 0.0 when no forward followed the prefill.
+
+    The prefill's forward makes the first token and is not counted. Seen from outside, a decoder
+    that produced n tokens in c calls of the model (the prefill one of them) has accepted = n - 1
+    and forwards = c - 1.
+    """
+    return accepted / forwards if forwards else 0.0
+
+
 @dataclass
 class JacobiStats:
     """Counts of one call.
@@ -38,8 +50,8 @@ class JacobiStats:
 
     @property
     def tokens_per_forward(self) -> float:
-        """Tokens made final per forward after the prefill (1.0 for autoregressive decoding)."""
-        return sum(self.accepted_per_forward) / self.forwards if self.forwards else 0.0
+        """See tokens_per_forward (module level): accepted tokens over forwards after the prefill."""
+        return tokens_per_forward(sum(self.accepted_per_forward), self.forwards)
 
     @property
     def mean_iterations_per_block(self) -> float:

@@ -2,8 +2,17 @@
 
 adapter / templates / plugin: model adapter and prompt formats registered into FastChat;
 params / sources / stream: FastChat's generate-stream contract over the Jacobi engine;
-worker: the model worker; compat / launch / stack: fixed stock front ends and the one-command
-stack. `fastchat_cllm.plugin_hook` registers the plugin when FastChat's adapters are imported,
-which happens here first, before any module of this package runs.
+worker: the model worker; stock / compat / launch / openai_routes / web_ui / stack: the checked
+stock FastChat, its fixes, the front ends built on it and the one-command stack.
+
+Importing this package checks the installed FastChat (stock.StockMismatch, an ImportError, when
+it is not fschat 0.2.36) and registers the plugin into it (`plugin.register`, idempotent): a
+process of your own that uses FastChat's adapters imports `fastchat_cllm.serving` first.
 """
-import fastchat.model.model_adapter  # noqa: F401  (registers the plugin through the hook)
+from . import stock
+
+stock.check_version()
+
+from . import plugin  # noqa: E402  (after the version check: it imports FastChat)
+
+plugin.register()

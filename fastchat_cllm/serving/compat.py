@@ -1,34 +1,31 @@
-"""Fixes for fschat 0.2.36 on current libraries, applied to FastChat's own modules before a
-launcher runs a stock front end (runpy re-imports names from these modules, so patching them
-here reaches the re-executed copy).
+"""Fixes for fschat 0.2.36 on current libraries. The request and response models are fixed in
+FastChat's protocol module before the API server's module is imported (`fix_protocol`); the
+launchers then build the stock apps explicitly and add the rest (launch.py).
 
 1. transformers 5: get_context_length raises KeyError 'factor' (rope_scaling is always a dict).
 2. pydantic 2: the API server's streaming `chunk.json(..., ensure_ascii=False)` raises TypeError.
 3. The API server drops the worker's extra usage fields; keep the Jacobi statistics.
-4. The web UI guesses a conversation template from the model name in its own process; ask the
-   worker that serves the model instead, as the API server does.
-5. The API server runs n choices one worker request each, with no upper bound on n (n is capped
-   at MAX_CHOICES); it answers 500 for an unknown role, decodes empty messages, and its
-   validation errors carry a source-file dump: all 400s naming the parameter here.
+4. The web UI guesses a conversation template from the model name in its own process; it asks
+   the worker that serves the model instead, as the API server does (web_ui.py).
+5. The request models lack what current clients send and let bad input through to 500s
+   (api_models.py).
 6. A worker that died (the controller still lists it) makes the API server answer a bare 500;
    answer 503 with code 50005 naming the unreachable worker instead.
-7. Chat `logprobs`/`top_logprobs`, `seed` and `stream_options` are not in the request models
-   and never reach the worker: the models take them here, and openai_routes.py serves the two
-   endpoints that use them.
+7. The chat and completions endpoints drop logprobs, seed, logit_bias and token-id prompts:
+   openai_routes.py serves both.
 (gradio >= 6 breaks the web UI: setup.cfg pins gradio < 6.)
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
+
+from ..core.stats import tokens_per_forward
+from . import api_models
+from .stock import StockMismatch
 
 log = logging.getLogger(__name__)
-
-MAX_CHOICES = 16
-MAX_LOGPROBS = 20               # alternatives per token, as the worker allows
-MAX_SEED = 1 << 62              # choice i samples with seed + i
-ROLES = ("system", "user", "assistant")
 
 # rope types whose max_position_embeddings already is the extended length
 EXTENDED_ROPE = ("default", "llama3", "longrope")
@@ -92,7 +89,8 @@ def keep_jacobi_usage() -> None:
             data = handler(self)
             if not self.jacobi_forwards:     # not a Jacobi worker: plain OpenAI usage
                 return {k: v for k, v in data.items() if not k.startswith("jacobi_")}
-            data["jacobi_tokens_per_forward"] = round(self.jacobi_tokens / self.jacobi_forwards, 4)
+            rate = tokens_per_forward(self.jacobi_tokens, self.jacobi_forwards)
+            data["jacobi_tokens_per_forward"] = round(rate, 4)
             return data
 
     class ChatCompletionResponse(protocol.ChatCompletionResponse):
@@ -102,87 +100,18 @@ def keep_jacobi_usage() -> None:
     protocol.ChatCompletionResponse = ChatCompletionResponse    # the stock /api/v1 chat route
 
 
-def _check_messages(messages):
-    """Chat messages FastChat's prompt builder can use: a string, or a non-empty list of
-    {role, content} with a known role (FastChat itself answers 500 for an unknown role)."""
-    if isinstance(messages, str):
-        return messages
-    if not messages:
-        raise ValueError("'messages' must not be empty")
-    for message in messages:
-        if message.get("role") not in ROLES:
-            raise ValueError(f"'messages' role must be one of {', '.join(ROLES)}, got "
-                             f"{message.get('role')!r}")
-    return messages
-
-
-def _check_stop(stop):
-    """FastChat drops an empty stop string silently; refuse it instead."""
-    if stop == "" or (isinstance(stop, list) and not all(stop)):
-        raise ValueError("'stop' strings must not be empty")
-    return stop
-
-
-def _validation_message(self) -> str:
-    """'param: what is wrong' per error, instead of pydantic's dump with the endpoint's file."""
-    def name(loc) -> str:
-        return ".".join(p for p in loc[1:2] if isinstance(p, str)) or "body"
-    return "; ".join(f"{name(e['loc'])}: {e['msg']}" for e in self.errors())
-
-
-def check_requests() -> None:
-    """Refuse in the API server's request models what FastChat lets through: n > MAX_CHOICES,
-    empty messages, unknown roles, empty stop strings; validation errors read 'param: problem'
-    (all 400s)."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import BaseModel, Field, field_validator, model_validator
-
+def fix_protocol() -> None:
+    """Fixes 2, 3, 5 and 7 in FastChat's protocol module; they must precede the import of the
+    API server's module, which takes the request and response models by name."""
     from fastchat.protocol import openai_api_protocol as protocol
 
-    if getattr(protocol.ChatCompletionRequest, "checked", False):
-        return
-    RequestValidationError.__str__ = _validation_message
-
-    class StreamOptions(BaseModel):
-        include_usage: bool = False
-
-    class ChatCompletionRequest(protocol.ChatCompletionRequest):
-        checked: ClassVar[bool] = True
-        n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
-        logprobs: Optional[bool] = False
-        top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-        stream_options: Optional[StreamOptions] = None
-
-        @model_validator(mode="after")
-        def top_logprobs_needs_logprobs(self):
-            if self.top_logprobs and not self.logprobs:
-                raise ValueError("'top_logprobs' needs 'logprobs': true")
-            return self
-
-        @field_validator("messages")
-        @classmethod
-        def known_roles(cls, messages):
-            return _check_messages(messages)
-
-        @field_validator("stop")
-        @classmethod
-        def no_empty_stop(cls, stop):
-            return _check_stop(stop)
-
-    class CompletionRequest(protocol.CompletionRequest):
-        n: Optional[int] = Field(1, ge=1, le=MAX_CHOICES)
-        logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-        seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-        stream_options: Optional[StreamOptions] = None
-
-        @field_validator("stop")
-        @classmethod
-        def no_empty_stop(cls, stop):
-            return _check_stop(stop)
-
-    protocol.ChatCompletionRequest = ChatCompletionRequest
-    protocol.CompletionRequest = CompletionRequest
+    fixed = getattr(protocol.ChatCompletionRequest, "checked", False)
+    if "fastchat.serve.openai_api_server" in sys.modules and not fixed:
+        raise StockMismatch("fastchat.serve.openai_api_server was imported before the protocol "
+                           "fixes: its routes would drop logprobs, seed and the Jacobi usage")
+    fix_streaming_json()
+    keep_jacobi_usage()
+    api_models.install()
 
 
 async def _worker_unreachable(request, exc):
@@ -194,21 +123,6 @@ async def _worker_unreachable(request, exc):
                          "code": ErrorCode.CONTROLLER_NO_WORKER}, status_code=503)
 
 
-def fix_app_when_served(*fixes: Callable) -> None:
-    """Call fix(app) for each fix on the app the stock module hands to uvicorn.run (it builds its
-    app while runpy executes it, so this is the first moment the app exists)."""
-    import uvicorn
-
-    run = uvicorn.run
-
-    def run_fixed(app, *args, **kwargs):
-        for fix in fixes:
-            fix(app)
-        return run(app, *args, **kwargs)
-
-    uvicorn.run = run_fixed
-
-
 def answer_unreachable_worker(app) -> None:
     """Give the API server's app the unreachable-worker handler."""
     import aiohttp
@@ -216,41 +130,3 @@ def answer_unreachable_worker(app) -> None:
 
     for error in (aiohttp.ClientConnectionError, httpx.ConnectError):
         app.add_exception_handler(error, _worker_unreachable)
-
-
-def worker_conversation(controller_url: str, model_name: str):
-    """The conversation template of the worker serving `model_name` (as the API server builds
-    it from /worker_get_conv_template)."""
-    import requests
-    from fastchat.conversation import Conversation, SeparatorStyle
-
-    address = requests.post(controller_url + "/get_worker_address", json={"model": model_name},
-                            timeout=10).json()["address"]
-    if not address:
-        raise LookupError(f"no worker serves {model_name}")
-    conv = requests.post(address + "/worker_get_conv_template", json={"model": model_name},
-                         timeout=10).json()["conv"]
-    return Conversation(name=conv["name"], system_template=conv["system_template"],
-                        system_message=conv["system_message"], roles=tuple(conv["roles"]),
-                        messages=[list(m) for m in conv["messages"]], offset=conv["offset"],
-                        sep_style=SeparatorStyle(conv["sep_style"]), sep=conv["sep"],
-                        sep2=conv["sep2"], stop_str=conv["stop_str"],
-                        stop_token_ids=conv["stop_token_ids"])
-
-
-def web_ui_asks_worker(controller_url: str) -> None:
-    """Make the web UI take each model's template from its worker (FastChat's own guess from
-    the name stays the fallback, e.g. for API-provider models)."""
-    import requests
-    from fastchat.model import model_adapter
-
-    guess = model_adapter.get_conversation_template
-
-    def get_conversation_template(model_name: str):
-        try:
-            return worker_conversation(controller_url, model_name)
-        except (requests.RequestException, LookupError, KeyError, ValueError) as e:
-            log.warning("template of %s from its worker failed (%s); guessing", model_name, e)
-            return guess(model_name)
-
-    model_adapter.get_conversation_template = get_conversation_template

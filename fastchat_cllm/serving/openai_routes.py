@@ -18,24 +18,28 @@ Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) us
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 import shortuuid
 from fastapi import Depends
+from fastchat.constants import ErrorCode
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+
+from . import api_models
+from .stock import StockMismatch
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 DONE = "data: [DONE]\n\n"
 
 
-def install(app) -> None:
-    """Replace the stock module's two endpoints on `app` (its helpers are found through the
-    stock chat endpoint's globals: the module runpy is running)."""
+def install(app, server) -> None:
+    """Replace the stock endpoints on `app` with these; `server` is FastChat's API server module
+    (its helpers; stock.load checked that it has them)."""
     from fastchat.protocol import openai_api_protocol as protocol
 
-    stock = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == CHAT)
-    routes = Routes(stock.endpoint.__globals__)
+    routes = Routes(server)
 
     async def chat(request: protocol.ChatCompletionRequest):
         return await routes.chat(request)
@@ -43,9 +47,12 @@ def install(app) -> None:
     async def completions(request: protocol.CompletionRequest):
         return await routes.completions(request)
 
-    app.router.routes = [r for r in app.router.routes
-                         if not (isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS))]
-    guard = [Depends(routes.server["check_api_key"])]
+    replaced = [r for r in app.router.routes
+                if isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS)]
+    if len(replaced) != 2:
+        raise StockMismatch(f"the stock API server has no {CHAT} and {COMPLETIONS} to replace")
+    app.router.routes = [r for r in app.router.routes if r not in replaced]
+    guard = [Depends(server.check_api_key)]
     app.add_api_route(CHAT, chat, methods=["POST"], dependencies=guard)
     app.add_api_route(COMPLETIONS, completions, methods=["POST"], dependencies=guard)
 
@@ -113,29 +120,66 @@ class Sent:
         self.tokens = len((content.get("logprobs") or {}).get("tokens", ()))
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One completions prompt: text, or token ids (fed to the worker as they are)."""
+    text: str
+    ids: Optional[list[int]] = None
+
+    @staticmethod
+    def all(prompt) -> list["Prompt"]:
+        """The request's prompts (checked by api_models.check_prompt): one choice each."""
+        if isinstance(prompt, str):
+            return [Prompt(prompt)]
+        if isinstance(prompt[0], int):
+            return [Prompt("", prompt)]
+        return [Prompt(p) if isinstance(p, str) else Prompt("", p) for p in prompt]
+
+
 class Routes:
-    def __init__(self, server: dict):
-        self.server = server          # the stock module's globals: FastChat's helpers
+    def __init__(self, server):
+        self.server = server          # FastChat's API server module: its helpers
 
     def error(self, code: int, message: str) -> JSONResponse:
-        return self.server["create_error_response"](code, message)
+        return self.server.create_error_response(code, message)
 
     async def checked(self, request) -> tuple[Optional[str], Optional[JSONResponse]]:
-        """FastChat's model and parameter checks; the address of the model's worker."""
-        error = await self.server["check_model"](request) or self.server["check_requests"](request)
+        """Options we cannot honour, FastChat's model and parameter checks; the address of the
+        model's worker."""
+        refused = api_models.unsupported(request)
+        if refused is not None:
+            return None, self.error(ErrorCode.PARAM_OUT_OF_RANGE, refused)
+        error = await self.server.check_model(request) or self.server.check_requests(request)
         if error is not None:
             return None, error
-        return await self.server["get_worker_address"](request.model), None
+        return await self.server.get_worker_address(request.model), None
 
     async def gen_params(self, request, worker: str, messages, **options) -> dict:
-        return await self.server["get_gen_params"](
+        params = await self.server.get_gen_params(
             request.model, worker, messages, temperature=request.temperature,
             top_p=request.top_p, top_k=request.top_k, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, stop=request.stop, **options)
+        if request.logit_bias:
+            params["logit_bias"] = request.logit_bias
+        return params
+
+    async def room(self, request, prompt: Prompt, max_tokens: Optional[int], worker: str):
+        """FastChat's min(max_tokens, what the context leaves), counting a token-id prompt
+        itself; or the context-overflow error."""
+        if prompt.ids is None:
+            return await self.server.check_length(request, prompt.text, max_tokens, worker)
+        context = await self.server.fetch_remote(worker + "/model_details",
+                                                 {"model": request.model}, "context_length")
+        room = min(max_tokens or context, context - len(prompt.ids))
+        if room <= 0:
+            return None, self.error(ErrorCode.CONTEXT_OVERFLOW, (
+                f"This model's maximum context length is {context} tokens. However, your "
+                f"prompt has {len(prompt.ids)} tokens. Please reduce the length of the prompt."))
+        return room, None
 
     async def generate_all(self, choices: list[dict], worker: str):
         """Every choice's final worker answer, or the first error as a response."""
-        generate = self.server["generate_completion"]
+        generate = self.server.generate_completion
         contents = await asyncio.gather(*(generate(params, worker) for params in choices))
         for content in contents:
             if content["error_code"] != 0:
@@ -144,7 +188,7 @@ class Routes:
 
     def usage(self, contents: list[dict]) -> dict:
         """FastChat's usage summed over the choices (Jacobi counts included)."""
-        usage_model = self.server["UsageInfo"]      # compat.keep_jacobi_usage's
+        usage_model = self.server.UsageInfo      # compat.fix_protocol's (Jacobi counts)
         total = usage_model()
         for content in contents:
             for key, value in usage_model.model_validate(content["usage"]):
@@ -168,7 +212,7 @@ class Routes:
                 if first is not None:
                     yield sse(dict(header, choices=[first]))
                 sent, content = Sent(), None
-                async for content in self.server["generate_completion_stream"](params, worker):
+                async for content in self.server.generate_completion_stream(params, worker):
                     if content["error_code"] != 0:
                         yield sse(content)
                         yield DONE
@@ -192,7 +236,7 @@ class Routes:
         top = (request.top_logprobs or 0) if request.logprobs else None
         params = await self.gen_params(request, worker, request.messages,
                                        max_tokens=request.max_tokens, echo=False, logprobs=top)
-        max_new_tokens, error = await self.server["check_length"](
+        max_new_tokens, error = await self.server.check_length(
             request, params["prompt"], params["max_new_tokens"], worker)
         if error is not None:
             return error
@@ -217,19 +261,20 @@ class Routes:
         worker, error = await self.checked(request)
         if error is not None:
             return error
-        prompts = self.server["process_input"](request.model, request.prompt)
+        prompts = Prompt.all(request.prompt)
         max_tokens = request.max_tokens
-        for text in prompts:
-            room, error = await self.server["check_length"](request, text, max_tokens, worker)
+        for prompt in prompts:
+            max_tokens, error = await self.room(request, prompt, max_tokens, worker)
             if error is not None:
                 return error
-            max_tokens = room                   # FastChat's min(max_tokens, what fits)
         choices: list[dict] = []
-        for text in prompts:
+        for prompt in prompts:
             params = await self.gen_params(
-                request, worker, text, max_tokens=max_tokens, logprobs=request.logprobs,
+                request, worker, prompt.text, max_tokens=max_tokens, logprobs=request.logprobs,
                 echo=request.echo, best_of=request.best_of,
                 use_beam_search=request.use_beam_search)
+            if prompt.ids is not None:
+                params["prompt_token_ids"] = prompt.ids
             choices += per_choice(params, request.n or 1, request.seed, len(choices))
         if request.stream:
             return self.stream(request, "completion", choices, worker, completion_chunk)

@@ -1,6 +1,7 @@
 """FastChat's generation parameters, checked once at the edge into a frozen request."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fastchat.constants import ErrorCode
@@ -9,6 +10,7 @@ from ..core.config import GREEDY_TEMPERATURE
 
 GREEDY_TOP_P = 1e-8            # FastChat's rule: below it (or GREEDY_TEMPERATURE), decode greedily
 MAX_STOPS = 16                                  # request's stop strings plus the template's
+MAX_LOGIT_BIAS = 300                            # OpenAI's limit on logit_bias entries
 
 
 class ParamError(ValueError):
@@ -21,7 +23,8 @@ class ParamError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str
+    prompt: str                      # the text; FastChat's helpers read it
+    prompt_token_ids: tuple[int, ...] | None = None   # fed as they are instead of the text's ids
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -32,6 +35,7 @@ class GenerationRequest:
     echo: bool = True                # the prompt starts the returned text
     logprobs: int | None = None      # None: off; else alternatives listed per token
     seed: int | None = None          # None: a fresh one per sampled request
+    logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, bias added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +79,59 @@ def _token_ids(value) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _in_vocab(name: str, ids, vocab_size: int | None) -> None:
+    """ParamError when a token id is one the model has no embedding or logit for."""
+    outside = [t for t in ids if t >= vocab_size] if vocab_size is not None else []
+    if outside:
+        raise ParamError(f"'{name}' token id {outside[0]} is outside the model's vocabulary of "
+                         f"{vocab_size} tokens")
+
+
+def _bias_entry(key, value) -> tuple[int, float]:
+    """One logit_bias entry: its key (an int, or JSON's string of one) and its bias."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        key = int(key)
+    if not _is_id(key):
+        raise ParamError(f"'logit_bias' keys must be token ids (integers >= 0), got {key!r}",
+                         ErrorCode.VALIDATION_TYPE_ERROR)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and -100 <= value <= 100):
+        raise ParamError(f"'logit_bias' values must be numbers in [-100, 100], got {value!r} "
+                         f"for token {key}")
+    return key, float(value)
+
+
+def _logit_bias(value, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias {token id: bias in [-100, 100]} as sorted (id, bias) pairs."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ParamError(f"'logit_bias' must map token ids to numbers, got {value!r}",
+                         ErrorCode.VALIDATION_TYPE_ERROR)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ParamError(f"'logit_bias' allows at most {MAX_LOGIT_BIAS} tokens, got {len(value)}")
+    pairs = dict(_bias_entry(key, bias) for key, bias in value.items())
+    if len(pairs) < len(value):
+        raise ParamError("'logit_bias' names a token id twice")
+    _in_vocab("logit_bias", pairs, vocab_size)
+    return tuple(sorted(pairs.items()))
+
+
+def _prompt_token_ids(value, vocab_size: int | None) -> tuple[int, ...] | None:
+    """The prompt given as token ids (OpenAI's completions accept them), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(map(_is_id, value)):
+        raise ParamError(f"'prompt' as token ids must be a non-empty list of integers >= 0, "
+                         f"got {value!r}", ErrorCode.VALIDATION_TYPE_ERROR)
+    _in_vocab("prompt", value, vocab_size)
+    return tuple(value)
+
+
 def _refuse_unsupported(params: dict) -> None:
     """Options FastChat forwards that this worker cannot honour yet: refused, never ignored."""
     if params.get("images"):
@@ -87,10 +144,15 @@ def _refuse_unsupported(params: dict) -> None:
                              f"repetition_penalty)")
 
 
-def parse_params(params: dict) -> GenerationRequest:
-    """FastChat's /worker_generate(_stream) body -> GenerationRequest; ParamError if invalid."""
-    prompt = params.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
+def parse_params(params: dict, vocab_size: int | None = None) -> GenerationRequest:
+    """FastChat's /worker_generate(_stream) body -> GenerationRequest; ParamError if invalid.
+
+    vocab_size: the model's, when known: token ids at or above it are refused."""
+    prompt, ids = params.get("prompt"), _prompt_token_ids(params.get("prompt_token_ids"),
+                                                          vocab_size)
+    if ids is not None and prompt is None:
+        prompt = ""                   # the text is only shown; the ids are what is fed
+    if not isinstance(prompt, str) or not (prompt or ids):
         raise ParamError("'prompt' must be a non-empty string", ErrorCode.VALIDATION_TYPE_ERROR)
     _refuse_unsupported(params)
     top_k = _number(params, "top_k", -1, -1, kind=int)
@@ -98,6 +160,7 @@ def parse_params(params: dict) -> GenerationRequest:
         raise ParamError("'top_k' must be -1 (off) or >= 1, got 0")
     return GenerationRequest(
         prompt=prompt,
+        prompt_token_ids=ids,
         max_new_tokens=_number(params, "max_new_tokens", 256, 1, kind=int),
         temperature=_number(params, "temperature", 1.0, 0.0),
         top_p=_number(params, "top_p", 1.0, 0.0, 1.0),
@@ -108,4 +171,5 @@ def parse_params(params: dict) -> GenerationRequest:
         echo=bool(params.get("echo", True)),
         logprobs=_number(params, "logprobs", None, 0, 20, kind=int),
         seed=_number(params, "seed", None, 0, kind=int),
+        logit_bias=_logit_bias(params.get("logit_bias"), vocab_size),
     )

@@ -25,12 +25,13 @@ def engine_config(request: GenerationRequest, base: JacobiConfig,
                       top_p=request.top_p if sampled else 1.0,
                       top_k=max(request.top_k, 0) if sampled else 0,
                       repetition_penalty=request.repetition_penalty,
+                      logit_bias=request.logit_bias,
                       logprobs=request.logprobs, seed=seed,
                       prompt_logprobs=request.echo and request.logprobs is not None)
 
 
-def token_batches(model, prompt_ids: Sequence[int], request: GenerationRequest,
-                  base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Step]:
+def decode_steps(model, prompt_ids: Sequence[int], request: GenerationRequest,
+                 base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Step]:
     """Decode `prompt_ids` as `request` asks: FastChat's parameters meet the engine here only.
     Each Step holds the tokens that became final together (and their logprobs when asked)."""
     return jacobi_stream(model, list(prompt_ids), engine_config(request, base, stop_ids))

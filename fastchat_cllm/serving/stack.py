@@ -1,7 +1,9 @@
 """`python -m fastchat_cllm.serve`: the stock controller, the Jacobi worker, the API server (and
 the web UI with --web) on 127.0.0.1, started in order, watched, and stopped together.
 
-Flags it does not know go to the worker (e.g. --device cuda --block-size 32 --conv-template X).
+Before starting anything it checks that its ports are free; it says ready only once the
+controller lists the model, the API server lists it too, and a one-token request through the
+API server answers. Flags it does not know go to the worker (e.g. --device cuda --block-size 32 --conv-template X).
 Each process logs to <logdir>/<name>.log; when one dies, the others are stopped and its log's
 tail is printed.
 """
@@ -11,6 +13,7 @@ import argparse
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,8 +119,41 @@ class Stack:
     def models(self) -> list[str]:
         return requests.post(self.controller + "/list_models", timeout=5).json()["models"]
 
+    def ports(self) -> dict[str, int]:
+        a = self.args
+        ports = {"--controller-port": a.controller_port, "--worker-port": a.worker_port,
+                 "--api-port": a.api_port}
+        if a.web:
+            ports["--web-port"] = a.web_port
+        return ports
+
+    def check_ports(self) -> None:
+        """Stop before starting anything if a port is taken (another stack's controller would
+        otherwise be joined silently) or named twice."""
+        seen: dict[int, str] = {}
+        for flag, port in self.ports().items():
+            if port in seen:
+                raise StackError(f"{flag} and {seen[port]} are both {port}")
+            seen[port] = flag
+            if not port_free(self.args.host, port):
+                raise StackError(f"port {port} ({flag}) on {self.args.host} is already in use")
+
+    def serving(self) -> list[str]:
+        """The models the API server lists, once a one-token completion of each answers."""
+        listed = requests.get(self.api + "/models", timeout=10, headers=self.auth())
+        names = [card["id"] for card in listed.json()["data"]] if listed.ok else []
+        if not names or not set(self.models()) <= set(names):
+            return []
+        for name in names:
+            answer = requests.post(self.api + "/completions", headers=self.auth(), timeout=300,
+                                   json={"model": name, "prompt": "Hi", "max_tokens": 1})
+            if not answer.ok:
+                return []
+        return names
+
     def up(self) -> None:
         a = self.args
+        self.check_ports()
         self.start("controller", "fastchat.serve.controller", "--host", a.host,
                    "--port", str(a.controller_port))
         self.wait("the controller", lambda: self.models() is not None)
@@ -129,8 +165,7 @@ class Stack:
                    "--port", str(a.api_port), "--controller-address", self.controller, *keys)
         print("loading the model ...", flush=True)
         self.wait("the worker", lambda: bool(self.models()))
-        self.wait("the API server", lambda: requests.get(self.api + "/models", timeout=10,
-                                                         headers=self.auth()).ok)
+        self.wait("the API server", lambda: bool(self.serving()))
         if a.web:
             self.start("web", "fastchat_cllm.gradio_web_server", "--host", a.host,
                        "--port", str(a.web_port), "--controller-url", self.controller)
@@ -168,6 +203,18 @@ class Stack:
                 child.process.wait()
         if self.children:
             print("stopped " + ", ".join(c.name for c in reversed(self.children)), flush=True)
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port (as uvicorn binds: SO_REUSEADDR set)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _terminate(signum, frame):

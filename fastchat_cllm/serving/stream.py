@@ -6,6 +6,8 @@ each chunk's text is the whole answer so far and never shrinks; a chunk at most 
 `stream_interval` tokens; text that may be the start of a stop string is held back; a stop
 string or stop token ends the answer ("stop"), max_new_tokens exactly ("length"); usage counts
 exactly the prompt tokens fed and the tokens generated, up to the one that completed a stop.
+A prompt given as token ids (`prompt_token_ids`: OpenAI's completions accept them) is fed as it
+is, never re-tokenized from its text; the echoed prompt is always the decoded ids fed.
 Differences from FastChat's loop: text is decoded without `clean_up_tokenization_spaces` (that
 rewrites the model's " ." into "."), a stop token is counted but not shown, and the prompt is
 cut to the last context_len - max_new_tokens tokens (FastChat's extra -1 drops the first prompt
@@ -22,7 +24,7 @@ from fastchat.constants import ErrorCode
 from ..core import JacobiConfig, JacobiStats
 from .logprobs import AnswerLogprobs
 from .params import ParamError, parse_params
-from .sources import token_batches
+from .sources import decode_steps
 
 
 def stop_token_ids(model, tokenizer, requested: Sequence[int]) -> tuple[int, ...]:
@@ -34,6 +36,18 @@ def stop_token_ids(model, tokenizer, requested: Sequence[int]) -> tuple[int, ...
         if token is not None and token not in ids:
             ids.append(int(token))
     return tuple(ids)
+
+
+def vocab_size(model) -> int:
+    """How many token ids the model embeds (and scores: the output head has as many rows)."""
+    return model.get_input_embeddings().num_embeddings
+
+
+def prompt_ids_of(tokenizer, request) -> list[int]:
+    """The ids to feed: the request's own token ids, else its text's."""
+    if request.prompt_token_ids is not None:
+        return list(request.prompt_token_ids)
+    return list(tokenizer(request.prompt).input_ids)
 
 
 def truncate(prompt_ids: list[int], context_len: int, max_new_tokens: int) -> list[int]:
@@ -112,22 +126,21 @@ def generate_stream(model, tokenizer, params: dict, device=None, context_len: in
                     jacobi: JacobiConfig | None = None) -> Iterator[dict]:
     """FastChat chunks {text, usage, finish_reason, logprobs} for one request (see module doc).
     `device` and `judge_sent_end` are FastChat's; the model's own device is used."""
-    request = parse_params(params)
-    prompt_ids = truncate(list(tokenizer(request.prompt).input_ids), context_len,
-                          request.max_new_tokens)
+    request = parse_params(params, vocab_size(model))
+    prompt_ids = truncate(prompt_ids_of(tokenizer, request), context_len, request.max_new_tokens)
     stop_ids = stop_token_ids(model, tokenizer, request.stop_token_ids)
     answer = Answer(tokenizer, prompt_ids, request.echo, request.stop, stop_ids)
     logprobs = AnswerLogprobs(tokenizer, stop_ids) if request.logprobs is not None else None
     sent, sent_at, reason, stats = "", None, None, None
-    batches = token_batches(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids)
-    with closing(batches):
-        for batch in batches:
-            stats = batch.stats
+    steps = decode_steps(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids)
+    with closing(steps):
+        for step in steps:
+            stats = step.stats
             if logprobs is not None:
-                if batch.prompt_logprobs is not None:
-                    logprobs.add_prompt(prompt_ids[0], batch.prompt_logprobs)
-                logprobs.add(batch.logprobs)
-            reason = "stop" if answer.add(batch.tokens) else batch.finish_reason
+                if step.prompt_logprobs is not None:
+                    logprobs.add_prompt(prompt_ids[0], step.prompt_logprobs)
+                logprobs.add(step.logprobs)
+            reason = "stop" if answer.add(step.tokens) else step.finish_reason
             if reason:
                 break
             text = answer.shown()

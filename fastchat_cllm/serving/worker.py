@@ -1,7 +1,8 @@
 """The Jacobi model worker: FastChat's model-worker protocol with the generate step replaced.
 
-Registers with the stock controller and heartbeats (BaseModelWorker); generation runs in a
-worker thread (StreamingResponse iterates the gate in a thread pool), so /worker_get_status
+Registers with the stock controller and heartbeats (BaseModelWorker), but only once its HTTP
+server listens: the controller drops a worker whose /worker_get_status is refused, and the API
+server's /v1/models asks it to check every worker. Generation runs in a worker thread (StreamingResponse iterates the gate in a thread pool), so /worker_get_status
 answers while a request decodes. Usage carries per-request Jacobi counts and the status their
 totals.
 """
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -22,12 +24,12 @@ from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
 from fastchat.model.model_adapter import add_model_args
 from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import str_to_torch_dtype
-from transformers import set_seed
 
 from .. import loading
-from . import plugin
+from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
+from .counting import count_prompt_tokens
 from .options import add_jacobi_args, jacobi_config
 from .params import ParamError
 from .stream import generate_stream
@@ -73,7 +75,7 @@ class JacobiTotals:
 
     def summary(self) -> dict:
         with self.lock:
-            rate = self.tokens / self.forwards if self.forwards else 0.0
+            rate = tokens_per_forward(self.tokens, self.forwards)
             return {"requests": self.requests, "forwards": self.forwards, "tokens": self.tokens,
                     "tokens_per_forward": round(rate, 4)}
 
@@ -97,6 +99,7 @@ class JacobiWorker(BaseModelWorker):
 
     def __init__(self, args: argparse.Namespace, jacobi):
         self.totals = JacobiTotals()
+        self.registration_failed = False
         self.device, self.seed = args.device, args.seed
         self.stream_interval = args.stream_interval
         half = args.device.startswith("cuda")      # FastChat's default: fp16 on GPU, fp32 else
@@ -119,8 +122,12 @@ class JacobiWorker(BaseModelWorker):
         self.context_len = context_length(model.config)
         self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
         log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
-        if not args.no_register:
-            self.init_heart_beat()
+
+    def count_token(self, params: dict) -> dict:
+        """The prompt's token count for the API server's length check, tokenizing no more of a
+        huge prompt than proves it over the context."""
+        count = count_prompt_tokens(self.tokenizer, str(params.get("prompt", "")), self.context_len)
+        return {"count": count, "error_code": 0}
 
     def get_status(self) -> dict:
         return {**super().get_status(), "jacobi": self.totals.summary()}
@@ -128,8 +135,7 @@ class JacobiWorker(BaseModelWorker):
     def generate_stream_gate(self, params: dict):
         self.call_ct += 1
         try:
-            if self.seed is not None:       # --seed: every request starts from the same seed
-                set_seed(self.seed)
+            if self.seed is not None:       # --seed: the seed of requests that name none
                 params = {"seed": self.seed, **params}
             _maybe_inject_oom(params)
             last = {}
@@ -178,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,
-                        help="reset the random seed before each generation (sampling)")
-    parser.add_argument("--debug", type=bool, default=False)
+                        help="the sampling seed of every request that names none (each "
+                             "such request then repeats its text)")
+    parser.add_argument("--debug", action="store_true", help="debug logging")
     parser.add_argument("--ssl", action="store_true",
                         help="serve HTTPS (env SSL_KEYFILE and SSL_CERTFILE)")
     add_jacobi_args(parser)
@@ -217,8 +224,14 @@ def default_name(model_path: str) -> str:
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
+def controller_reachable(address: str) -> bool:
+    try:
+        return requests.post(address + "/list_models", timeout=10).ok
+    except requests.RequestException:
+        return False
+
+
 def create_worker(argv: list[str] | None = None):
-    plugin.register()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.gpus:
@@ -226,19 +239,46 @@ def create_worker(argv: list[str] | None = None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(parser, args)
     config = jacobi_config(parser, args)
+    if not args.no_register and not controller_reachable(args.controller_address):
+        parser.exit(1, f"{parser.prog}: error: cannot reach the controller at "
+                       f"{args.controller_address} (start it first, or --no-register)\n")
     try:
         return args, JacobiWorker(args, config)
     except StartupError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
-    except requests.ConnectionError:
-        parser.exit(1, f"{parser.prog}: error: cannot reach the controller at "
-                       f"{args.controller_address} (start it first, or --no-register)\n")
+
+
+def register_when_listening(worker: JacobiWorker, server) -> None:
+    """Register (and start heartbeats) once `server` accepts connections; stop it if the
+    controller refuses, so a worker never runs unlisted."""
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.02)
+    try:
+        worker.init_heart_beat()
+    except (requests.RequestException, AssertionError) as e:
+        log.error("cannot register with the controller at %s: %s", worker.controller_addr, e)
+        server.should_exit = True
+        worker.registration_failed = True
+        return
+    log.info("registered with the controller at %s as %s", worker.controller_addr,
+             worker.worker_addr)
 
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    args, _ = create_worker(argv)
+    args, worker = create_worker(argv)
+    if args.debug:
+        logging.getLogger("fastchat_cllm").setLevel(logging.DEBUG)
     ssl = {"ssl_keyfile": os.environ["SSL_KEYFILE"], "ssl_certfile": os.environ["SSL_CERTFILE"]} \
         if args.ssl else {}
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **ssl)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="debug" if args.debug else "info", **ssl))
+    if not args.no_register:
+        threading.Thread(target=register_when_listening, args=(worker, server),
+                         daemon=True).start()
+    server.run()
+    if worker.registration_failed or not server.started:
+        raise SystemExit(1)

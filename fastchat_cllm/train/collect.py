@@ -16,22 +16,14 @@ import sys
 from pathlib import Path
 
 from ..chat_prompt import chat_prompt_ids
+from ..jsonl import jsonl_writer, numbered_jsonl
 from .trajectory import CollectConfig, collect_trajectory
 
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompt records with "id" and "prompt" or "prompt_ids"; ValueError names the bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
     records, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, record in numbered_jsonl(path):
         if not isinstance(record, dict) or not (
                 isinstance(record.get("prompt"), str) or _is_ids(record.get("prompt_ids"))):
             raise ValueError(f"{path}:{number}: needs a string 'prompt' or a list 'prompt_ids'")
@@ -52,15 +44,13 @@ def _is_ids(value) -> bool:
 
 def done_ids(path: str | Path) -> set[str]:
     """Ids already in a trajectory file (a torn last line from an interrupt is ignored)."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         return set()
     ids = set()
-    for line in path.read_text().splitlines():
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
+    for number, record in numbered_jsonl(path, torn_end=True):
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f"{path}:{number}: not a trajectory record (no 'id')")
+        ids.add(record["id"])
     return ids
 
 
@@ -90,9 +80,7 @@ def collect_file(model, tokenizer, prompts: list[dict], out: str | Path, config:
     todo = [p for p in prompts if p["id"] not in done]
     counts = {"skipped": len(prompts) - len(todo), "written": 0, "dropped": 0, "states": 0,
               "left": len(todo)}
-    if Path(out).exists():
-        _end_with_newline(out)
-    with open(out, "a") as f:
+    with jsonl_writer(out, append=True) as write:
         for record in tqdm(todo, desc="collect", unit="prompt", disable=not progress):
             ids = prompt_tokens(tokenizer, record, chat)
             trajectory = collect_trajectory(model, record["id"], ids, config)
@@ -103,19 +91,11 @@ def collect_file(model, tokenizer, prompts: list[dict], out: str | Path, config:
                 line = trajectory.as_dict()
                 counts["written"] += 1
                 counts["states"] += sum(len(b.states) + len(b.augmented) for b in trajectory.blocks)
-            f.write(json.dumps(line) + "\n")
-            f.flush()
+            write(line)
             counts["left"] -= 1
             if max_minutes and time.monotonic() - began > 60 * max_minutes:
                 break
     return counts
-
-
-def _end_with_newline(path: str | Path) -> None:
-    """Drop a torn last line left by an interrupted run, so appends start on a fresh line."""
-    text = Path(path).read_text()
-    if text and not text.endswith("\n"):
-        Path(path).write_text(text[: text.rfind("\n") + 1])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,6 +132,7 @@ def main(argv=None) -> int:
 
     try:
         prompts = read_prompts(args.prompts)
+        done_ids(args.out)      # a bad trajectory file fails here, before the model loads
         model, tokenizer = load(args.model, dtype=torch.float32, device=args.device)
         config = CollectConfig(args.block_size, args.max_new_tokens, eos_ids(tokenizer),
                                args.augment, args.max_repeat, args.seed)

@@ -15,25 +15,19 @@ import json
 import sys
 from pathlib import Path
 
+from ..jsonl import numbered_jsonl
 from .trainer import LOSSES, SCHEDULES, DistillConfig, total_steps, train
 from .trajectory import Trajectory
 
 
 def read_trajectories(path: str | Path) -> list[Trajectory]:
     """The kept trajectories of a collect output; ValueError names a bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"trajectory file {path} does not exist")
     out = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, record in numbered_jsonl(path):
         try:
-            record = json.loads(line)
-            if record.get("dropped"):
-                continue
-            out.append(Trajectory.from_dict(record))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            if not record.get("dropped"):
+                out.append(Trajectory.from_dict(record))
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}:{number}: not a trajectory record ({e})") from None
     if not out:
         raise ValueError(f"trajectory file {path} holds no trajectories")

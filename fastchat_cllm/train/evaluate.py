@@ -6,14 +6,15 @@ decoding, and the reference's fixed blocks (block_size, random initial guesses).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import torch
-
+from ..bench.methods import Target, decoder, timed
 from ..core import jacobi_generate
+from ..core.stats import tokens_per_forward
 from .problems import Problem, is_correct
 from .trajectory import REFERENCE_BLOCKS
+
+AR = decoder("ar")     # the benchmark's autoregressive baseline: transformers generate, greedy
 
 
 @dataclass
@@ -40,8 +41,8 @@ class Evaluation:
         jacobi_rate = (self.adaptive_tokens / self.adaptive_seconds
                        if self.adaptive_seconds else 0.0)
         return {
-            "tpf_fixed": self.fixed_accepted / max(1, self.fixed_forwards),
-            "tpf_adaptive": self.adaptive_accepted / max(1, self.adaptive_forwards),
+            "tpf_fixed": tokens_per_forward(self.fixed_accepted, self.fixed_forwards),
+            "tpf_adaptive": tokens_per_forward(self.adaptive_accepted, self.adaptive_forwards),
             "ar_tokens_per_s": ar_rate,
             "jacobi_tokens_per_s": jacobi_rate,
             "speedup": jacobi_rate / ar_rate if ar_rate else 0.0,
@@ -49,20 +50,6 @@ class Evaluation:
             "identical_to_teacher": 100.0 * self.identical / n,
             "lossless": 100.0 * self.lossless / n,
         }
-
-
-@torch.inference_mode()
-def greedy(model, ids: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:
-    x = torch.tensor([ids], device=model.device)
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-    return out[0, len(ids):].tolist()
-
-
-def _timed(fn, *args, **kwargs):
-    started = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - started
 
 
 def evaluate(model, tokenizer, problems: list[Problem], prompt_ids: dict, teacher: dict | None,
@@ -75,9 +62,10 @@ def evaluate(model, tokenizer, problems: list[Problem], prompt_ids: dict, teache
     result = Evaluation()
     for problem in tqdm(problems, desc="evaluate", unit="problem", disable=not progress):
         ids = prompt_ids[problem.id]
-        ar, ar_s = _timed(greedy, model, ids, max_new_tokens, eos)
-        adaptive, adaptive_s = _timed(jacobi_generate, model, ids, max_new_tokens=max_new_tokens,
-                                      block_size=block_size, eos_token_id=eos)
+        target = Target(ids, max_new_tokens, tuple(eos), eos[0])
+        ar, ar_s = timed(model, lambda: AR(model, target).tokens)
+        adaptive, adaptive_s = timed(model, lambda: jacobi_generate(
+            model, ids, max_new_tokens=max_new_tokens, block_size=block_size, eos_token_id=eos))
         fixed = jacobi_generate(model, ids, max_new_tokens=max_new_tokens, block_size=block_size,
                                 eos_token_id=eos, **REFERENCE_BLOCKS)
         result.problems += 1

@@ -6,11 +6,9 @@ subtractions and multiplications: short, formulaic answers, the domain where CLL
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 NAMES = ("Sam", "Mia", "Tom", "Lily", "Ben", "Emma", "Jack", "Zoe", "Leo", "Ava", "Max", "Nora")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "balloons")
@@ -69,9 +67,3 @@ def last_number(text: str) -> int | None:
 
 def is_correct(text: str, answer: int) -> bool:
     return last_number(text) == answer
-
-
-def write_jsonl(problems: list[Problem], path: str | Path) -> None:
-    with open(path, "w") as f:
-        for problem in problems:
-            f.write(json.dumps(asdict(problem)) + "\n")

@@ -7,7 +7,6 @@ resumed from a checkpoint continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..jsonl import jsonl_writer, read_jsonl, write_jsonl
 from .losses import cllm_loss
 from .packing import Segment, pack, packed_logits
 from .trajectory import Trajectory
@@ -142,16 +142,8 @@ def load_checkpoint(out_dir: Path, model, optimizer, scheduler) -> int:
 def _trim_log(path: Path, step: int) -> None:
     """Forget log lines written after the checkpoint (they will be logged again)."""
     if path.exists():
-        keep = [l for l in path.read_text().splitlines()
-                if l.strip() and _line_step(l) is not None and _line_step(l) < step]
-        path.write_text("".join(l + "\n" for l in keep))
-
-
-def _line_step(line: str) -> int | None:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
+        write_jsonl([line for line in read_jsonl(path, torn_end=True)
+                     if isinstance(line.get("step"), int) and line["step"] < step], path)
 
 
 def train_step(model, trajectories: list[Trajectory], config: DistillConfig, rng, accelerator):
@@ -191,7 +183,7 @@ def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir:
     start = load_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, scheduler)
     model.train()
     began, done = time.monotonic(), start
-    with open(out_dir / LOSS_LOG, "a") as log:
+    with jsonl_writer(out_dir / LOSS_LOG, append=True) as log:
         bar = tqdm(range(start, steps), initial=start, total=steps, desc="distill",
                    disable=not progress)
         for step in bar:
@@ -207,8 +199,7 @@ def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir:
             line = {"step": step, **{k: round(v, 5) for k, v in parts.items()},
                     "lr": scheduler.get_last_lr()[0], "states": states,
                     "seconds": round(time.monotonic() - tick, 3)}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
+            log(line)
             bar.set_postfix(loss=f"{parts['loss']:.3f}", kl=f"{parts['consistency']:.3f}")
             out_of_time = config.max_minutes and time.monotonic() - began > 60 * config.max_minutes
             if done % config.save_every == 0 or done == steps or out_of_time:

@@ -1,0 +1,69 @@
+"""The GPU check's CPU side: `bash run.sh gpu-check` refuses in one line without CUDA, and its dry
+run (--device cpu) runs every step and writes the JSON and the summary."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import tiny_model
+from fastchat_cllm.bench.gpu_check import REFUSAL
+from fastchat_cllm.core import kv_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--batch", "1,2", "--window", "1,4", "--context", "32", "--new-tokens", "8"]
+
+
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "run.sh", "gpu-check", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check runs")
+def test_gpu_check_without_cuda_refuses_in_one_line():
+    done = gpu_check()
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [REFUSAL] and done.stdout == ""
+
+
+def test_gpu_check_dry_run_on_cpu_runs_every_step(tmp_path):
+    done = gpu_check("--device", "cpu", *SMALL, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "gpu_check.json").read_text())
+    tests, cost, shipped = (run["steps"][k] for k in ("cuda_tests", "forward_cost", "shipped_cllm"))
+    assert tests["status"] == ("passed" if torch.cuda.is_available() else "skipped")
+    assert tests["skipped"] + tests["passed"] > 0 and tests["failed"] == []
+    assert (tmp_path / "cuda_tests.xml").exists()
+
+    assert cost["status"] == "done" and cost["model"]["shape"] == "tiny"
+    assert [(c["batch"], c["window"]) for c in cost["cells"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    assert all(c["eager_ms"] > 0 and c["static_ms"] > 0 for c in cost["cells"])
+    assert cost["cells"][0]["compiled_ms"] > 0 and cost["cells"][0]["break_even"] == 1
+    decode = cost["decode_at_window_1"]
+    assert decode["identical"] and decode["ar"]["forwards"] == decode["jacobi-b1"]["forwards"] == 8
+
+    assert shipped["status"] == "skipped" and "smollm2-135m-cllm" in shipped["reason"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary in done.stdout and "| B | n | eager ms (dynamic cache)" in summary
+    for heading in ("## 1. CUDA tests", "## 2. Forward cost", "## 3. Shipped CLLM"):
+        assert heading in summary
+
+
+@torch.inference_mode()
+def test_a_static_cache_step_computes_what_the_engines_cache_does():
+    """The static-cache (and compiled) cells time the engine's forward: same logits, and drop_last
+    moves a static cache's length back as it crops a dynamic one."""
+    model = tiny_model("llama")
+    context, block = torch.randint(3, 96, (2, 20)), torch.randint(3, 96, (2, 5))
+    logits = []
+    for cache in (kv_cache.new_cache(model), kv_cache.new_static_cache(model, 32)):
+        step = kv_cache.step_function(model, cache)
+        step(context)
+        step(block)
+        kv_cache.drop_last(cache, 5)
+        assert kv_cache.cached_length(cache) == 20
+        logits.append(step(block))
+    torch.testing.assert_close(logits[0], logits[1])

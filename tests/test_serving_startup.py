@@ -1,0 +1,115 @@
+"""Start-up of the serving shell: the worker joins the controller only once it answers, `serve`
+refuses busy ports before starting anything, and a FastChat other than the one we were built
+on stops every launcher with one line."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from harness import MODEL, free_ports, spawn, stop, wait_for
+
+pytestmark = pytest.mark.slow
+WORKER_START = 300
+
+
+def test_worker_is_listed_only_once_it_answers(tmp_path):
+    """The old race: the worker registered before its HTTP server listened, so a
+    /refresh_all_workers in that gap (the API server's /v1/models sends one) found its status
+    refused and dropped it until the next heartbeat, 45 s later. Refresh as fast as the
+    controller answers while the worker starts: once listed, it must stay listed."""
+    controller_port, worker_port = free_ports(2)
+    controller = f"http://127.0.0.1:{controller_port}"
+    processes = [spawn(tmp_path / "controller.log", "fastchat.serve.controller",
+                       "--host", "127.0.0.1", "--port", str(controller_port))]
+    try:
+        wait_for(lambda: requests.post(controller + "/list_models", timeout=5).ok, 120)
+        processes.append(spawn(
+            tmp_path / "worker.log", "fastchat_cllm.worker", "--port", str(worker_port),
+            "--controller-address", controller, "--dtype", "float32"))
+        listed_at, refreshes = None, 0
+        deadline = time.monotonic() + WORKER_START
+        while time.monotonic() < deadline:
+            assert processes[1].poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            requests.post(controller + "/refresh_all_workers", timeout=30)
+            refreshes += 1
+            models = requests.post(controller + "/list_models", timeout=5).json()["models"]
+            if listed_at is None and models:
+                listed_at = refreshes
+            if listed_at is not None:
+                assert models == [MODEL], (f"listed at refresh {listed_at}, dropped at "
+                                           f"{refreshes}")
+                if refreshes - listed_at >= 20:
+                    break
+        assert listed_at is not None, "the worker never registered"
+        status = requests.post(f"http://127.0.0.1:{worker_port}/worker_get_status", timeout=5)
+        assert status.json()["model_names"] == [MODEL]
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+def test_serve_refuses_a_busy_port_before_starting_anything(tmp_path):
+    ports = free_ports(4)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[1]))
+        taken.listen()
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "fastchat_cllm.serve", "--controller-port", str(ports[0]),
+             "--worker-port", str(ports[1]), "--api-port", str(ports[2]),
+             "--logdir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"fastchat_cllm.serve: port {ports[1]} (--worker-port) on "
+                                   f"127.0.0.1 is already in use")
+    assert "started" not in done.stdout and time.monotonic() - started < 60
+    same = subprocess.run(
+        [sys.executable, "-m", "fastchat_cllm.serve", "--controller-port", str(ports[3]),
+         "--api-port", str(ports[3]), "--logdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert same.returncode == 1
+    assert same.stderr.strip() == (f"fastchat_cllm.serve: --api-port and --controller-port "
+                                   f"are both {ports[3]}")
+
+
+SHIM = ("import sys, runpy, fastchat{extra}; {change}; sys.argv[0] = {prog!r}; "
+        "runpy.run_module({module!r}, run_name='__main__')")
+
+
+def launch_with(module: str, change: str, extra: str = "") -> subprocess.CompletedProcess:
+    prog = module.rsplit(".", 1)[1]
+    code = SHIM.format(extra=extra, change=change, prog=prog, module=module)
+    return subprocess.run([sys.executable, "-c", code, "--port", "1"], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module", ["fastchat_cllm.openai_api_server", "fastchat_cllm.worker",
+                                    "fastchat_cllm.gradio_web_server", "fastchat_cllm.cli",
+                                    "fastchat_cllm.serve"])
+def test_another_fastchat_version_stops_every_launcher_with_one_line(module):
+    done = launch_with(module, "fastchat.__version__ = '0.2.35'")
+    prog = module.rsplit(".", 1)[1]
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"{prog}: error: fastchat-cllm needs fschat==0.2.36, found "
+                                   f"0.2.35 (pip install 'fschat==0.2.36')")
+
+
+def test_a_missing_stock_name_stops_the_launcher_with_one_line():
+    done = launch_with("fastchat_cllm.gradio_web_server",
+                       "del fastchat.serve.gradio_web_server.build_demo",
+                       extra=", fastchat.serve.gradio_web_server")
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("gradio_web_server: error: fastchat.serve.gradio_web_server "
+                                   "lacks build_demo: fastchat-cllm needs fschat==0.2.36")
+
+
+def test_terminal_chat_help_lists_the_jacobi_flags_and_not_the_refused_one():
+    done = subprocess.run([sys.executable, "-m", "fastchat_cllm.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "--window-size" in done.stdout and "--model-path" in done.stdout
+    assert "--judge-sent-end" not in done.stdout
