@@ -3,6 +3,7 @@ worker on SmolLM2 in fp32, our API server, our web UI) driven through the openai
 headless Chromium; the terminal chat; answers compared with transformers' greedy generate."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def client(stack):
 def greedy_chat(stack, smollm2):
     """The answer to QUESTION by transformers' greedy generate, on the prompt the API builds
     (the worker's conversation template)."""
-    from fastchat_cllm.serving.compat import worker_conversation
+    from fastchat_cllm.serving.web_ui import worker_conversation
 
     model, tokenizer = smollm2
     conv = worker_conversation(stack.controller, MODEL)
@@ -310,7 +311,9 @@ def test_web_ui_chat_turn_in_headless_chromium(stack, greedy_chat):
                     b => b.innerText.includes('Regenerate'));
                 return bots.length && regen && !regen.disabled; }""", timeout=180_000)
             page.screenshot(path=SCREENSHOT, full_page=True)
-            assert answer.inner_text().strip() == greedy_chat[2].strip()
+            shown, stats = answer.inner_text().strip().rsplit("\n\n", 1)   # answer, its line
+            assert shown.strip() == greedy_chat[2].strip()
+            assert re.fullmatch(r"\d+\.\d\d tokens per forward · \d+\.\d tokens/s", stats), stats
         finally:
             browser.close()
 
