@@ -11,19 +11,26 @@ import torch
 
 from harness import tiny_model
 
-LAZY = """
+REGISTERED = """
 import sys
 import fastchat_cllm
 assert "fastchat" not in sys.modules, "import fastchat_cllm imported FastChat"
-from fastchat.model.model_adapter import model_adapters, get_model_adapter
-print(type(model_adapters[0]).__name__, type(get_model_adapter("lmsys/vicuna-7b-v1.5")).__name__)
+from fastchat.model.model_adapter import model_adapters
+assert type(model_adapters[0]).__name__ != "CllmAdapter", "registered without being asked"
+import fastchat_cllm.serving
+from fastchat.model.model_adapter import get_model_adapter
+print(type(model_adapters[0]).__name__, type(get_model_adapter("lmsys/vicuna-7b-v1.5")).__name__,
+      sum(type(a).__name__ == "CllmAdapter" for a in model_adapters))
 """
 
 
-def test_plugin_registers_first_when_fastchat_is_imported():
-    done = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=300)
+def test_importing_serving_registers_the_plugin_first_and_once():
+    """The one registration path for a process of one's own: import fastchat_cllm.serving
+    (importing fastchat_cllm alone loads no FastChat and registers nothing)."""
+    done = subprocess.run([sys.executable, "-c", REGISTERED], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["CllmAdapter", "VicunaAdapter"]
+    assert done.stdout.split() == ["CllmAdapter", "VicunaAdapter", "1"]
 
 
 @pytest.mark.parametrize("path, prompt", [
@@ -109,8 +116,7 @@ def test_api_usage_keeps_jacobi_counts_and_streaming_json_works():
 
     from fastchat_cllm.serving import compat
 
-    compat.keep_jacobi_usage()
-    compat.fix_streaming_json()
+    compat.fix_protocol()
     total = protocol.UsageInfo()
     for forwards, tokens in ((4, 6), (2, 2)):           # the API server's sum over n choices
         part = protocol.UsageInfo.model_validate(

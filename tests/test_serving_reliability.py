@@ -110,7 +110,38 @@ BAD = {   # kind: (endpoint, body, what the error message must name)
                                   "best_of": 3}, "best_of"),
     "presence_penalty": ("chat/completions", chat_body(presence_penalty=1.0),
                          "presence_penalty"),
+    "an image part": ("chat/completions", {**chat_body(), "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "content[0]"),
+    "a part without a type": ("chat/completions", {**chat_body(), "messages": [
+        {"role": "user", "content": [{"text": "Hi"}]}]}, "content[0]"),
+    "content null": ("chat/completions", {**chat_body(), "messages": [
+        {"role": "user", "content": None}]}, "content"),
+    "two different max tokens": ("chat/completions", chat_body(max_completion_tokens=9),
+                                 "max_completion_tokens"),
+    "logit_bias not a token id": ("chat/completions", chat_body(logit_bias={"x": 1}),
+                                  "logit_bias"),
+    "logit_bias 200": ("chat/completions", chat_body(logit_bias={"33": 200}), "logit_bias"),
+    "logit_bias outside the vocabulary": ("chat/completions",
+                                          chat_body(logit_bias={"10000000": 1}), "logit_bias"),
+    "prompt ids outside the vocabulary": ("completions", {"model": MODEL, "prompt": [10 ** 7],
+                                                          "max_tokens": 2}, "prompt"),
+    "prompt ids and text mixed": ("completions", {"model": MODEL, "prompt": [1, "a"]}, "prompt"),
+    "tools": ("chat/completions", chat_body(tools=[{"type": "function"}]), "tools"),
+    "response_format json": ("chat/completions",
+                             chat_body(response_format={"type": "json_object"}),
+                             "response_format"),
+    "suffix": ("completions", {"model": MODEL, "prompt": "Hi", "suffix": "x"}, "suffix"),
 }
+# Field values of the wrong shape, for every field a client may send (fuzz battery).
+ODD = [None, True, -1, 0, 2.5, "", "x" * 300, [], {}, [None], [[1, [2]]], {"a": {"b": [1]}},
+       "\x00", float("1e300")]
+CHAT_FIELDS = ["model", "messages", "temperature", "top_p", "top_k", "n", "max_tokens",
+               "max_completion_tokens", "stop", "stream", "presence_penalty", "logprobs",
+               "top_logprobs", "seed", "logit_bias", "stream_options", "tools", "tool_choice",
+               "response_format", "user", "modalities"]
+COMPLETION_FIELDS = ["model", "prompt", "suffix", "temperature", "n", "max_tokens", "stop",
+                     "stream", "logprobs", "echo", "seed", "logit_bias", "best_of",
+                     "use_beam_search", "stream_options"]
 RAW = {   # kind: (body bytes, what the message must name)
     "malformed JSON": (b'{"model": "x", "messages": [', "JSON"),
     "invalid UTF-8": (b'{"model":"' + MODEL.encode() + b'","messages":[{"role":"user",'
@@ -145,6 +176,44 @@ def test_odd_but_valid_text_is_served(stack, content):
     reply = post(stack, "chat/completions", chat_body(content))
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def fuzzed(path: str, base: dict, fields: list[str]):
+    for field in fields:
+        for value in ODD:
+            if field in ("max_tokens", "max_completion_tokens", "n") and value in (None, 1e300):
+                continue            # valid and unbounded: a long answer, not a fuzz case
+            yield path, field, value, {**base, field: value}
+
+
+def test_fuzzed_fields_get_200_or_a_4xx_with_a_code(stack):
+    """Every field of both endpoints set to values of the wrong type, null, nested or huge: each
+    answer is a 200 or a 4xx with an error code and a message (never a 500), streamed or not,
+    and the worker's queue is back to 0 after."""
+    chat = {**chat_body(max_tokens=2), "stream": False}
+    completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    cases = [*fuzzed("chat/completions", chat, CHAT_FIELDS),
+             *fuzzed("completions", completion, COMPLETION_FIELDS)]
+
+    def send(case):
+        path, field, value, body = case
+        try:
+            reply = post(stack, path, body, timeout=120)
+        except ValueError:                      # not JSON-serialisable (inf): not sendable
+            return None
+        if reply.status_code == 200:
+            return None
+        error = reply.json() if reply.headers.get("content-type", "").startswith(
+            "application/json") else {}
+        ok = 400 <= reply.status_code < 500 and isinstance(error.get("code"), int) and \
+            error.get("message")
+        return None if ok else f"{path} {field}={value!r}: {reply.status_code} {reply.text[:200]}"
+
+    with ThreadPoolExecutor(8) as pool:
+        failures = [f for f in pool.map(send, cases) if f]
+    print(f"\n{len(cases)} fuzzed requests")
+    assert not failures, "\n".join(failures)
+    assert wait_idle(stack.worker)["queue_length"] == 0
 
 
 def test_worker_serves_after_bad_requests(stack):

@@ -286,7 +286,11 @@ def test_status_answers_while_generating(client, stack):
 
 
 def test_web_ui_chat_turn_in_headless_chromium(stack, greedy_chat):
+    """A greedy chat turn in FastChat's UI: the greedy answer, and under it the line with its
+    tokens per forward and tokens/s (the worker's usage); our model description, no error."""
     from playwright.sync_api import sync_playwright
+
+    from fastchat_cllm.serving.web_ui import DESCRIPTION
 
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed (apt-get install chromium)"
@@ -311,9 +315,13 @@ def test_web_ui_chat_turn_in_headless_chromium(stack, greedy_chat):
                     b => b.innerText.includes('Regenerate'));
                 return bots.length && regen && !regen.disabled; }""", timeout=180_000)
             page.screenshot(path=SCREENSHOT, full_page=True)
-            shown, stats = answer.inner_text().strip().rsplit("\n\n", 1)   # answer, its line
-            assert shown.strip() == greedy_chat[2].strip()
-            assert re.fullmatch(r"\d+\.\d\d tokens per forward · \d+\.\d tokens/s", stats), stats
+            text, stats = answer.inner_text().strip().rsplit("\n", 1)
+            assert text.strip() == greedy_chat[2].strip()
+            assert re.fullmatch(r"(\d+\.\d\d) tokens per forward · (\d+\.\d) tokens/s", stats), stats
+            rate = float(stats.split()[0])
+            assert 1.0 <= rate <= 48, stats
+            assert DESCRIPTION in page.content()
+            assert not page.get_by_text("Error", exact=True).is_visible()
         finally:
             browser.close()
 

@@ -147,7 +147,7 @@ def decode_overhead(model, grid: Grid, new_tokens: int) -> dict:
         decode = decoder(name)
         timed_run(decode, model, target)
         runs = [timed_run(decode, model, target) for _ in range(DECODE_RUNS)]
-        methods[name] = {"tokens": runs[0].tokens, "forwards": runs[0].forwards,
+        methods[name] = {"tokens": runs[0].tokens, "model_calls": runs[0].model_calls,
                          "tokens_per_second": statistics.median(
                              len(r.tokens) / r.seconds for r in runs)}
     ar, engine = methods["ar"], methods["jacobi-b1"]

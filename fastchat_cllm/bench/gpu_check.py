@@ -144,7 +144,7 @@ def _cost_section(cost: dict) -> list[str]:
              c.get("compiled_compile_s"), c["break_even"]] for c in cost["cells"]]
     errors = [f"static cache: {cost['static_error']}"] if cost["static_error"] else []
     errors += [f"compile: {c['compiled_error']}" for c in cost["cells"] if "compiled_error" in c]
-    methods = [[name, decode[name]["tokens_per_second"], decode[name]["forwards"]]
+    methods = [[name, decode[name]["tokens_per_second"], decode[name]["model_calls"]]
                for name in ("ar", "jacobi-b1")]
     return [
         f"{model['shape']} ({model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
@@ -155,7 +155,7 @@ def _cost_section(cost: dict) -> list[str]:
         f"transformers generate vs the engine at window 1 (B = 1, {decode['new_tokens']} new "
         f"tokens): engine/AR speed {decode['engine_vs_ar']:.3f}, same tokens: "
         f"{'yes' if decode['identical'] else 'no'}",
-        "", report.markdown_table(["method", "tokens/s", "forwards"], methods)]
+        "", report.markdown_table(["method", "tokens/s", "model calls"], methods)]
 
 
 def summary(run: dict) -> str:
