@@ -43,25 +43,29 @@ def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0):
     return model_class(config).to(dtype).eval()
 
 
-def ar_greedy(model, ids, max_new_tokens: int, eos=None) -> list[int]:
-    """The reference: transformers' own greedy generate (KV cache), new tokens only."""
+def ar_greedy(model, ids, max_new_tokens: int, eos=None, bias: dict | None = None) -> list[int]:
+    """The reference: transformers' own greedy generate (KV cache), new tokens only; `bias`
+    ({token: logit bias}) as single-token sequence_bias."""
     ids = torch.as_tensor(ids).reshape(1, -1).to(model.device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=list(eos) if eos else None, pad_token_id=0,
-                         attention_mask=torch.ones_like(ids))
+                         attention_mask=torch.ones_like(ids),
+                         sequence_bias={(t,): b for t, b in bias.items()} if bias else None)
     return out[0, ids.shape[1]:].tolist()
 
 
-def tiny_greedy(arch: str, ids, max_new_tokens: int, eos=(), dtype=torch.float32,
-                seed: int = 0) -> list[int]:
+def tiny_greedy(arch: str, ids, max_new_tokens: int, eos=(), dtype=torch.float32, seed: int = 0,
+                bias: dict | None = None) -> list[int]:
     """ar_greedy of an untouched tiny_model(arch, dtype, seed), computed once per argument set."""
     key = tuple(torch.as_tensor(ids).flatten().tolist())
-    return list(_tiny_greedy(arch, key, max_new_tokens, tuple(eos or ()), dtype, seed))
+    return list(_tiny_greedy(arch, key, max_new_tokens, tuple(eos or ()), dtype, seed,
+                             tuple(sorted((bias or {}).items()))))
 
 
 @lru_cache(maxsize=None)
-def _tiny_greedy(arch, ids, max_new_tokens, eos, dtype, seed) -> tuple[int, ...]:
-    return tuple(ar_greedy(tiny_model(arch, dtype, seed), list(ids), max_new_tokens, eos))
+def _tiny_greedy(arch, ids, max_new_tokens, eos, dtype, seed, bias) -> tuple[int, ...]:
+    model = tiny_model(arch, dtype, seed)
+    return tuple(ar_greedy(model, list(ids), max_new_tokens, eos, dict(bias)))
 
 
 @torch.inference_mode()
@@ -251,13 +255,9 @@ class Serve:
         return self.wait()
 
     def close(self) -> None:
-        """Stop serve if it still runs: SIGTERM, then SIGKILL after a minute."""
-        if self.process.poll() is None:
-            try:
-                self.stop()
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.wait()
+        """Stop serve if it still runs (SIGTERM, then SIGKILL after a minute)."""
+        stop(self.process)
+        self.wait()
 
     def log(self, name: str) -> str:
         """What the child `name` (controller, worker, api, web) wrote to its log."""

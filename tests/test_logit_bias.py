@@ -9,10 +9,10 @@ from transformers.generation.logits_process import (LogitsProcessorList,
                                                     SequenceBiasLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper)
 
-from harness import tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.sampling import bias_vector, process_logits
-from harness import PROMPT, ar_distribution, chi_square_p, jacobi_samples, peaked_model
+from harness import (PROMPT, ar_distribution, ar_greedy, chi_square_p, jacobi_samples,
+                     peaked_model, tiny_greedy, tiny_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EOS = 2
@@ -28,52 +28,50 @@ def random_bias(seed: int, count: int = 30, scale: float = 0.1) -> dict[int, flo
     return dict(zip(tokens, values))
 
 
-def ar_biased(model, ids, max_new_tokens: int, bias: dict[int, float]) -> list[int]:
-    """The reference: transformers' greedy generate with the bias as single-token sequence_bias."""
-    ids = torch.as_tensor(ids).reshape(1, -1)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS,
-                         pad_token_id=0, attention_mask=torch.ones_like(ids),
-                         sequence_bias={(t,): b for t, b in bias.items()} or None)
-    return out[0, ids.shape[1]:].tolist()
-
-
 def prompt(seed: int, length: int = 9) -> list[int]:
     return torch.randint(3, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture(scope="module", params=("llama", "qwen2"))
-def model(request):
-    return tiny_model(request.param)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(arch):
+    return tiny_model(arch)
 
 
 @pytest.mark.parametrize("window_size", (1, 4, 16))
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_with_bias_equals_generate_with_sequence_bias(model, window_size, mode):
+def test_greedy_with_bias_equals_generate_with_sequence_bias(arch, model, window_size, mode):
+    """The references (generate with the bias as single-token sequence_bias) are computed once
+    per architecture, seed and bias (tiny_greedy)."""
     changed = 0
     for seed in (1, 2, 3):
         ids, bias = prompt(seed), random_bias(seed)
-        expected = ar_biased(model, ids, 40, bias)
-        changed += expected != ar_biased(model, ids, 40, {})
+        expected = tiny_greedy(arch, ids, 40, [EOS], bias=bias)
+        changed += expected != tiny_greedy(arch, ids, 40, [EOS])
         out = jacobi_generate(model, ids, max_new_tokens=40, window_size=window_size,
                               eos_token_id=EOS, logit_bias=bias, **MODES[mode])
         assert out.tokens == expected
     assert changed == 3                         # every bias changed the greedy output
 
 
-def test_strong_negative_bias_removes_the_first_token(model):
+def test_strong_negative_bias_removes_the_first_token(arch, model):
     ids = prompt(4)
     free = jacobi_generate(model, ids, max_new_tokens=30, eos_token_id=EOS).tokens
     bias = {free[0]: -100.0}
     out = jacobi_generate(model, ids, max_new_tokens=30, eos_token_id=EOS, logit_bias=bias)
     assert free[0] not in out.tokens
-    assert out.tokens == ar_biased(model, ids, 30, bias)
+    assert out.tokens == tiny_greedy(arch, ids, 30, [EOS], bias=bias)
 
 
 def test_greedy_with_bias_fp64():
     model = tiny_model("mistral", dtype=torch.float64, seed=3)
     ids, bias = prompt(5, length=12), random_bias(5)
-    expected = ar_biased(model, ids, 45, bias)
-    assert expected != ar_biased(model, ids, 45, {})
+    expected = ar_greedy(model, ids, 45, [EOS], bias)
+    assert expected != ar_greedy(model, ids, 45, [EOS])
     for window_size in (4, 16):
         assert jacobi_generate(model, ids, max_new_tokens=45, window_size=window_size,
                                eos_token_id=EOS, logit_bias=bias).tokens == expected

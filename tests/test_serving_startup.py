@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from harness import MODEL, free_ports, spawn, stop, wait_for
+from harness import MODEL, free_ports, listed_models, spawn, stop, wait_for, worker_status
 
 pytestmark = pytest.mark.slow
 WORKER_START = 300
@@ -27,7 +27,7 @@ def test_worker_is_listed_only_once_it_answers(tmp_path):
     processes = [spawn(tmp_path / "controller.log", "fastchat.serve.controller",
                        "--host", "127.0.0.1", "--port", str(controller_port))]
     try:
-        wait_for(lambda: requests.post(controller + "/list_models", timeout=5).ok, 120)
+        wait_for(lambda: listed_models(controller) is not None, 120, "the controller answers")
         processes.append(spawn(
             tmp_path / "worker.log", "fastchat_cllm.worker", "--port", str(worker_port),
             "--controller-address", controller, "--dtype", "float32"))
@@ -37,7 +37,7 @@ def test_worker_is_listed_only_once_it_answers(tmp_path):
             assert processes[1].poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
             requests.post(controller + "/refresh_all_workers", timeout=30)
             refreshes += 1
-            models = requests.post(controller + "/list_models", timeout=5).json()["models"]
+            models = listed_models(controller)
             if listed_at is None and models:
                 listed_at = refreshes
             if listed_at is not None:
@@ -46,8 +46,7 @@ def test_worker_is_listed_only_once_it_answers(tmp_path):
                 if refreshes - listed_at >= 20:
                     break
         assert listed_at is not None, "the worker never registered"
-        status = requests.post(f"http://127.0.0.1:{worker_port}/worker_get_status", timeout=5)
-        assert status.json()["model_names"] == [MODEL]
+        assert worker_status(f"http://127.0.0.1:{worker_port}")["model_names"] == [MODEL]
     finally:
         for process in reversed(processes):
             stop(process)

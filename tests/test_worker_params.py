@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from harness import chat_ids
+from harness import ar_greedy, chat_ids
 from fastchat_cllm.serving.params import MAX_LOGIT_BIAS, ParamError, parse_params
 
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -76,27 +75,17 @@ def run(chat, **params) -> list[dict]:
     return list(generate_stream(model, tokenizer, params, context_len=8192, stream_interval=4))
 
 
-def ar_biased(chat, ids, bias: dict[int, float]) -> list[int]:
-    """transformers' greedy generate with the bias as single-token sequence_bias."""
-    model, tokenizer = chat[:2]
-    ids = torch.tensor([ids])
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, attention_mask=torch.ones_like(ids),
-                         pad_token_id=tokenizer.eos_token_id,
-                         sequence_bias={(t,): b for t, b in bias.items()} or None)
-    return out[0, ids.shape[1]:].tolist()
-
-
 def decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 @pytest.mark.slow
 def test_logit_bias_greedy_text_equals_generate_with_the_bias(chat):
-    _, tokenizer, _, ids = chat
-    free = ar_biased(chat, ids, {})
+    model, tokenizer, _, ids = chat
+    eos = [tokenizer.eos_token_id]
+    free = ar_greedy(model, ids, NEW_TOKENS, eos)
     bias = {free[0]: -100.0, free[2]: 4.0}
-    expected = ar_biased(chat, ids, bias)
+    expected = ar_greedy(model, ids, NEW_TOKENS, eos, bias)
     assert expected != free and free[0] not in expected
     last = run(chat, logit_bias={str(t): b for t, b in bias.items()})[-1]
     assert last["text"] == decode(tokenizer, expected)
