@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 
 from .. import loading
@@ -35,6 +36,18 @@ def _checked(start):
     return launcher
 
 
+@contextmanager
+def plain_std_streams():
+    """The process's own stdout/stderr for a while (importing a FastChat server module routes
+    them through its logger, which prefixes every line)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
 def _ssl(enabled: bool) -> dict:
     return {"ssl_keyfile": os.environ["SSL_KEYFILE"],
             "ssl_certfile": os.environ["SSL_CERTFILE"]} if enabled else {}
@@ -53,14 +66,15 @@ def api_server() -> None:
                       help="larger request bodies are refused with 413 before parsing")
     limits, sys.argv[1:] = ours.parse_known_args()
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print(ours.format_help())
+        print(ours.format_help(), file=sys.__stdout__, flush=True)
     if limits.max_request_bytes < 1:
         fail(f"--max-request-bytes must be >= 1, got {limits.max_request_bytes}")
     # before create_openai_api_server adds CORS: middleware added later runs first, so a 413
     # still carries the CORS headers a browser client needs to read it
     server.app.add_middleware(body_limit.BodyLimit, max_bytes=limits.max_request_bytes)
     _defaults({"--host": "127.0.0.1", "--controller-address": CONTROLLER})
-    args = server.create_openai_api_server()
+    with plain_std_streams():              # its --help and usage errors read as argparse's
+        args = server.create_openai_api_server()
     openai_routes.install(server.app, server)
     compat.answer_unreachable_worker(server.app)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level="info", **_ssl(args.ssl))
