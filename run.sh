@@ -29,14 +29,17 @@ install_browser() {
 
 download_wheels() {
     # What an offline GPU machine (Python 3.12, its own torch) needs beyond its image: transformers
-    # at the version this checkout's tests run with (its StaticCache crops: the compiled cells).
-    local version
-    version=$("$PY" -c "import transformers; print(transformers.__version__)")
+    # at the version this checkout's tests run with (its StaticCache crops: the compiled cells),
+    # with the tokenizers and huggingface_hub it was tested with (the image's may be older)
+    local pins
+    pins=$("$PY" -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in
+        ('transformers', 'tokenizers', 'huggingface_hub')))")
     rm -rf .whl
+    # shellcheck disable=SC2086
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform manylinux1_x86_64 -d .whl "transformers==$version"
+        --platform manylinux1_x86_64 -d .whl $pins
 }
 
 install_wheels() {

@@ -1,12 +1,12 @@
 """Tokens per forward of Jacobi decoding under sampling next to greedy, on a few chat prompts.
 
 python examples/sampling_tpf.py [--model smollm2-135m-instruct] [--max-new-tokens 96]
-    [--block-size 16] [--temperature 0.7] [--top-p 0.9] [--seeds 3] [--threads 2]
+    [--window-size 16] [--temperature 0.7] [--top-p 0.9] [--seeds 3] [--threads 2]
     [--prompts held_out.jsonl [--limit 8]]
 
 Runs every prompt greedily and with sampling (one run per seed, under each acceptance rule:
 Gumbel noise fixed per position, and the textbook speculative rule), each with a fixed window of
---block-size positions (what acceptance allows) and with the adaptive engine (what it pays to
+--window-size positions (what acceptance allows) and with the adaptive engine (what it pays to
 run), and prints tokens made final per forward and seconds per token. --prompts takes JSON lines
 with a "prompt" field (e.g. a CLLM's held-out problems) instead of the 4 built-in chat prompts.
 """
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="alias or path (default: the bundled SmolLM2)")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--window-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seeds", type=int, default=3, help="sampled runs per prompt")
@@ -68,14 +68,14 @@ def main(argv=None) -> None:
     prompts = read_prompts(args.prompts, args.limit)
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=torch.float32, device="cpu")
-    base = dict(max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+    base = dict(max_new_tokens=args.max_new_tokens, window_size=args.window_size,
                 eos_token_id=tokenizer.eos_token_id)
     sampled = dict(temperature=args.temperature, top_p=args.top_p)
     runs = {"greedy": [dict()]}
     for rule in ("gumbel", "speculative"):
         runs[f"sampled, {rule}"] = [dict(sampled, seed=s, acceptance=rule)
                                     for s in range(args.seeds)]
-    windows = {f"fixed window {args.block_size}": dict(adaptive=False), "adaptive": dict()}
+    windows = {f"fixed window {args.window_size}": dict(adaptive=False), "adaptive": dict()}
     results = {(d, w): [] for d in runs for w in windows}
     for question in prompts:
         ids = chat_ids(tokenizer, question)

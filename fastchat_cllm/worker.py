@@ -1,5 +1,5 @@
 """`python -m fastchat_cllm.worker`: FastChat's model worker with Jacobi decoding (every stock
-model_worker flag, plus --block-size and the other Jacobi flags)."""
+model_worker flag, plus --window-size and the other Jacobi flags)."""
 
 from ._entry import run
 

@@ -349,7 +349,7 @@ def jacobi_samples(model, acceptance: str, settings: dict = SETTINGS, samples: i
     accepted = rejected = 0
     for seed in range(samples):
         tokens = []
-        for step in jacobi_stream(model, PROMPT, max_new_tokens=new_tokens, block_size=4,
+        for step in jacobi_stream(model, PROMPT, max_new_tokens=new_tokens, window_size=4,
                                   adaptive=False, seed=seed, acceptance=acceptance, **settings):
             tokens += step.tokens
             if step.window:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import string
 import subprocess
 import sys
 
 import pytest
 
-from harness import TINY, ar_greedy, tiny_model
+from harness import ar_greedy, char_tokenizer, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
 from fastchat_cllm.bench.offline import _record, summarize
@@ -16,29 +15,11 @@ from fastchat_cllm.bench.nocache import nocache_generate
 from fastchat_cllm.bench.report import speedup_chart
 from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, read_prompts
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 # `python -m fastchat_cllm.bench ARGS`, then say whether the run imported FastChat.
 RUN_MAIN = ("import sys; from fastchat_cllm.bench.__main__ import main; main(sys.argv[1:]); "
             "print('imports fastchat:', any(m.split('.')[0] == 'fastchat' for m in sys.modules))")
-METHODS = ("ar", "jacobi", "jacobi-b4", "jacobi-b4-pool", "jacobi-nocache", "jacobi-nocache-b4", "pld",
-           "assisted")
-
-
-def char_tokenizer():
-    """A character-level tokenizer with ids in the tiny models' vocabulary (0-2: pad, bos, eos)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = (" \n" + string.ascii_letters + string.digits + string.punctuation)
-    vocab = {tok: i for i, tok in enumerate(specials + list(chars[: TINY["vocab_size"] - 4]))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nocache", "jacobi-nocache-b4",
+           "pld", "assisted")
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +102,13 @@ def test_chart_text_stays_inside_the_figure(tmp_path, monkeypatch):
         assert box.y0 <= extent.y0 and extent.y1 <= box.y1, text
 
 
-@pytest.mark.parametrize("block_size", [2, 5])
-def test_nocache_jacobi_equals_ar_greedy(block_size):
+@pytest.mark.parametrize("window_size", [2, 5])
+def test_nocache_jacobi_equals_ar_greedy(window_size):
     model = tiny_model("qwen2")
     prompt = [1, 5, 9, 5, 9, 5, 9, 30]
     expected = ar_greedy(model, prompt, 20)
     with counting_forwards(model) as count:
-        result = nocache_generate(model, prompt, 20, block_size)
+        result = nocache_generate(model, prompt, 20, window_size)
     assert result.tokens == expected
     assert result.forwards == count[0]
     # Each block needs at least one forward more than it gained beyond one token a forward.
@@ -145,20 +126,23 @@ def test_nocache_stops_after_eos():
 
 
 def test_unknown_methods_are_rejected():
-    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool"):
+    for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool",
+                 "jacobi-nocache-w4", "jacobi-w"):
         with pytest.raises(ValueError):
             decoder(name)
     with pytest.raises(ValueError):
         decoder("assisted")   # no draft model
+    model, target = tiny_model("llama"), Target([1, 7, 8, 9], 12, (), 2)
+    assert decoder("jacobi-b4")(model, target).tokens == decoder("jacobi-w4")(model, target).tokens
 
 
 def test_tokens_per_forward_is_the_engines_and_tokens_per_model_call_counts_the_prefill():
     model = tiny_model("llama")
     target = Target([1, 5, 9, 5, 9, 5, 9, 30], 40, (), 0)
-    run = timed_run(decoder("jacobi-b4"), model, target)
-    engine = jacobi_generate(model, target.ids, max_new_tokens=40, block_size=4, adaptive=False)
+    run = timed_run(decoder("jacobi-w4"), model, target)
+    engine = jacobi_generate(model, target.ids, max_new_tokens=40, window_size=4, adaptive=False)
     assert run.tokens == engine.tokens and run.model_calls == engine.stats.forwards + 1
-    summary = summarize([_record("jacobi-b4", run, run, 0, 0)], ("jacobi-b4",))["jacobi-b4"]
+    summary = summarize([_record("jacobi-w4", run, run, 0, 0)], ("jacobi-w4",))["jacobi-w4"]
     assert summary["tokens_per_forward"] == round(engine.stats.tokens_per_forward, 4)
     assert summary["tokens_per_model_call"] == round(40 / run.model_calls, 4)
 

@@ -82,7 +82,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        steps = jacobi_stream(server.model, ids, max_new_tokens=request["max_tokens"], block_size=4)
+        steps = jacobi_stream(server.model, ids, max_new_tokens=request["max_tokens"], window_size=4)
         made = 0
         while True:
             with server.lock:

@@ -11,7 +11,7 @@ import torch
 
 from harness import ar_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate, jacobi_stream
-from fastchat_cllm.core.block_size import BlockSizer
+from fastchat_cllm.core.window_size import WindowSizer
 from fastchat_cllm.core.jacobi import carried_ages
 from fastchat_cllm.core.verify import accepted_length
 
@@ -35,7 +35,7 @@ def test_prompt_runs_once_then_only_blocks_over_the_cache(fixed):
     ids = torch.arange(3, 43).reshape(1, -1)
     calls, handle = record_forwards(model)
     try:
-        out = jacobi_generate(model, ids, max_new_tokens=50, block_size=8, adaptive=False,
+        out = jacobi_generate(model, ids, max_new_tokens=50, window_size=8, adaptive=False,
                               fixed_blocks=fixed)
     finally:
         handle.remove()
@@ -43,7 +43,7 @@ def test_prompt_runs_once_then_only_blocks_over_the_cache(fixed):
     assert len(calls) == out.stats.forwards + 1
     final = 0
     for (window, cached), k, size in zip(calls[1:], out.stats.accepted_per_forward,
-                                         out.stats.block_sizes):
+                                         out.stats.window_sizes):
         assert window == size <= 8
         assert cached == 40 + final                  # exactly prompt + final tokens, no rejects
         final += k
@@ -53,10 +53,10 @@ def test_prompt_runs_once_then_only_blocks_over_the_cache(fixed):
 def test_statistics_are_consistent_and_exact():
     model = tiny_model("llama")
     ids = torch.arange(5, 20).reshape(1, -1)
-    steps = list(jacobi_stream(model, ids, max_new_tokens=64, block_size=16, adaptive=False,
+    steps = list(jacobi_stream(model, ids, max_new_tokens=64, window_size=16, adaptive=False,
                                fixed_blocks=True))
     s, tokens = steps[-1].stats, [t for step in steps for t in step.tokens]
-    assert s.forwards == len(s.accepted_per_forward) == len(s.block_sizes) == len(steps) - 1
+    assert s.forwards == len(s.accepted_per_forward) == len(s.window_sizes) == len(steps) - 1
     assert s.tokens == len(tokens) == 64
     assert 1 + sum(s.accepted_per_forward) >= s.tokens            # the last forward may be cut
     assert s.accepted_per_forward == [step.accepted for step in steps[1:]]
@@ -68,15 +68,15 @@ def test_statistics_are_consistent_and_exact():
     starts = [i for i, step in enumerate(steps[1:]) if step.block_start] + [s.forwards]
     assert s.iterations_per_block == [b - a for a, b in zip(starts, starts[1:])]
     for a, b in zip(starts, starts[1:]):
-        assert sum(s.accepted_per_forward[a:b]) == s.block_sizes[a]
-        assert s.block_sizes[a] == 16 or b == s.forwards
+        assert sum(s.accepted_per_forward[a:b]) == s.window_sizes[a]
+        assert s.window_sizes[a] == 16 or b == s.forwards
 
 
 def test_block_size_one_is_autoregressive():
     model = tiny_model("mistral")
-    out = jacobi_generate(model, [4, 5, 6], max_new_tokens=20, block_size=1)
+    out = jacobi_generate(model, [4, 5, 6], max_new_tokens=20, window_size=1)
     assert out.stats.forwards == 19 and out.stats.tokens_per_forward == 1.0
-    assert out.stats.fast_forwarded == 0 and out.stats.block_sizes == [1] * 19
+    assert out.stats.fast_forwarded == 0 and out.stats.window_sizes == [1] * 19
 
 
 def test_accepted_length_and_stationary_ages():
@@ -91,7 +91,7 @@ def test_accepted_length_and_stationary_ages():
 
 
 def test_controller_grows_on_acceptance_and_shrinks_without():
-    sizer = BlockSizer(1, 16, adaptive=True, cost=None, device_type="cpu")
+    sizer = WindowSizer(1, 16, adaptive=True, cost=None, device_type="cpu")
     for _ in range(30):
         n = sizer.next_size(1000)
         sizer.observe(n, n, seconds=0.05 + 0.003 * n)   # every guess right
@@ -101,14 +101,14 @@ def test_controller_grows_on_acceptance_and_shrinks_without():
         n = sizer.next_size(1000)
         sizer.observe(n, 1, seconds=0.05 if n == 1 else 0.08 + 0.003 * n)  # no guess right
     assert sizer.next_size(1000) == 1
-    fixed = BlockSizer(1, 16, adaptive=False, cost=None, device_type="cpu")
+    fixed = WindowSizer(1, 16, adaptive=False, cost=None, device_type="cpu")
     assert fixed.next_size(1000) == 16
 
 
 def test_config_rejects_bad_values():
-    for bad in (dict(block_size=0), dict(block_size=5000), dict(max_new_tokens=0),
-                dict(min_block_size=20, block_size=8), dict(fill="oracle"),
-                dict(block_cost=-1.0), dict(block_size="16")):
+    for bad in (dict(window_size=0), dict(window_size=5000), dict(max_new_tokens=0),
+                dict(min_window_size=20, window_size=8), dict(fill="oracle"),
+                dict(window_cost=-1.0), dict(window_size="16")):
         with pytest.raises(ValueError):
             JacobiConfig(**bad)
     assert JacobiConfig(eos_token_id=2).eos_token_id == (2,)
@@ -124,7 +124,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-out = fastchat_cllm.jacobi_generate(model, [1, 5, 9, 14], max_new_tokens=12, block_size=4)
+out = fastchat_cllm.jacobi_generate(model, [1, 5, 9, 14], max_new_tokens=12, window_size=4)
 ref = model.generate(torch.tensor([[1, 5, 9, 14]]), max_new_tokens=12, do_sample=False)
 assert out.tokens == ref[0, 4:].tolist(), (out.tokens, ref)
 assert not any(m.startswith("fastchat.") for m in sys.modules), "FastChat got imported"

@@ -35,11 +35,11 @@ def top2_gap(logits: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
-def test_cuda_fp32_equals_ar_greedy(arch, block_size):
+@pytest.mark.parametrize("window_size", [1, 4, 16, 32])
+def test_cuda_fp32_equals_ar_greedy(arch, window_size):
     model = tiny_model(arch).to("cuda")
     ids = torch.tensor([PROMPT], device="cuda")
-    out = jacobi_generate(model, ids, max_new_tokens=NEW_TOKENS, block_size=block_size,
+    out = jacobi_generate(model, ids, max_new_tokens=NEW_TOKENS, window_size=window_size,
                           adaptive=False)
     assert out.tokens == ar_greedy(model, ids, NEW_TOKENS)
     assert out.stats.tokens == NEW_TOKENS
@@ -47,18 +47,18 @@ def test_cuda_fp32_equals_ar_greedy(arch, block_size):
 
 def test_cuda_fp32_adaptive_window_equals_ar_greedy():
     model = tiny_model("llama").to("cuda")
-    out = jacobi_generate(model, PROMPT, max_new_tokens=NEW_TOKENS, block_size=16)
+    out = jacobi_generate(model, PROMPT, max_new_tokens=NEW_TOKENS, window_size=16)
     assert out.tokens == ar_greedy(model, PROMPT, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_cuda_half_precision_equals_ar_up_to_near_ties(dtype, arch, block_size):
+@pytest.mark.parametrize("window_size", [4, 16])
+def test_cuda_half_precision_equals_ar_up_to_near_ties(dtype, arch, window_size):
     model = tiny_model(arch).to("cuda", dtype)
     model.set_attn_implementation(attention_implementation("cuda", dtype))
     expected, logits = ar_with_logits(model, PROMPT, NEW_TOKENS)
-    out = jacobi_generate(model, PROMPT, max_new_tokens=NEW_TOKENS, block_size=block_size,
+    out = jacobi_generate(model, PROMPT, max_new_tokens=NEW_TOKENS, window_size=window_size,
                           adaptive=False)
     assert len(out.tokens) == NEW_TOKENS
     first = next((i for i, (a, b) in enumerate(zip(out.tokens, expected)) if a != b), None)

@@ -31,13 +31,13 @@ def prompt(length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 96, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("window_size", BLOCK_SIZES)
 @pytest.mark.parametrize("mode", MODES)
-def test_equals_ar_greedy(arch, model, block_size, mode):
+def test_equals_ar_greedy(arch, model, window_size, mode):
     for length, max_new in ((1, 37), (9, 50), (40, 23)):
         ids = prompt(length, seed=length)
         expected = tiny_greedy(arch, ids, max_new)
-        out = jacobi_generate(model, ids, max_new_tokens=max_new, block_size=block_size,
+        out = jacobi_generate(model, ids, max_new_tokens=max_new, window_size=window_size,
                               **MODES[mode])
         assert out.tokens == expected
         assert out.finish_reason == "length"
@@ -48,16 +48,16 @@ def test_equals_ar_greedy_fp64():
     model = tiny_model("llama", dtype=torch.float64, seed=3)
     ids = prompt(12)
     expected = tiny_greedy("llama", ids, 45, dtype=torch.float64, seed=3)
-    for block_size in (3, 16):
-        out = jacobi_generate(model, ids, max_new_tokens=45, block_size=block_size)
+    for window_size in (3, 16):
+        out = jacobi_generate(model, ids, max_new_tokens=45, window_size=window_size)
         assert out.tokens == expected
 
 
-def eos_inside_a_block(arch, ids, block_size):
+def eos_inside_a_block(arch, ids, window_size):
     """An EOS id whose first appearance in the greedy output is not at a block boundary."""
     free = tiny_greedy(arch, ids, 60)
     found = [(tok, free[: i + 1]) for i, tok in enumerate(free)
-             if i > 3 and i % block_size not in (0, 1) and tok not in free[:i]]
+             if i > 3 and i % window_size not in (0, 1) and tok not in free[:i]]
     assert found, f"{arch}: no token first appears inside a block; choose another prompt"
     return found[0]
 
@@ -67,7 +67,7 @@ def test_eos_inside_block_ends_output(arch, model, mode):
     ids = prompt(6, seed=4)
     eos, expected = eos_inside_a_block(arch, ids, 16)
     assert tiny_greedy(arch, ids, 60, eos=[eos]) == expected
-    out = jacobi_generate(model, ids, max_new_tokens=60, block_size=16, eos_token_id=[eos],
+    out = jacobi_generate(model, ids, max_new_tokens=60, window_size=16, eos_token_id=[eos],
                           **MODES[mode])
     assert out.tokens == expected          # EOS included, nothing after it
     assert out.finish_reason == "stop"
@@ -80,7 +80,7 @@ def test_several_eos_ids_first_one_hit_wins(arch, model):
     later, earlier = free[30], free[12]
     ids_eos = [later, earlier, 95]
     expected = tiny_greedy(arch, ids, 60, eos=ids_eos)
-    out = jacobi_generate(model, ids, max_new_tokens=60, block_size=8, eos_token_id=ids_eos)
+    out = jacobi_generate(model, ids, max_new_tokens=60, window_size=8, eos_token_id=ids_eos)
     assert out.tokens == expected
     assert out.tokens[-1] in ids_eos and not set(out.tokens[:-1]) & set(ids_eos)
 
@@ -95,7 +95,7 @@ def test_eos_as_first_token_stops_after_prefill(arch, model):
 def test_stream_hands_out_tokens_as_they_become_final(arch, model):
     ids = prompt(10, seed=7)
     expected = tiny_greedy(arch, ids, 40)
-    steps = list(jacobi_stream(model, ids, JacobiConfig(max_new_tokens=40, block_size=4)))
+    steps = list(jacobi_stream(model, ids, JacobiConfig(max_new_tokens=40, window_size=4)))
     assert steps[0].window == [] and len(steps[0].tokens) == 1       # the prefill's token
     assert [t for s in steps for t in s.tokens] == expected
     assert all(s.tokens for s in steps)                               # every forward adds one

@@ -23,8 +23,8 @@ def greedy(smollm2):
     return references
 
 
-@pytest.mark.parametrize("options", [dict(), dict(block_size=4, adaptive=False),
-                                     dict(block_size=16, adaptive=False, fixed_blocks=True,
+@pytest.mark.parametrize("options", [dict(), dict(window_size=4, adaptive=False),
+                                     dict(window_size=16, adaptive=False, fixed_blocks=True,
                                           fill="random")],
                          ids=["adaptive", "sliding-4", "reference-16"])
 def test_smollm2_jacobi_equals_greedy(smollm2, greedy, options):

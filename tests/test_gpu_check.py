@@ -43,7 +43,7 @@ def test_gpu_check_dry_run_on_cpu_runs_every_step(tmp_path):
     assert all(c["eager_ms"] > 0 and c["static_ms"] > 0 for c in cost["cells"])
     assert cost["cells"][0]["compiled_ms"] > 0 and cost["cells"][0]["break_even"] == 1
     decode = cost["decode_at_window_1"]
-    assert decode["identical"] and decode["ar"]["forwards"] == decode["jacobi-b1"]["forwards"] == 8
+    assert decode["identical"] and decode["ar"]["model_calls"] == decode["jacobi-w1"]["model_calls"] == 8
 
     assert shipped["status"] == "skipped" and "smollm2-135m-cllm" in shipped["reason"]
     summary = (tmp_path / "summary.md").read_text()

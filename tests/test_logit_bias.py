@@ -42,9 +42,9 @@ def model(arch):
     return tiny_model(arch)
 
 
-@pytest.mark.parametrize("block_size", (1, 4, 16))
+@pytest.mark.parametrize("window_size", (1, 4, 16))
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_with_bias_equals_generate_with_sequence_bias(arch, model, block_size, mode):
+def test_greedy_with_bias_equals_generate_with_sequence_bias(arch, model, window_size, mode):
     """The references (generate with the bias as single-token sequence_bias) are computed once
     per architecture, seed and bias (tiny_greedy)."""
     changed = 0
@@ -52,7 +52,7 @@ def test_greedy_with_bias_equals_generate_with_sequence_bias(arch, model, block_
         ids, bias = prompt(seed), random_bias(seed)
         expected = tiny_greedy(arch, ids, 40, [EOS], bias=bias)
         changed += expected != tiny_greedy(arch, ids, 40, [EOS])
-        out = jacobi_generate(model, ids, max_new_tokens=40, block_size=block_size,
+        out = jacobi_generate(model, ids, max_new_tokens=40, window_size=window_size,
                               eos_token_id=EOS, logit_bias=bias, **MODES[mode])
         assert out.tokens == expected
     assert changed == 3                         # every bias changed the greedy output
@@ -72,8 +72,8 @@ def test_greedy_with_bias_fp64():
     ids, bias = prompt(5, length=12), random_bias(5)
     expected = ar_greedy(model, ids, 45, [EOS], bias)
     assert expected != ar_greedy(model, ids, 45, [EOS])
-    for block_size in (4, 16):
-        assert jacobi_generate(model, ids, max_new_tokens=45, block_size=block_size,
+    for window_size in (4, 16):
+        assert jacobi_generate(model, ids, max_new_tokens=45, window_size=window_size,
                                eos_token_id=EOS, logit_bias=bias).tokens == expected
 
 

@@ -23,8 +23,8 @@ def check(out, expected: torch.Tensor, top: int, atol: float) -> None:
 
 @pytest.mark.parametrize("settings", [dict(), dict(temperature=0.8, top_p=0.9, top_k=8),
                                       dict(temperature=0.6, repetition_penalty=1.3)])
-@pytest.mark.parametrize("block", [dict(block_size=1), dict(block_size=6, adaptive=False),
-                                   dict(block_size=16)])
+@pytest.mark.parametrize("block", [dict(window_size=1), dict(window_size=6, adaptive=False),
+                                   dict(window_size=16)])
 def test_tiny_model_logprobs(settings, block):
     model = tiny_model("llama", seed=4)
     prompt = list(range(10, 19))
@@ -43,7 +43,7 @@ def test_logprobs_off_and_zero_alternatives():
 
 def test_stream_steps_carry_logprobs_of_their_tokens():
     model = tiny_model("qwen2", seed=4)
-    steps = list(jacobi_stream(model, [9, 8, 7, 6], max_new_tokens=20, block_size=5,
+    steps = list(jacobi_stream(model, [9, 8, 7, 6], max_new_tokens=20, window_size=5,
                                adaptive=False, temperature=0.7, logprobs=1))
     assert all([lp.token for lp in step.logprobs] == step.tokens for step in steps)
 
@@ -72,7 +72,7 @@ def test_prompt_logprobs_equal_a_plain_forward(prompt):
 def test_smollm2_sampled_logprobs(smollm2):
     model, tokenizer = smollm2
     prompt = chat_ids(tokenizer, "Name three colours of the rainbow.")
-    out = jacobi_generate(model, prompt, max_new_tokens=24, block_size=8, adaptive=False,
+    out = jacobi_generate(model, prompt, max_new_tokens=24, window_size=8, adaptive=False,
                           temperature=0.7, top_p=0.9, seed=3, logprobs=2,
                           eos_token_id=tokenizer.eos_token_id)
     check(out, forward_logprobs(model, prompt, out.tokens), 2, atol=2e-3)

@@ -6,7 +6,7 @@ import torch
 
 from harness import ARCHITECTURES, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
-from fastchat_cllm.core.guesses import Context, block_guesses
+from fastchat_cllm.core.guesses import Context, window_guesses
 from fastchat_cllm.core.ngram_pool import NGramPool
 
 
@@ -33,22 +33,22 @@ def test_pool_never_grows_past_its_bound():
 
 def test_block_guesses_prefer_a_longer_pool_proposal():
     context = Context([5, 6, 7, 8, 5, 6], seed=0, pool=NGramPool(n=3, max_keys=64))
-    assert block_guesses("lookup", context, 6, [1], 3) == [7, 8, 5]
+    assert window_guesses("lookup", context, 6, [1], 3) == [7, 8, 5]
     plain = Context([5, 6, 7, 8, 5, 6], seed=0)
-    assert block_guesses("lookup", plain, 6, [5], 3) == [5, 6, 7]   # carried, then bigrams
-    assert block_guesses("lookup", plain, 6, [1], 3) == [1, 1, 1]   # unknown: repeat
+    assert window_guesses("lookup", plain, 6, [5], 3) == [5, 6, 7]   # carried, then bigrams
+    assert window_guesses("lookup", plain, 6, [1], 3) == [1, 1, 1]   # unknown: repeat
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("block_size", [2, 16])
+@pytest.mark.parametrize("window_size", [2, 16])
 @pytest.mark.parametrize("pool", [(2, 4), (6, 1024)])
-def test_pool_keeps_output_exact(arch, block_size, pool):
+def test_pool_keeps_output_exact(arch, window_size, pool):
     model = tiny_model(arch)
     ids = torch.arange(3, 30).reshape(1, -1) % 11 + 3    # a repetitive prompt
     expected = tiny_greedy(arch, ids, 48)
     size, keys = pool
     for adaptive in (False, True):
-        out = jacobi_generate(model, ids, max_new_tokens=48, block_size=block_size,
+        out = jacobi_generate(model, ids, max_new_tokens=48, window_size=window_size,
                               adaptive=adaptive, ngram_pool=keys, ngram_size=size)
         assert out.tokens == expected
 

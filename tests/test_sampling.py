@@ -15,10 +15,10 @@ from fastchat_cllm.core.sampling import (GreedyRule, acceptance_rule, gumbel, pr
                                          verify_speculative)
 
 MODES = {
-    "ar": dict(block_size=1),
-    "sliding-5": dict(block_size=5, adaptive=False),
-    "adaptive-16": dict(block_size=16),
-    "fixed-random-7": dict(block_size=7, adaptive=False, fixed_blocks=True, fill="random"),
+    "ar": dict(window_size=1),
+    "sliding-5": dict(window_size=5, adaptive=False),
+    "adaptive-16": dict(window_size=16),
+    "fixed-random-7": dict(window_size=7, adaptive=False, fixed_blocks=True, fill="random"),
 }
 SETTINGS = {
     "temperature": dict(temperature=0.8),
@@ -128,7 +128,7 @@ def test_speculative_rule_accepts_with_probability_p_and_resamples_without_the_g
 
 def test_speculative_rule_is_reproducible_for_a_fixed_window(model):
     options = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, acceptance="speculative",
-                   block_size=6, adaptive=False)
+                   window_size=6, adaptive=False)
     runs = [jacobi_generate(model, prompt(7), seed=seed, **options) for seed in (3, 3, 4)]
     assert runs[0].tokens == runs[1].tokens and runs[0].tokens != runs[2].tokens
     assert sum(r.stats.fast_forwarded for r in runs) > 0
@@ -150,7 +150,7 @@ def test_seeded_output_is_the_same_for_every_block_size_and_fill(model, settings
 
 def test_sampling_accepts_guesses(model):
     """Carried guesses are the previous forward's samples: the window fast-forwards."""
-    out = jacobi_generate(model, prompt(5), max_new_tokens=60, block_size=8, adaptive=False,
+    out = jacobi_generate(model, prompt(5), max_new_tokens=60, window_size=8, adaptive=False,
                           seed=0, temperature=0.7, top_p=0.9)
     assert out.stats.fast_forwarded > 0
     assert out.stats.tokens == 60 and out.finish_reason == "length"
@@ -158,9 +158,9 @@ def test_sampling_accepts_guesses(model):
 
 def test_eos_ends_sampled_output(model):
     ids = prompt(6, seed=3)
-    free = jacobi_generate(model, ids, max_new_tokens=40, block_size=1, seed=2, temperature=0.9)
+    free = jacobi_generate(model, ids, max_new_tokens=40, window_size=1, seed=2, temperature=0.9)
     eos = next(tok for i, tok in enumerate(free.tokens) if i > 4 and tok not in free.tokens[:i])
-    out = jacobi_generate(model, ids, max_new_tokens=40, block_size=8, adaptive=False, seed=2,
+    out = jacobi_generate(model, ids, max_new_tokens=40, window_size=8, adaptive=False, seed=2,
                           temperature=0.9, eos_token_id=eos, logprobs=1)
     assert out.tokens == free.tokens[: free.tokens.index(eos) + 1]
     assert out.finish_reason == "stop" and len(out.logprobs) == len(out.tokens)
@@ -178,7 +178,7 @@ def test_greedy_with_repetition_penalty_equals_transformers(model, mode):
 
 
 def test_greedy_ignores_top_p_and_top_k(model):
-    config = JacobiConfig(temperature=1e-6, top_p=0.5, top_k=3, max_new_tokens=40, block_size=6)
+    config = JacobiConfig(temperature=1e-6, top_p=0.5, top_k=3, max_new_tokens=40, window_size=6)
     assert isinstance(acceptance_rule(config, torch.tensor([1])), GreedyRule)
     ids = prompt(8, seed=6)
     assert jacobi_generate(model, ids, config).tokens == ar_greedy(model, ids, 40)

@@ -102,6 +102,13 @@ def test_max_completion_tokens_is_max_tokens(client, stream):
     assert usage["completion_tokens"] == 5, (text, usage)
 
 
+def test_max_completion_tokens_alone_on_completions(client):
+    """Completions' max_tokens defaults to 16: the SDK's other name alone still decides."""
+    reply = client.completions.create(model=MODEL, prompt="Count from 1 to 100:", temperature=0,
+                                      extra_body={"max_completion_tokens": 20})
+    assert reply.usage.completion_tokens == 20
+
+
 def test_max_tokens_and_a_different_max_completion_tokens_are_refused(client):
     from openai import BadRequestError
 

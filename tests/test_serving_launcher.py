@@ -13,17 +13,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_stops_all_when_a_child_dies(serve):
-    """The suite's one check of `--block-size 0`: the worker refuses it in one line, exits
+    """The suite's one check of `--window-size 0`: the worker refuses it in one line, exits
     with 2, and serve stops the others and says why."""
-    served = serve("--block-size", "0")
+    served = serve("--window-size", "0")
     with served.explained():
         assert served.wait(300) == 1
         errors = "\n".join(served.errors)
         assert "worker exited with code 2" in errors
-        assert "block_size must be in [1, 1024], got 0" in errors
+        assert "window_size must be in [1, 1024], got 0" in errors
         assert "stopped api, worker, controller" in "\n".join(served.lines)
     worker = served.log("worker")
-    assert "block_size must be in [1, 1024], got 0" in worker
+    assert "window_size must be in [1, 1024], got 0" in worker
     assert "Traceback" not in worker and len(worker.splitlines()) <= 6, worker
 
 

@@ -180,7 +180,7 @@ def test_lora_folder_loads_base_with_adapter_merged(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--block-size", "100000"], "block_size must be in [1, 1024], got 100000"),
+    (["--window-size", "100000"], "window_size must be in [1, 1024], got 100000"),
     (["--load-8bit"], "--load-8bit cannot be honoured"),
     (["--gptq-wbits", "4"], "--gptq-ckpt/--gptq-wbits cannot be honoured"),
     (["--num-gpus", "2", "--device", "cpu"], "--num-gpus/--max-gpu-memory"),
@@ -200,3 +200,38 @@ def test_worker_refuses_bad_flags_at_start_up(argv, message, capsys):
         jacobi_config(parser, args)
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_web_ui_line_under_each_answer_and_a_regenerated_one():
+    """The statistics line comes from the worker's last usage; regenerating the answer drops
+    the old line until the new answer ends; the prompt never holds it."""
+    from fastchat.conversation import SeparatorStyle
+
+    from fastchat_cllm.serving.web_ui import AnswerConversation, stats_line, with_answer_stats
+
+    conv = AnswerConversation(name="t", roles=("user", "assistant"), messages=[],
+                              sep_style=SeparatorStyle.ADD_COLON_SINGLE, sep="\n")
+    usage = {"completion_tokens": 9, "jacobi_forwards": 4, "jacobi_tokens": 8}
+
+    def stream(conv, *args):
+        yield {"text": "Par", "error_code": 0, "usage": {}}
+        yield {"text": "Paris", "error_code": 0, "usage": usage}
+
+    conv.append_message("user", "Capital of France?")
+    conv.append_message("assistant", None)
+    for _ in with_answer_stats(stream)(conv):
+        pass
+    conv.update_last_message("Paris")
+    answer = conv.to_gradio_chatbot()[-1][1]
+    assert answer.startswith("Paris\n\n*2.00 tokens per forward · ") and answer.endswith(" tokens/s*")
+    assert "tokens per forward" not in conv.get_prompt()
+    assert stats_line({"completion_tokens": 3}, 0.5) == "*6.0 tokens/s*"
+
+    def failing(conv, *args):
+        yield {"text": "boom", "error_code": 50001}
+
+    conv.update_last_message(None)                       # FastChat's regenerate
+    for _ in with_answer_stats(failing)(conv):
+        pass
+    conv.update_last_message("boom")
+    assert conv.to_gradio_chatbot()[-1][1] == "boom"

@@ -131,6 +131,12 @@ BAD = {   # kind: (endpoint, body, what the error message must name)
                              chat_body(response_format={"type": "json_object"}),
                              "response_format"),
     "suffix": ("completions", {"model": MODEL, "prompt": "Hi", "suffix": "x"}, "suffix"),
+    "logit_bias key a non-ASCII digit": ("chat/completions", chat_body(logit_bias={"²": 1}),
+                                         "logit_bias"),
+    "logit_bias value true": ("chat/completions", chat_body(logit_bias={"33": True}),
+                              "logit_bias"),
+    "40 prompts x n 2": ("completions", {"model": MODEL, "prompt": ["Hi"] * 40, "n": 2,
+                                         "max_tokens": 1}, "prompts"),
 }
 # Field values of the wrong shape, for every field a client may send (fuzz battery).
 ODD = [None, True, -1, 0, 2.5, "", "x" * 300, [], {}, [None], [[1, [2]]], {"a": {"b": [1]}},

@@ -29,7 +29,7 @@ def direct(smollm2, **options):
 
     model, tokenizer = smollm2
     ids = tokenizer(prompt(tokenizer)).input_ids
-    return ids, jacobi_generate(model, ids, max_new_tokens=24, block_size=1,
+    return ids, jacobi_generate(model, ids, max_new_tokens=24, window_size=1,
                                 eos_token_id=tokenizer.eos_token_id, **options)
 
 
@@ -51,7 +51,7 @@ def test_worker_flag_picks_the_speculative_rule(smollm2):
     parser = build_parser()
     assert jacobi_config(parser, parser.parse_args([])).acceptance == "gumbel"
     config = jacobi_config(parser, parser.parse_args(
-        ["--acceptance", "speculative", "--no-adaptive", "--block-size", "6"]))
+        ["--acceptance", "speculative", "--no-adaptive", "--window-size", "6"]))
     assert config.acceptance == "speculative"
     params = dict(temperature=0.9, seed=4)
     first, again = (run(smollm2, jacobi=config, **params)[-1] for _ in range(2))

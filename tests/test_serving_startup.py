@@ -106,6 +106,22 @@ def test_a_missing_stock_name_stops_the_launcher_with_one_line():
                                    "lacks build_demo: fastchat-cllm needs fschat==0.2.36")
 
 
+def test_api_server_help_lists_its_own_flag():
+    done = subprocess.run([sys.executable, "-m", "fastchat_cllm.openai_api_server", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "--max-request-bytes" in done.stdout and "--controller-address" in done.stdout
+
+
+@pytest.mark.parametrize("flag, reason", [("--judge-sent-end", "cannot be honoured by the "
+                                           "Jacobi chat"),
+                                          ("--load-8bit", "--load-8bit cannot be honoured")])
+def test_terminal_chat_refuses_what_it_cannot_honour(flag, reason):
+    done = subprocess.run([sys.executable, "-m", "fastchat_cllm.cli", flag],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and reason in done.stderr, done.stderr[-2000:]
+
+
 def test_terminal_chat_help_lists_the_jacobi_flags_and_not_the_refused_one():
     done = subprocess.run([sys.executable, "-m", "fastchat_cllm.cli", "--help"],
                           capture_output=True, text=True, timeout=120)

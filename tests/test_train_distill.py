@@ -38,7 +38,7 @@ def random_prompts(count: int, seed: int = 0) -> list[list[int]]:
 def tokens_per_forward(model, prompts) -> float:
     accepted = forwards = 0
     for ids in prompts:
-        out = jacobi_generate(model, ids, max_new_tokens=NEW, block_size=BLOCK, adaptive=False,
+        out = jacobi_generate(model, ids, max_new_tokens=NEW, window_size=BLOCK, adaptive=False,
                               fixed_blocks=True, fill="random")
         accepted += sum(out.stats.accepted_per_forward)
         forwards += out.stats.forwards

@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
                    "default: the built-in chat/code/extractive mix")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="ar, jacobi, jacobi-bN, jacobi[-bN]-pool, jacobi-nocache[-bN], pld, assisted "
+                   help="ar, jacobi, jacobi-wN, jacobi[-wN]-pool, jacobi-nocache[-bN], pld, assisted "
                    "(space- or comma-separated)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1,

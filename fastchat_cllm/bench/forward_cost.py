@@ -84,12 +84,12 @@ def _prefilled(model, grid: Grid, batch: int, static: bool):
     return cache
 
 
-def _window_forward(step, cache, block: torch.Tensor) -> Callable[[], None]:
-    """One forward of `block` [B, n] after the context; its keys/values dropped again after."""
+def _window_forward(step, cache, windows: torch.Tensor) -> Callable[[], None]:
+    """One forward of `windows` [B, n] after the context; its keys/values dropped again after."""
     def run() -> None:
         torch.compiler.cudagraph_mark_step_begin()
-        step(block)
-        kv_cache.drop_last(cache, block.shape[1])
+        step(windows)
+        kv_cache.drop_last(cache, windows.shape[1])
     return run
 
 
@@ -101,8 +101,9 @@ def eager_costs(model, grid: Grid, static: bool) -> dict[tuple[int, int], float]
         cache = _prefilled(model, grid, batch, static)
         step = kv_cache.step_function(model, cache)
         for window in grid.windows:
-            block = _ids(model, batch, window)
-            costs[batch, window] = median_ms(_window_forward(step, cache, block), model.device)
+            windows = _ids(model, batch, window)
+            costs[batch, window] = median_ms(_window_forward(step, cache, windows),
+                                             model.device)
     return costs
 
 
@@ -143,14 +144,14 @@ def decode_overhead(model, grid: Grid, new_tokens: int) -> dict:
     prompt = _ids(model, 1, grid.context)[0].tolist()
     target = Target(prompt, new_tokens, eos_token_id=(), pad_token_id=0)
     methods = {}
-    for name in ("ar", "jacobi-b1"):
+    for name in ("ar", "jacobi-w1"):
         decode = decoder(name)
         timed_run(decode, model, target)
         runs = [timed_run(decode, model, target) for _ in range(DECODE_RUNS)]
         methods[name] = {"tokens": runs[0].tokens, "model_calls": runs[0].model_calls,
                          "tokens_per_second": statistics.median(
                              len(r.tokens) / r.seconds for r in runs)}
-    ar, engine = methods["ar"], methods["jacobi-b1"]
+    ar, engine = methods["ar"], methods["jacobi-w1"]
     return {"new_tokens": new_tokens, "identical": ar.pop("tokens") == engine.pop("tokens"),
             "engine_vs_ar": engine["tokens_per_second"] / ar["tokens_per_second"], **methods}
 

@@ -25,7 +25,7 @@ from . import report
 from .forward_cost import (SHAPES, Grid, break_even, build_model, compiled_costs,
                            decode_overhead, eager_costs)
 
-CUDA_TESTS = "tests/test_engine_cuda.py"
+CUDA_TESTS = Path(__file__).resolve().parents[2] / "tests" / "test_engine_cuda.py"
 SHIPPED_CLLM = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-cllm"
 COMPILE = {   # torch.compile options by device, and what they measure
     "cuda": ({"mode": "reduce-overhead"}, "inductor + CUDA graphs (mode=reduce-overhead)"),
@@ -58,9 +58,13 @@ def log(message: str) -> None:
 def cuda_tests(config: CheckConfig) -> dict:
     """Step 1: pytest on the CUDA-marked tests in a child process; its JUnit XML kept in --out."""
     xml = config.out / "cuda_tests.xml"
+    xml.unlink(missing_ok=True)              # never report an earlier run's results
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p",
-                           "no:cacheprovider", f"--junitxml={xml}", CUDA_TESTS],
+                           "no:cacheprovider", f"--junitxml={xml}", str(CUDA_TESTS)],
                           capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
+    if not xml.exists():
+        raise RuntimeError(f"pytest wrote no results (exit {done.returncode}):\n"
+                           f"{(done.stdout + done.stderr)[-2000:]}")
     root = ElementTree.parse(xml).getroot()
     suite = root.find("testsuite") if root.tag == "testsuites" else root
     count = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
@@ -145,7 +149,7 @@ def _cost_section(cost: dict) -> list[str]:
     errors = [f"static cache: {cost['static_error']}"] if cost["static_error"] else []
     errors += [f"compile: {c['compiled_error']}" for c in cost["cells"] if "compiled_error" in c]
     methods = [[name, decode[name]["tokens_per_second"], decode[name]["model_calls"]]
-               for name in ("ar", "jacobi-b1")]
+               for name in ("ar", "jacobi-w1")]
     return [
         f"{model['shape']} ({model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
         f"{model['dtype']}, random weights): median ms of one forward of B rows x n new tokens "

@@ -1,7 +1,7 @@
 """The decoders a benchmark compares, by name, each timed and its calls of the model counted.
 
 Names: `ar` (transformers generate, greedy, KV cache), `jacobi` (the engine's adaptive default),
-`jacobi-bN` (the engine at a fixed window of N), `jacobi[-bN]-pool` (the same with the n-gram
+`jacobi-wN` (the engine at a fixed window of N), `jacobi[-wN]-pool` (the same with the n-gram
 pool on), `jacobi-nocache[-bN]` (re-run-everything Jacobi,
 block N, default 16), `pld` (transformers prompt-lookup decoding) and `assisted` (transformers
 assisted generation with a draft model). All are greedy, hence lossless up to float rounding.
@@ -24,7 +24,7 @@ PLD_TOKENS = 10          # prompt_lookup_num_tokens (the value transformers' doc
 NOCACHE_BLOCK = 16       # the block of the 16-token reference checkpoints
 POOL_KEYS = 512          # n-gram pool size of the `-pool` methods
 T = TypeVar("T")
-NAME = re.compile(r"^(ar|pld|assisted|jacobi|jacobi-nocache)(?:-b(\d+))?(-pool)?$")
+NAME = re.compile(r"^(?:(ar|pld|assisted)|(jacobi)(?:-w(\d+))?(-pool)?|(jacobi-nocache)(?:-b(\d+))?)$")
 
 
 @dataclass(frozen=True)
@@ -87,24 +87,24 @@ def _nocache(block_size: int) -> Decoder:
 
 def decoder(name: str, draft=None) -> Decoder:
     """The decoder a method name stands for; ValueError for an unknown name."""
-    match = NAME.match(name)
-    if not match or (match[2] and match[1] not in ("jacobi", "jacobi-nocache")) or \
-            (match[3] and match[1] != "jacobi"):
-        raise ValueError(f"unknown method {name!r}: use ar, pld, assisted, jacobi, jacobi-bN, "
-                         "jacobi[-bN]-pool, jacobi-nocache or jacobi-nocache-bN")
-    kind, block = match[1], int(match[2]) if match[2] else None
-    if kind == "ar":
+    match = NAME.match(re.sub(r"^jacobi-b(\d)", r"jacobi-w\1", name))   # the former name
+    if not match:
+        raise ValueError(f"unknown method {name!r}: use ar, pld, assisted, jacobi, jacobi-wN, "
+                         "jacobi[-wN]-pool, jacobi-nocache or jacobi-nocache-bN")
+    plain, _, window, pool, _, block = match.groups()
+    if plain == "ar":
         return lambda model, target: _generate(model, target)
-    if kind == "pld":
+    if plain == "pld":
         return lambda model, target: _generate(model, target, prompt_lookup_num_tokens=PLD_TOKENS)
-    if kind == "assisted":
+    if plain == "assisted":
         if draft is None:
             raise ValueError("method 'assisted' needs a draft model (--draft-model)")
         return lambda model, target: _generate(model, target, assistant=draft)
-    if kind == "jacobi-nocache":
-        return _nocache(block or NOCACHE_BLOCK)
-    base = JacobiConfig(ngram_pool=POOL_KEYS if match[3] else 0)
-    return _jacobi(base if block is None else base.with_(block_size=block, adaptive=False))
+    if match[5]:
+        return _nocache(int(block) if block else NOCACHE_BLOCK)
+    base = JacobiConfig(ngram_pool=POOL_KEYS if pool else 0)
+    return _jacobi(base if window is None else base.with_(window_size=int(window),
+                                                          adaptive=False))
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from ..core.stats import tokens_per_forward
 from .methods import Decoder, Run, Target, decoder, timed_run
 from .prompts import Prompt, encode
 
-DEFAULT_METHODS = ("ar", "jacobi", "jacobi-b4", "jacobi-b16", "jacobi-nocache", "pld")
+DEFAULT_METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w16", "jacobi-nocache", "pld")
 WARMUP_TOKENS = 16
 
 

@@ -137,6 +137,7 @@ def level_summary(concurrency: int, timings: list[Timing], wall: float,
 
 async def _level(client, config: ServingConfig, model: str, prompts: list[Prompt],
                  concurrency: int, tokenizer, bar) -> dict:
+    from httpx import HTTPError
     from openai import APIError
 
     errors: list[str] = []
@@ -147,7 +148,7 @@ async def _level(client, config: ServingConfig, model: str, prompts: list[Prompt
             prompt = prompts[(stream * config.requests_per_stream + r) % len(prompts)]
             try:
                 out.append(await stream_once(client, config, model, prompt, tokenizer))
-            except (APIError, StreamError) as err:   # a failed request is a result too
+            except (APIError, HTTPError, StreamError) as err:   # a failed request: a result
                 errors.append(f"{type(err).__name__}: {err}")
             bar.update()
         return out

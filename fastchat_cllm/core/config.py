@@ -15,15 +15,17 @@ GREEDY_TEMPERATURE = 1e-5   # below this, decoding is greedy (FastChat's thresho
 class JacobiConfig:
     """Options of one Jacobi decoding call.
 
-    block_size: the largest block (guess window) one forward runs; with `adaptive` the engine
-        picks a size in [min_block_size, block_size] before every forward.
-    fixed_blocks: the reference's block semantics: a block of `block_size` positions is iterated
-        until it is a fixed point before the next block starts (trajectory collection uses it).
+    window_size: the largest window (the newest final token + guesses) one forward runs; with
+        `adaptive` the engine
+        picks a size in [min_window_size, window_size] before every forward.
+    fixed_blocks: the reference's block semantics: the window stays in place as a block of
+        `window_size` positions, iterated until it is a fixed point before the next block starts
+        (trajectory collection uses it).
         Otherwise the window slides: accepted tokens leave it and fresh guesses refill it.
     fill: how positions that have no previous prediction are guessed: "lookup" continues the
         context's own bigrams (falls back to repeating), "random" draws context tokens at random
         (the reference's initial guess).
-    block_cost: prior cost of one more block position relative to a 1-token forward, used by the
+    window_cost: prior cost of one more window position relative to a 1-token forward, used by the
         adaptive controller until it has timed forwards of that size; None picks one by device.
     seed: seeds the random fill and, when sampling, the sampling noise (same seed, same text).
     temperature, top_p, top_k, repetition_penalty: FastChat's sampling settings; temperature
@@ -40,17 +42,17 @@ class JacobiConfig:
     prompt_logprobs: also report the logprobs of the prompt's tokens (after the first), from the
         prefill (which then keeps all its logits); needs `logprobs`.
     ngram_pool: 0 (off) or how many keys the n-gram pool keeps: n-grams of `ngram_size` tokens
-        from the context and the engine's own predictions, proposed as a block's guesses.
+        from the context and the engine's own predictions, proposed as a window's guesses.
     """
 
     max_new_tokens: int = 256
-    block_size: int = 16
+    window_size: int = 16
     eos_token_id: tuple[int, ...] = ()
     adaptive: bool = True
-    min_block_size: int = 1
+    min_window_size: int = 1
     fixed_blocks: bool = False
     fill: str = "lookup"
-    block_cost: float | None = None
+    window_cost: float | None = None
     seed: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
@@ -69,12 +71,12 @@ class JacobiConfig:
         else:
             object.__setattr__(self, "eos_token_id", tuple(int(t) for t in self.eos_token_id or ()))
         _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_int("block_size", self.block_size, 1, 1024)
-        _check_int("min_block_size", self.min_block_size, 1, self.block_size)
+        _check_int("window_size", self.window_size, 1, 1024)
+        _check_int("min_window_size", self.min_window_size, 1, self.window_size)
         if self.fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
-        if self.block_cost is not None and not self.block_cost >= 0:
-            raise ValueError(f"block_cost must be >= 0, got {self.block_cost!r}")
+        if self.window_cost is not None and not self.window_cost >= 0:
+            raise ValueError(f"window_cost must be >= 0, got {self.window_cost!r}")
         self._check_sampling()
         _check_int("ngram_pool", self.ngram_pool, 0, 1 << 20)
         _check_int("ngram_size", self.ngram_size, 2, 64)

@@ -1,4 +1,4 @@
-"""The guesses of a block: carried predictions, n-gram pool proposals, fills."""
+"""The guesses of a window: carried predictions, n-gram pool proposals, fills."""
 from __future__ import annotations
 
 import random
@@ -39,7 +39,7 @@ class Context:
 
 
 def fill(kind: str, context: Context, last: int, count: int) -> list[int]:
-    """`count` guesses to follow token `last` (the last token of the block so far)."""
+    """`count` guesses to follow token `last` (the last token of the window so far)."""
     if count <= 0:
         return []
     if kind == "random":
@@ -51,7 +51,7 @@ def fill(kind: str, context: Context, last: int, count: int) -> list[int]:
     return out
 
 
-def block_guesses(kind: str, context: Context, next_token: int, carried: list[int],
+def window_guesses(kind: str, context: Context, next_token: int, carried: list[int],
                   count: int) -> list[int]:
     """`count` guesses after `next_token`: a pool proposal when there is one, else the carried
     predictions (Jacobi), then fills for what is left."""

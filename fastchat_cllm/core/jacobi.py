@@ -1,10 +1,10 @@
-"""KV-cached Jacobi decoding: guess a block, run it once, keep the prefix that is a fixed point.
+"""KV-cached Jacobi decoding: guess a window, run it once, keep the prefix that is a fixed point.
 
 One generator (`jacobi_stream`) does the decoding; `jacobi_generate` and every other consumer
 (the FastChat worker, trajectory collection, the benchmark) drain it.
 
 Invariant of the loop: the cache holds the prompt and every final token except `next_token`,
-the newest final token, which opens the next block. A forward over the block
+the newest final token, which opens the next window. A forward over the window
 [next_token, g_1 .. g_{n-1}] predicts p_0 .. p_{n-1}; g_i is right when g_i == p_{i-1}, so the
 k - 1 leading right guesses are final, and so is p_{k-1} (the model's exact next token after them).
 The keys/values of the n - k positions after them are dropped; p_k .. are carried as the guesses
@@ -19,9 +19,9 @@ from typing import Iterator
 import torch
 
 from . import kv_cache
-from .block_size import BlockSizer
+from .window_size import WindowSizer
 from .config import JacobiConfig
-from .guesses import Context, block_guesses
+from .guesses import Context, window_guesses
 from .logprobs import TokenLogprob, token_logprobs
 from .sampling import acceptance_rule
 from .stats import JacobiStats
@@ -32,7 +32,7 @@ class Step:
     """What one forward (or the prefill, with an empty `window`) made final."""
 
     tokens: list[int]          # new final tokens, cut after an EOS and at max_new_tokens
-    window: list[int]          # the block this forward ran: [next_token, guesses...]
+    window: list[int]          # the window this forward ran: [next_token, guesses...]
     predictions: list[int]     # prediction at each position (greedy, or sampled: sampling.py)
     accepted: int              # k: window[:k] are final (their keys/values stay cached)
     block_start: bool          # first forward of a block (fixed blocks) / of a call
@@ -65,15 +65,16 @@ class Blocks:
     """Block bookkeeping: the next window's size and the forwards each block took.
 
     Fixed blocks (the reference's) run the `left` positions of a block until all are accepted;
-    a sliding window counts a block every block_size accepted tokens."""
+    for a sliding window, every window_size accepted tokens count as one block, so that
+    iterations per block compare with the reference's."""
 
     fixed: bool
-    block_size: int
+    window_size: int
     left: int = 0          # fixed: positions of the current block not yet accepted
     produced: int = 0      # sliding: tokens accepted since the last block boundary
     forwards: int = 0      # forwards in the current block
 
-    def next_size(self, sizer: BlockSizer, room: int) -> tuple[int, bool]:
+    def next_size(self, sizer: WindowSizer, room: int) -> tuple[int, bool]:
         """(the next window's size, whether a fixed block starts with it)."""
         if not self.fixed:
             return sizer.next_size(room), False
@@ -90,8 +91,8 @@ class Blocks:
             done = self.left == 0
         else:
             self.produced += k
-            done = self.produced >= self.block_size
-            self.produced -= self.block_size if done else 0
+            done = self.produced >= self.window_size
+            self.produced -= self.window_size if done else 0
         if not done:
             return None
         forwards, self.forwards = self.forwards, 0
@@ -100,9 +101,9 @@ class Blocks:
 
 def make_window(fill: str, context: Context, next_token: int, carried: list[int],
                 carried_ages: list[int], size: int) -> tuple[list[int], list[int]]:
-    """The block [next_token, guesses...] ([size]) and each position's age: how many forwards
+    """The window [next_token, guesses...] ([size]) and each position's age: how many forwards
     its guess has kept its value (0 for next_token and fresh guesses)."""
-    guesses = block_guesses(fill, context, next_token, carried, size - 1)
+    guesses = window_guesses(fill, context, next_token, carried, size - 1)
     ages = [0] + [carried_ages[i] if i < len(carried) and guesses[i] == carried[i] else 0
                   for i in range(size - 1)]
     return [next_token] + guesses, ages
@@ -140,8 +141,8 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
     ids = _prompt_tensor(model, input_ids)
     stats = JacobiStats()
     context = Context(ids[0].tolist(), config.seed, config.make_pool())
-    sizer = BlockSizer(config.min_block_size, config.block_size, config.adaptive,
-                       config.block_cost, ids.device.type)
+    sizer = WindowSizer(config.min_window_size, config.window_size, config.adaptive,
+                       config.window_cost, ids.device.type)
     cache = kv_cache.new_cache(model)
 
     rule = acceptance_rule(config, ids[0])
@@ -157,7 +158,7 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
                token_logprobs(logits[-1:], tokens, config.logprobs), prompt)
 
     next_token, guesses, ages = first, [], []  # ages[i]: forwards guesses[i] kept its value
-    blocks = Blocks(config.fixed_blocks, config.block_size)
+    blocks = Blocks(config.fixed_blocks, config.window_size)
     first_forward = True
     while reason is None:
         size, fresh_block = blocks.next_size(sizer, config.max_new_tokens - stats.tokens)
@@ -195,7 +196,7 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
 def jacobi_generate(model, input_ids, config: JacobiConfig | None = None, **options) -> JacobiResult:
     """Decode with Jacobi iterations; returns the generated tokens, statistics (and logprobs).
 
-    Example: jacobi_generate(model, ids, max_new_tokens=64, block_size=16, eos_token_id=[2]).
+    Example: jacobi_generate(model, ids, max_new_tokens=64, window_size=16, eos_token_id=[2]).
     """
     tokens: list[int] = []
     logprobs: list[TokenLogprob] = []

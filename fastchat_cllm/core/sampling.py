@@ -14,7 +14,7 @@ the speculative-sampling rule for a deterministic draft. Acceptance stops at the
 when all guesses are accepted the last position's sample is the next token.
 Because G_t belongs to the output position (not to the forward), carried guesses are the samples
 of the previous forward with the same noise, so the loop is an ordinary Jacobi iteration of a
-fixed map, and the output is the autoregressive sample for this seed whatever the block sizes,
+fixed map, and the output is the autoregressive sample for this seed whatever the window sizes,
 the fill or the timing-driven adaptive window: seeded runs are reproducible.
 
 `acceptance="speculative"` is the textbook form with fresh randomness in every forward: guess

@@ -23,7 +23,7 @@ class JacobiStats:
     forwards: model forward calls after the prefill.
     tokens: tokens generated (the first comes from the prefill, the rest from forwards).
     accepted_per_forward: tokens each forward made final (1 = no gain over autoregressive).
-    block_sizes: the window each forward ran.
+    window_sizes: the window each forward ran.
     fast_forwarded: guesses accepted, i.e. tokens gained beyond one per forward.
     stationary: accepted guesses that were already right (and stayed so) in the forward before
         the one that accepted them, while an earlier position was still wrong.
@@ -34,7 +34,7 @@ class JacobiStats:
     forwards: int = 0
     tokens: int = 0
     accepted_per_forward: list[int] = field(default_factory=list)
-    block_sizes: list[int] = field(default_factory=list)
+    window_sizes: list[int] = field(default_factory=list)
     fast_forwarded: int = 0
     stationary: int = 0
     iterations_per_block: list[int] = field(default_factory=list)
@@ -44,7 +44,7 @@ class JacobiStats:
         many forwards the guess at position i had kept its value."""
         self.forwards += 1
         self.accepted_per_forward.append(accepted)
-        self.block_sizes.append(size)
+        self.window_sizes.append(size)
         self.fast_forwarded += accepted - 1
         self.stationary += sum(1 for age in ages[1:accepted] if age >= 1)
 
@@ -66,7 +66,7 @@ class JacobiStats:
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "fast_forwarded": self.fast_forwarded,
             "stationary": self.stationary,
-            "mean_block_size": round(sum(self.block_sizes) / len(self.block_sizes), 3)
-            if self.block_sizes else 0.0,
+            "mean_window_size": round(sum(self.window_sizes) / len(self.window_sizes), 3)
+            if self.window_sizes else 0.0,
             "mean_iterations_per_block": round(self.mean_iterations_per_block, 3),
         }

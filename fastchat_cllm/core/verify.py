@@ -1,4 +1,4 @@
-"""Acceptance rules: which leading guesses of a block are final after one forward."""
+"""Acceptance rules: which leading guesses of a window are final after one forward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ import torch
 @dataclass(frozen=True)
 class Verdict:
     accepted: int            # k: window[:k] are final (window[0] always is)
-    next_token: int          # the final token that follows them (opens the next block)
+    next_token: int          # the final token that follows them (opens the next window)
     predictions: list[int]   # predictions[i] guesses the token at window position i + 1
 
 

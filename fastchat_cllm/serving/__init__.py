@@ -12,6 +12,7 @@ process of your own that uses FastChat's adapters imports `fastchat_cllm.serving
 from . import stock
 
 stock.check_version()
+stock.check_shell()
 
 from . import plugin  # noqa: E402  (after the version check: it imports FastChat)
 

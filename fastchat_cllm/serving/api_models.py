@@ -15,15 +15,15 @@ Validation errors read "param: problem" (400).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-MAX_CHOICES = 16
-MAX_LOGPROBS = 20               # alternatives per token, as the worker allows
+from . import params
+
+MAX_CHOICES = 16               # n
+MAX_PROMPT_CHOICES = 64        # completions: prompts x n
 MAX_SEED = 1 << 62              # choice i samples with seed + i
-MAX_BIASES = 300                # OpenAI's bound on logit_bias entries
 ROLES = ("system", "user", "assistant")
 ALIASES = {"developer": "system"}
 
@@ -36,7 +36,8 @@ def _part_text(part, where: str) -> str:
     if not isinstance(part, dict) or "type" not in part:
         raise ValueError(f"{where} must be a content part {{'type': ..., ...}}")
     if part["type"] != "text":
-        raise ValueError(f"{where} is a part of type {part['type']!r}: this server takes text only")
+        raise ValueError(f"{where} is a part of type {part['type']!r}: this server takes text "
+                         f"only")
     if not isinstance(part.get("text"), str):
         raise ValueError(f"{where}.text must be a string")
     return part["text"]
@@ -72,16 +73,13 @@ def check_stop(stop):
 
 
 def check_logit_bias(bias):
+    """The worker's own check (params.logit_bias), here so a bad map never reaches it."""
     if bias is None:
         return None
-    if len(bias) > MAX_BIASES:
-        raise ValueError(f"'logit_bias' takes at most {MAX_BIASES} tokens, got {len(bias)}")
-    for token, value in bias.items():
-        if not str(token).isdigit():
-            raise ValueError(f"'logit_bias' keys must be token ids, got {token!r}")
-        if not math.isfinite(value) or not -100 <= value <= 100:
-            raise ValueError(f"'logit_bias' values must be in [-100, 100], got {value!r}")
-    return {str(int(token)): float(value) for token, value in bias.items()}
+    try:
+        return {str(token): value for token, value in params.logit_bias(bias)}
+    except params.ParamError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_prompt(prompt):
@@ -104,7 +102,7 @@ def same_max_tokens(request):
     """max_completion_tokens (the SDK's current name) is max_tokens."""
     given = request.max_completion_tokens
     if given is not None:
-        if request.max_tokens is not None and request.max_tokens != given:
+        if "max_tokens" in request.model_fields_set and request.max_tokens not in (None, given):
             raise ValueError(f"'max_tokens' ({request.max_tokens}) and 'max_completion_tokens' "
                              f"({given}) differ: give one")
         request.max_tokens = given
@@ -151,7 +149,7 @@ def install() -> None:
         seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
         stream_options: Optional[StreamOptions] = None
         max_completion_tokens: Optional[int] = Field(None, ge=1)
-        logit_bias: Optional[dict[str, float]] = None
+        logit_bias: Optional[dict[str, Any]] = None
 
         @field_validator("stop", check_fields=False)
         @classmethod
@@ -171,7 +169,7 @@ def install() -> None:
         checked: ClassVar[bool] = True
         messages: Union[str, list[dict[str, Any]]]
         logprobs: Optional[bool] = False
-        top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+        top_logprobs: Optional[int] = Field(None, ge=0, le=params.MAX_LOGPROBS)
         tools: Optional[list[Any]] = None
         tool_choice: Optional[Any] = None
         functions: Optional[list[Any]] = None
@@ -193,7 +191,7 @@ def install() -> None:
 
     class CompletionRequest(Common, protocol.CompletionRequest):
         prompt: Union[str, list[Any]]
-        logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+        logprobs: Optional[int] = Field(None, ge=0, le=params.MAX_LOGPROBS)
 
         @field_validator("prompt")
         @classmethod

@@ -47,16 +47,22 @@ def api_server() -> None:
 
     compat.fix_protocol()                  # before the stock module takes the models by name
     server = stock.load("fastchat.serve.openai_api_server")
-    ours = argparse.ArgumentParser(add_help=False)
-    ours.add_argument("--max-request-bytes", type=int, default=body_limit.DEFAULT_MAX_BYTES)
+    ours = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS,
+                                   description="fastchat-cllm's own flag (FastChat's follow):")
+    ours.add_argument("--max-request-bytes", type=int, default=body_limit.DEFAULT_MAX_BYTES,
+                      help="larger request bodies are refused with 413 before parsing")
     limits, sys.argv[1:] = ours.parse_known_args()
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(ours.format_help())
     if limits.max_request_bytes < 1:
         fail(f"--max-request-bytes must be >= 1, got {limits.max_request_bytes}")
+    # before create_openai_api_server adds CORS: middleware added later runs first, so a 413
+    # still carries the CORS headers a browser client needs to read it
+    server.app.add_middleware(body_limit.BodyLimit, max_bytes=limits.max_request_bytes)
     _defaults({"--host": "127.0.0.1", "--controller-address": CONTROLLER})
     args = server.create_openai_api_server()
     openai_routes.install(server.app, server)
     compat.answer_unreachable_worker(server.app)
-    server.app.add_middleware(body_limit.BodyLimit, max_bytes=limits.max_request_bytes)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level="info", **_ssl(args.ssl))
 
 
@@ -124,6 +130,7 @@ def chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiline", action="store_true")
     p.add_argument("--mouse", action="store_true")
     p.add_argument("--debug", action="store_true", help="print the prompts")
+    p.add_argument("--judge-sent-end", action="store_true", help=argparse.SUPPRESS)
     add_jacobi_args(p)
     return p
 
@@ -136,8 +143,14 @@ def terminal_chat() -> None:
 
     inference = stock.load("fastchat.serve.inference")
     cli = stock.load("fastchat.serve.cli")
+    from .worker import refuse_unsupported
+
     parser = chat_parser()
     args = parser.parse_args()
+    if args.judge_sent_end:
+        parser.error("--judge-sent-end cannot be honoured by the Jacobi chat (its window "
+                     "decides what is final, not a sentence-end rule)")
+    refuse_unsupported(parser, args)
     config = jacobi_config(parser, args)
     args.judge_sent_end = False
     inference.get_generate_stream_function = lambda model, path: partial(generate_stream,

@@ -262,6 +262,10 @@ class Routes:
         if error is not None:
             return error
         prompts = Prompt.all(request.prompt)
+        if len(prompts) * (request.n or 1) > api_models.MAX_PROMPT_CHOICES:
+            return self.error(ErrorCode.PARAM_OUT_OF_RANGE, (
+                f"{len(prompts)} prompts x n={request.n or 1} make more than "
+                f"{api_models.MAX_PROMPT_CHOICES} choices: send fewer prompts per request"))
         max_tokens = request.max_tokens
         for prompt in prompts:
             max_tokens, error = await self.room(request, prompt, max_tokens, worker)

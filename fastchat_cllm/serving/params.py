@@ -11,6 +11,7 @@ from ..core.config import GREEDY_TEMPERATURE
 GREEDY_TOP_P = 1e-8            # FastChat's rule: below it (or GREEDY_TEMPERATURE), decode greedily
 MAX_STOPS = 16                                  # request's stop strings plus the template's
 MAX_LOGIT_BIAS = 300                            # OpenAI's limit on logit_bias entries
+MAX_LOGPROBS = 20                               # alternatives per token
 
 
 class ParamError(ValueError):
@@ -105,7 +106,7 @@ def _bias_entry(key, value) -> tuple[int, float]:
     return key, float(value)
 
 
-def _logit_bias(value, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+def logit_bias(value, vocab_size: int | None = None) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias {token id: bias in [-100, 100]} as sorted (id, bias) pairs."""
     if value is None:
         return ()
@@ -169,7 +170,7 @@ def parse_params(params: dict, vocab_size: int | None = None) -> GenerationReque
         stop=_stops(params.get("stop")),
         stop_token_ids=_token_ids(params.get("stop_token_ids")),
         echo=bool(params.get("echo", True)),
-        logprobs=_number(params, "logprobs", None, 0, 20, kind=int),
+        logprobs=_number(params, "logprobs", None, 0, MAX_LOGPROBS, kind=int),
         seed=_number(params, "seed", None, 0, kind=int),
-        logit_bias=_logit_bias(params.get("logit_bias"), vocab_size),
+        logit_bias=logit_bias(params.get("logit_bias"), vocab_size),
     )

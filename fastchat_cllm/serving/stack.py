@@ -3,7 +3,7 @@ the web UI with --web) on 127.0.0.1, started in order, watched, and stopped toge
 
 Before starting anything it checks that its ports are free; it says ready only once the
 controller lists the model, the API server lists it too, and a one-token request through the
-API server answers. Flags it does not know go to the worker (e.g. --device cuda --block-size 32 --conv-template X).
+API server answers. Flags it does not know go to the worker (e.g. --device cuda --window-size 32 --conv-template X).
 Each process logs to <logdir>/<name>.log; when one dies, the others are stopped and its log's
 tail is printed.
 """
@@ -147,6 +147,9 @@ class Stack:
         for name in names:
             answer = requests.post(self.api + "/completions", headers=self.auth(), timeout=300,
                                    json={"model": name, "prompt": "Hi", "max_tokens": 1})
+            if 400 <= answer.status_code < 500 and answer.status_code != 429:
+                raise StackError(f"the first request to {name} was refused "
+                                 f"({answer.status_code}): {answer.text[:500]}")
             if not answer.ok:
                 return []
         return names

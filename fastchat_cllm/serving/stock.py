@@ -7,7 +7,11 @@ import importlib
 
 FASTCHAT_VERSION = "0.2.36"
 
-# module -> the names our launchers, worker and routes use from it
+# module -> the names our launchers, worker and routes use from it; the front ends' modules are
+# checked by the launcher that imports them (stock.load), the others when fastchat_cllm.serving
+# is imported (check_shell)
+FRONT_ENDS = ("fastchat.serve.openai_api_server", "fastchat.serve.gradio_web_server",
+              "fastchat.serve.inference", "fastchat.serve.cli")
 NAMES = {
     "fastchat.serve.openai_api_server": (
         "app", "app_settings", "create_openai_api_server", "check_api_key",
@@ -49,9 +53,15 @@ def check_version() -> None:
                             f"(pip install 'fschat=={FASTCHAT_VERSION}')")
 
 
+def check_shell() -> None:
+    """The names the plugin and the worker use (every module of NAMES but the front ends')."""
+    for module_name in NAMES:
+        if module_name not in FRONT_ENDS:
+            load(module_name)
+
+
 def load(module_name: str):
     """Import a stock module and check that it has every name we use from it."""
-    check_version()
     module = importlib.import_module(module_name)
     missing = [name for name in NAMES[module_name] if not hasattr(module, name)]
     if missing:

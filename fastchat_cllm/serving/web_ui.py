@@ -56,6 +56,8 @@ def with_answer_stats(stream_iter):
     """Wrap the web UI's worker stream: when an answer ends, record its statistics line."""
     def model_worker_stream_iter(conv, *args, **kwargs):
         start, last = time.monotonic(), None
+        if isinstance(conv, AnswerConversation):          # a regenerated answer: not the old line
+            conv.stats.pop(len(conv.messages) - 1, None)
         for data in stream_iter(conv, *args, **kwargs):
             last = data
             yield data

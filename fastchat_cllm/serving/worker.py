@@ -29,7 +29,7 @@ from .. import loading
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
-from .counting import count_prompt_tokens
+from .counting import count_prompt_tokens, max_chars_per_token
 from .options import add_jacobi_args, jacobi_config
 from .params import ParamError
 from .stream import generate_stream
@@ -42,7 +42,7 @@ UNSUPPORTED = (
     ("--gptq-ckpt/--gptq-wbits", lambda a: a.gptq_ckpt or a.gptq_wbits < 16),
     ("--awq-ckpt/--awq-wbits", lambda a: a.awq_ckpt or a.awq_wbits < 16),
     ("--enable-exllama", lambda a: a.enable_exllama), ("--enable-xft", lambda a: a.enable_xft),
-    ("--embed-in-truncate", lambda a: a.embed_in_truncate),   # no embeddings: a decoding worker
+    ("--embed-in-truncate", lambda a: getattr(a, "embed_in_truncate", False)),   # no embeddings
 )
 # Test hook (documented in README "Reliability"): a request whose prompt contains this env var's
 # value fails as if CUDA ran out of memory, so the 50002 path can be exercised on a CPU.
@@ -120,6 +120,7 @@ class JacobiWorker(BaseModelWorker):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.context_len = context_length(model.config)
+        max_chars_per_token(tokenizer)      # computed now, not inside the first request
         self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
         log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
 
@@ -193,12 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse what the worker cannot honour, with the reason, before loading anything."""
+def refuse_unsupported(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop on a stock loader flag the Jacobi engine cannot run (worker and terminal chat)."""
     for flag, is_set in UNSUPPORTED:
         if is_set(args):
             parser.error(f"{flag} cannot be honoured: the Jacobi engine runs the transformers "
                          f"model itself (full or half precision weights)")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what the worker cannot honour, with the reason, before loading anything."""
+    refuse_unsupported(parser, args)
     if args.stream_interval < 1:
         parser.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.limit_worker_concurrency < 1:

@@ -65,8 +65,8 @@ def evaluate(model, tokenizer, problems: list[Problem], prompt_ids: dict, teache
         target = Target(ids, max_new_tokens, tuple(eos), eos[0])
         ar, ar_s = timed(model, lambda: AR(model, target).tokens)
         adaptive, adaptive_s = timed(model, lambda: jacobi_generate(
-            model, ids, max_new_tokens=max_new_tokens, block_size=block_size, eos_token_id=eos))
-        fixed = jacobi_generate(model, ids, max_new_tokens=max_new_tokens, block_size=block_size,
+            model, ids, max_new_tokens=max_new_tokens, window_size=block_size, eos_token_id=eos))
+        fixed = jacobi_generate(model, ids, max_new_tokens=max_new_tokens, window_size=block_size,
                                 eos_token_id=eos, **REFERENCE_BLOCKS)
         result.problems += 1
         result.tokens += len(ar)

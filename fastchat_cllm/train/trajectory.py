@@ -86,7 +86,7 @@ def record_blocks(model, prompt_ids: list[int], config: CollectConfig):
     accepted: list[int] = []        # tokens the current block has made final so far
     step = None
     for step in jacobi_stream(model, prompt_ids, max_new_tokens=config.max_new_tokens,
-                              block_size=config.block_size, eos_token_id=config.eos_token_id,
+                              window_size=config.block_size, eos_token_id=config.eos_token_id,
                               seed=config.seed, **REFERENCE_BLOCKS):
         if step.window and step.block_start:
             # window[0] is the newest final token, already the last of `output`

@@ -1,9 +1,9 @@
-"""Adaptive block size: pick the window that maximises expected tokens per second of forward.
+"""Adaptive window size: pick the window that maximises expected tokens per second of forward.
 
 Model: a forward over n positions costs c(n) seconds and finalises k tokens, where k - 1 is the
 number of leading guesses that turn out right. With q_i = P(guess i right | guesses 1..i-1
 right), E[k | n] = sum_{i<n} prod_{j<=i} q_j. Each q_i is a forgetting average over the forwards
-that reached guess i (unseen positions take the prior), so a block that stops paying shrinks
+that reached guess i (unseen positions take the prior), so a window that stops paying shrinks
 within a few forwards. When small windows win, a larger one is still probed now and then, with
 exponential back-off while probes do not pay, so a model (or a stretch of text) that becomes
 predictable is noticed at a bounded cost.
@@ -16,7 +16,7 @@ from the nearest measured size through a prior shape. On CPU that shape has a st
 from __future__ import annotations
 
 # Prior shape of c(n) / c(1): a step for leaving matrix-vector products (CPU only) plus a slope
-# per extra position. GPUs stay flat for far longer blocks.
+# per extra position. GPUs stay flat for far longer windows.
 PRIOR_STEP = {"cpu": 0.5}
 PRIOR_SLOPE = {"cpu": 0.05}
 GPU_SLOPE = 0.005
@@ -24,7 +24,7 @@ PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
 
 
-class BlockSizer:
+class WindowSizer:
     def __init__(self, low: int, high: int, adaptive: bool, cost: float | None, device_type: str):
         self.low, self.high, self.adaptive = low, high, adaptive
         self.step = PRIOR_STEP.get(device_type, 0.0)
