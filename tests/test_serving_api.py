@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from transformers.generation.logits_process import LogitsProcessorList, SequenceBiasLogitsProcessor
 
 from harness import MODEL, ar_greedy, post_json, start_stack, wait_idle
 
@@ -48,17 +46,8 @@ def chat_prompt(stack, smollm2):
 def reference(smollm2, ids: list[int], new: int, bias: dict[int, float] | None = None) -> str:
     """transformers' greedy generate (with OpenAI's logit_bias as single-token sequence_bias)."""
     model, tokenizer = smollm2
-    if bias is None:
-        out = ar_greedy(model, ids, new, [tokenizer.eos_token_id])
-    else:
-        processors = LogitsProcessorList([SequenceBiasLogitsProcessor(
-            {(token,): value for token, value in bias.items()})])
-        tensor = torch.tensor([ids])
-        out = model.generate(tensor, max_new_tokens=new, do_sample=False,
-                             logits_processor=processors, attention_mask=torch.ones_like(tensor),
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
-    return tokenizer.decode(out, skip_special_tokens=True)
+    return tokenizer.decode(ar_greedy(model, ids, new, [tokenizer.eos_token_id], bias),
+                            skip_special_tokens=True)
 
 
 def chat(client, stream: bool = False, **kwargs) -> tuple[str, dict | None]:
