@@ -89,6 +89,7 @@ class Runner:
         mask = attention_mask(limit, where.kv_len, self.dtype, ids.device)
         kept = self.forward(ids, positions, mask, keep)
         kept = kept[:0] if nothing else kept
+        self.cache.written()
         logits = list(kept.float().split([len(row.keep) for row in rows]))
         return Output(logits, time.perf_counter() - started)
 

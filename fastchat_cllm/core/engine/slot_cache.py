@@ -1,8 +1,8 @@
 """The cache owner: keys/values preallocated per slot, written at positions.
 
 Every layer holds keys and values [slots, kv_heads, max_len, head_dim], allocated once. A slot
-holds one request's sequence from position 0; its length is the number of positions that are
-final (or, during a forward, being written). A forward's rows write their new keys/values at
+holds one request's sequence from position 0; its length counts the positions it holds (the
+prompt and final tokens, then the window of the last forward until rejects are trimmed). A forward's rows write their new keys/values at
 their own slot's positions; rejecting guesses only moves the slot's length back, and the next
 forward overwrites what lies beyond it. Storage never moves: no concatenation, no copy on
 rollback.
@@ -76,7 +76,7 @@ class SlotLayer(CacheLayerMixin):
         return self.max_len, 0
 
     def get_seq_length(self) -> int:
-        raise RuntimeError("slots have lengths of their own: ask SlotCache.length(slot)")
+        raise RuntimeError("slots have lengths of their own: ask the SlotCache")
 
     def get_max_length(self) -> int:
         return self.max_len
@@ -98,7 +98,8 @@ class SlotCache(Cache):
                                  for _ in range(config.num_hidden_layers)])
         self.slots, self.max_len = slots, max_len
         self.lengths = [0] * slots
-        self.where: Placement | None = None
+        self.where: Placement | None = None     # the forward in flight
+        self.sizes: dict[int, int] = {}          # its tokens per slot
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self.where)
@@ -118,13 +119,13 @@ class SlotCache(Cache):
 
     def place(self, slots: list[int], sizes: list[int]) -> Placement:
         """Plan a forward whose row r writes sizes[r] tokens after the cached prefix of
-        slots[r]; the slots' lengths grow by them. Raises when a slot would overflow."""
+        slots[r]; `written()` then adds them to the slots' lengths. Raises when a slot would
+        overflow."""
         starts = [self.lengths[s] for s in slots]
         for slot, start, size in zip(slots, starts, sizes):
             if start + size > self.max_len:
                 raise ValueError(f"slot {slot}: {start} + {size} positions exceed max_len "
                                  f"{self.max_len}")
-            self.lengths[slot] = start + size
         device = self.layers[0].keys.device
         row = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(sizes))
         col = torch.cat([torch.arange(size) for size in sizes])
@@ -135,7 +136,18 @@ class SlotCache(Cache):
                                max(s + n for s, n in zip(starts, sizes)),
                                *(t.to(device) for t in (row, col, slot, position)),
                                slots[0] if consecutive else None)
+        self.sizes = dict(zip(slots, sizes))
         return self.where
+
+    def written(self) -> None:
+        """The planned forward ran: its rows' tokens are now part of their slots."""
+        for slot, size in self.sizes.items():
+            self.lengths[slot] += size
+        self.where, self.sizes = None, {}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The longest slot's length (a forward hook's view; each slot has its own)."""
+        return max(self.lengths)
 
     def nbytes(self) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
