@@ -16,7 +16,7 @@ import itertools
 import torch
 
 from ..config import JacobiConfig
-from ..jacobi import Step
+from ..step import Step
 from .request import Request
 from .runner import Runner
 from .scheduler import Scheduler

@@ -1,7 +1,7 @@
 """One request's decoding state: its prompt, final tokens, window, guesses and their ages,
 acceptance rule, window sizer and statistics; it turns its logits rows of a forward into a Step.
 
-The same loop invariant as jacobi.py: the slot holds the prompt and every final token except
+The loop invariant of step.py: the slot holds the prompt and every final token except
 `next_token`, which opens the next window [next_token, guesses...]. The prompt goes in chunks;
 the last chunk's last row gives the first token.
 """
@@ -11,7 +11,7 @@ import torch
 
 from ..config import JacobiConfig
 from ..guesses import Context
-from ..jacobi import Blocks, Step, carried_ages, finish, make_window
+from ..step import Blocks, Step, carried_ages, finish, make_window
 from ..logprobs import TokenLogprob, token_logprobs
 from ..sampling import acceptance_rule
 from ..stats import JacobiStats
@@ -56,7 +56,8 @@ class Request:
 
     def window_row(self) -> Row:
         """The next Jacobi window [next_token, guesses...]: its size, guesses and their ages."""
-        size, fresh = self.blocks.next_size(self.sizer, self.config.max_new_tokens - self.stats.tokens)
+        left = self.config.max_new_tokens - self.stats.tokens
+        size, fresh = self.blocks.next_size(self.sizer, left)
         if fresh:
             self.guesses, self.ages = [], []
         self.block_start = self.block_start or fresh
@@ -75,8 +76,8 @@ class Request:
         start = self.prefilled
         self.prefilled += len(row.tokens)
         if self.config.prompt_logprobs:      # row i predicts prompt token start + i + 1
-            self.prompt_logprobs += token_logprobs(logits, self.prompt[start + 1: self.prefilled + 1],
-                                                   self.config.logprobs)
+            predicted = self.prompt[start + 1: self.prefilled + 1]
+            self.prompt_logprobs += token_logprobs(logits, predicted, self.config.logprobs)
         if self.prefilling:
             return None
         first = self.rule.verify(self.prompt[-1:], logits[-1:]).next_token   # logits[-1:]: [1, V]

@@ -45,13 +45,13 @@ def input_ids(rows: list[Row], device) -> torch.Tensor:
 
 
 def last_seen(starts: torch.Tensor, sizes: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, n]: the last slot position each column may attend to (its own; padding: the row's last)."""
+    """[B, n]: the last slot position each column may see (its own; padding: its row's last)."""
     cols = torch.arange(width)
     return starts[:, None] + torch.minimum(cols[None, :], sizes[:, None] - 1)
 
 
 def attention_mask(limit: torch.Tensor, kv_len: int, dtype, device) -> torch.Tensor:
-    """Additive mask [B, 1, n, kv_len]: 0 where key j <= limit[b, c], the dtype's minimum elsewhere."""
+    """Additive mask [B, 1, n, kv_len]: 0 where key j <= limit[b, c], else the dtype's minimum."""
     seen = torch.arange(kv_len)[None, None, :] <= limit[:, :, None]            # [B, n, kv_len]
     mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
     return mask[:, None].to(device)

@@ -2,10 +2,10 @@
 
 Every layer holds keys and values [slots, kv_heads, max_len, head_dim], allocated once. A slot
 holds one request's sequence from position 0; its length counts the positions it holds (the
-prompt and final tokens, then the window of the last forward until rejects are trimmed). A forward's rows write their new keys/values at
-their own slot's positions; rejecting guesses only moves the slot's length back, and the next
-forward overwrites what lies beyond it. Storage never moves: no concatenation, no copy on
-rollback.
+prompt and final tokens, then the window of the last forward until its rejects are trimmed).
+A forward's rows write their new keys/values at their own slot's positions; rejecting guesses
+only moves the slot's length back, and the next forward overwrites what lies beyond it.
+Storage never moves: no concatenation, no copy on rollback.
 
 It plugs into transformers as a `Cache` (the public `update(keys, values, layer_idx)` each
 attention layer calls); the runner supplies the position ids and a 4D mask, which the models'
@@ -165,7 +165,8 @@ def check_full_attention(config, max_len: int) -> None:
     if not kinds <= {"full_attention", "sliding_attention"}:
         raise ValueError(f"the slot cache supports attention layers only, got {sorted(kinds)}")
     window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False or (types and kinds == {"full_attention"}):
+    unused = types and "sliding_attention" not in kinds        # layer types say no window
+    if getattr(config, "use_sliding_window", True) is False or unused:
         window = None
     if window is not None and window < max_len:
         raise ValueError(f"sliding window {window} < max_len {max_len}: not supported yet")
