@@ -7,12 +7,13 @@ decoding; a seeded sample does not depend on its neighbours; rollback never move
 """
 from __future__ import annotations
 
+import ast
 from unittest import mock
 
 import pytest
 import torch
 
-from harness import ARCHITECTURES, ar_greedy, tiny_greedy, tiny_model
+from harness import ARCHITECTURES, ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine
 
@@ -175,6 +176,26 @@ def test_cancel_frees_a_slot_and_the_rest_stay_exact(arch, model):
     for request_id, seed in zip((a, c, d), seeds[::2] + seeds[3:]):
         want = tiny_greedy(arch, prompt(5 + seed % 7, seed), 20, dtype=F64)
         assert tokens_of(out[request_id]) == want
+
+
+def test_eager_attention_takes_the_same_mask(one_thread):
+    """The additive 4D mask works for the eager implementation as for SDPA."""
+    model = tiny_model("qwen2", dtype=F64)
+    model.set_attn_implementation("eager")
+    config = JacobiConfig(max_new_tokens=25, window_size=4, adaptive=False)
+    ids = [prompt(n, 60 + n) for n in (3, 17, 40)]
+    order, steps, _ = drain(Engine(model, slots=2, max_len=96, chunk=8),
+                            {0: [(i, config) for i in ids]})
+    for request_id, prompt_ids in zip(order, ids):
+        assert tokens_of(steps[request_id]) == tiny_greedy("qwen2", prompt_ids, 25, dtype=F64)
+
+
+def test_engine_imports_no_fastchat():
+    for path in (ROOT / "fastchat_cllm" / "core" / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] == "fastchat" for n in names), path
 
 
 def test_refusals(one_thread):

@@ -4,7 +4,8 @@ Row r runs its tokens [n_r] after the cached prefix of its slot (length s_r). In
 to n = max n_r; position ids are s_r + column; the 4D mask lets column c of row r see its slot's
 positions 0 .. s_r + min(c, n_r - 1): the whole cached prefix, causally within its own tokens,
 nothing of other slots, nothing of padding (a padding column repeats its row's last real
-column, so no row of the mask is empty). Logits are projected only where a row asks for them.
+column, so no row of the mask is empty). Logits are projected only for the columns some row
+asks for (one column list for all rows: a 1D `logits_to_keep`, which every 5.x model takes).
 """
 from __future__ import annotations
 
@@ -57,18 +58,23 @@ def attention_mask(limit: torch.Tensor, kv_len: int, dtype, device) -> torch.Ten
     return mask[:, None].to(device)
 
 
-def keep_mask(rows: list[Row], width: int) -> torch.Tensor:
-    """[B, n] bool: the columns whose logits are projected."""
-    keep = torch.zeros(len(rows), width, dtype=torch.bool)
-    for r, row in enumerate(rows):
-        keep[r, row.keep.start: row.keep.stop] = True
-    return keep
+def kept_columns(rows: list[Row]) -> list[int]:
+    """The columns projected for every row (a model keeps the same ones in each row): the
+    union of the rows' `keep`, or column 0 when none asks (the model projects at least one)."""
+    return sorted({c for row in rows for c in row.keep}) or [0]
+
+
+MASKED_ATTENTION = ("eager", "sdpa")     # attention implementations that take a 4D mask
 
 
 class Runner:
     """Runs a list of Rows through `model`, writing their keys/values into `cache`."""
 
     def __init__(self, model, cache: SlotCache):
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attention not in MASKED_ATTENTION:
+            raise ValueError(f"the engine needs attention that takes a 4D mask {MASKED_ATTENTION}"
+                             f", not {attention!r}: load the model with attn_implementation='sdpa'")
         self.model, self.cache = model, cache
         self.dtype = next(model.parameters()).dtype
         self.cache_kwarg = _cache_kwarg(type(model))
@@ -83,21 +89,18 @@ class Runner:
         where = self.cache.place([row.slot for row in rows], sizes)
         limit = last_seen(starts, torch.tensor(sizes), width)                   # [B, n]
         positions = starts[:, None] + torch.arange(width)[None, :]             # [B, n]
-        keep = keep_mask(rows, width)
-        nothing = not keep.any()
-        keep[0, 0] |= nothing        # the model projects at least one column; dropped below
+        columns = kept_columns(rows)
         mask = attention_mask(limit, where.kv_len, self.dtype, ids.device)
-        kept = self.forward(ids, positions, mask, keep)
-        kept = kept[:0] if nothing else kept
+        kept = self.forward(ids, positions, mask, torch.tensor(columns, device=ids.device))
         self.cache.written()
-        logits = list(kept.float().split([len(row.keep) for row in rows]))
+        at = {c: i for i, c in enumerate(columns)}                             # [B, U, V]
+        logits = [kept[r, [at[c] for c in row.keep]].float() for r, row in enumerate(rows)]
         return Output(logits, time.perf_counter() - started)
 
-    def forward(self, ids, positions, mask, keep) -> torch.Tensor:
-        """The model call: ids, positions [B, n], mask [B, 1, n, kv_len], keep [B, n] bool ->
-        logits [kept columns, V], row-major; keys/values written by the cache's placement."""
-        device = ids.device
-        out = self.model(input_ids=ids, position_ids=positions.to(device), attention_mask=mask,
-                         logits_to_keep=keep.to(device), use_cache=True,
+    def forward(self, ids, positions, mask, columns) -> torch.Tensor:
+        """The model call: ids, positions [B, n], mask [B, 1, n, kv_len], columns [U] ->
+        logits [B, U, V]; keys/values written where the cache's placement says."""
+        out = self.model(input_ids=ids, position_ids=positions.to(ids.device),
+                         attention_mask=mask, logits_to_keep=columns, use_cache=True,
                          **{self.cache_kwarg: self.cache})
         return out.logits
