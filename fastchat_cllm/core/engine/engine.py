@@ -7,7 +7,8 @@
             ...
 
 Memory is explicit: the slot cache holds slots x max_len positions of keys/values for every
-layer, allocated up front (SmolLM2-135M: ~46 KB per position in fp32).
+layer, allocated up front (SmolLM2-135M: ~46 KB per position in fp32). The model must use an
+attention implementation that takes a 4D mask (eager, SDPA); full-attention layers only.
 """
 from __future__ import annotations
 

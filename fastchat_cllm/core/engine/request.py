@@ -88,7 +88,8 @@ class Request:
                     self.prompt_logprobs if self.config.prompt_logprobs else None)
 
     def verified(self, logits: torch.Tensor, seconds: float) -> Step:
-        """Verify the window in flight against its logits [size, V]."""
+        """Verify the window in flight against its logits [size, V]. `seconds` is the whole
+        forward's (with its neighbours' rows): sizing windows for a batch is not done yet."""
         window, ages, size = self.window, self.window_ages, len(self.window)
         verdict = self.rule.verify(window, logits)
         k, predictions = verdict.accepted, verdict.predictions
