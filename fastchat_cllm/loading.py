@@ -106,13 +106,8 @@ def placement(device: str, num_gpus: int = 1, max_gpu_memory: str | None = None)
 
 
 def attention_implementation(device: str, dtype) -> str:
-    """flash-attn 2 on CUDA in fp16/bf16 when the package is installed, else PyTorch SDPA
-    (which runs FlashAttention kernels itself for fp16/bf16 on CUDA)."""
-    import torch
-
-    half = dtype in (torch.float16, torch.bfloat16)
-    if str(device).startswith("cuda") and half and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
+    """PyTorch SDPA on every device and dtype: the decoding engine passes a 4D attention mask
+    (per-row positions over a slot cache), which flash-attn 2's kernels do not take."""
     return "sdpa"
 
 

@@ -1,0 +1,172 @@
+"""The cache owner: keys/values preallocated per slot, written at positions.
+
+Every layer holds keys and values [slots, kv_heads, max_len, head_dim], allocated once. A slot
+holds one request's sequence from position 0; its length counts the positions it holds (the
+prompt and final tokens, then the window of the last forward until its rejects are trimmed).
+A forward's rows write their new keys/values at their own slot's positions; rejecting guesses
+only moves the slot's length back, and the next forward overwrites what lies beyond it.
+Storage never moves: no concatenation, no copy on rollback.
+
+It plugs into transformers as a `Cache` (the public `update(keys, values, layer_idx)` each
+attention layer calls); the runner supplies the position ids and a 4D mask, which the models'
+mask builders pass through untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the rows of one forward write, and which slots they read.
+
+    slots: [B] the slot of each row; kv_len: key positions the attention sees (the longest
+    row's end); row, col, slot, position: [N] one entry per real (not padding) input token:
+    input (row, col) goes to (slot, position)."""
+
+    slots: torch.Tensor
+    kv_len: int
+    row: torch.Tensor
+    col: torch.Tensor
+    slot: torch.Tensor
+    position: torch.Tensor
+    first: int | None      # the rows read slots first..first+B-1 in order (a view), else None
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's preallocated keys/values; `update` writes a forward's rows by Placement."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise RuntimeError("a SlotLayer is allocated when it is made")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               where: Placement | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_states, value_states: [B, kv_heads, n, head_dim] of this forward's rows.
+        Returns keys, values [B, kv_heads, kv_len, head_dim]: each row's slot, new ones included."""
+        if where is None:
+            raise RuntimeError("a SlotCache is written only by the engine's runner")
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            store[where.slot, :, where.position] = new.transpose(1, 2)[where.row, where.col]
+        return self.rows(self.keys, where), self.rows(self.values, where)
+
+    @staticmethod
+    def rows(store: torch.Tensor, where: Placement) -> torch.Tensor:
+        """The rows' slots up to kv_len: a view when they are consecutive, else a gather."""
+        if where.first is not None:
+            return store[where.first: where.first + len(where.slots), :, : where.kv_len]
+        return store[:, :, : where.kv_len].index_select(0, where.slots)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_len, 0
+
+    def get_seq_length(self) -> int:
+        raise RuntimeError("slots have lengths of their own: ask the SlotCache")
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+
+class SlotCache(Cache):
+    """Keys/values of `slots` sequences of up to `max_len` positions, for every layer of `model`."""
+
+    def __init__(self, model, slots: int, max_len: int):
+        if slots < 1 or max_len < 1:
+            raise ValueError(f"need slots >= 1 and max_len >= 1, got {slots}, {max_len}")
+        config = model.config.get_text_config()
+        check_full_attention(config, max_len)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        dtype, device = next(model.parameters()).dtype, model.device
+        super().__init__(layers=[SlotLayer(slots, kv_heads, max_len, head_dim, dtype, device)
+                                 for _ in range(config.num_hidden_layers)])
+        self.slots, self.max_len = slots, max_len
+        self.lengths = [0] * slots
+        self.where: Placement | None = None     # the forward in flight
+        self.sizes: dict[int, int] = {}          # its tokens per slot
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states, self.where)
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def clear(self, slot: int) -> None:
+        """Free a slot for a new sequence (its storage is overwritten as it is filled)."""
+        self.lengths[slot] = 0
+
+    def trim(self, slot: int, count: int) -> None:
+        """Drop the last `count` positions of a slot (rejected guesses): only its length moves."""
+        if count < 0 or count > self.lengths[slot]:
+            raise ValueError(f"cannot drop {count} of {self.lengths[slot]} cached positions")
+        self.lengths[slot] -= count
+
+    def place(self, slots: list[int], sizes: list[int]) -> Placement:
+        """Plan a forward whose row r writes sizes[r] tokens after the cached prefix of
+        slots[r]; `written()` then adds them to the slots' lengths. Raises when a slot would
+        overflow."""
+        starts = [self.lengths[s] for s in slots]
+        for slot, start, size in zip(slots, starts, sizes):
+            if start + size > self.max_len:
+                raise ValueError(f"slot {slot}: {start} + {size} positions exceed max_len "
+                                 f"{self.max_len}")
+        device = self.layers[0].keys.device
+        row = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(sizes))
+        col = torch.cat([torch.arange(size) for size in sizes])
+        slot = torch.tensor(slots)[row]
+        position = torch.tensor(starts)[row] + col
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.where = Placement(torch.tensor(slots, device=device),
+                               max(s + n for s, n in zip(starts, sizes)),
+                               *(t.to(device) for t in (row, col, slot, position)),
+                               slots[0] if consecutive else None)
+        self.sizes = dict(zip(slots, sizes))
+        return self.where
+
+    def written(self) -> None:
+        """The planned forward ran: its rows' tokens are now part of their slots."""
+        for slot, size in self.sizes.items():
+            self.lengths[slot] += size
+        self.where, self.sizes = None, {}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The longest slot's length (a forward hook's view; each slot has its own)."""
+        return max(self.lengths)
+
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+    def storage_pointers(self) -> list[int]:
+        """data_ptr of every layer's keys and values (they never change)."""
+        return [t.data_ptr() for layer in self.layers for t in (layer.keys, layer.values)]
+
+
+def check_full_attention(config, max_len: int) -> None:
+    """The runner's mask is full causal attention: refuse layers it would get wrong (a sliding
+    window shorter than max_len, linear attention, ...)."""
+    types = getattr(config, "layer_types", None)
+    kinds = set(types or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"the slot cache supports attention layers only, got {sorted(kinds)}")
+    window = getattr(config, "sliding_window", None)
+    unused = types and "sliding_attention" not in kinds        # layer types say no window
+    if getattr(config, "use_sliding_window", True) is False or unused:
+        window = None
+    if window is not None and window < max_len:
+        raise ValueError(f"sliding window {window} < max_len {max_len}: not supported yet")

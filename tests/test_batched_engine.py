@@ -1,0 +1,237 @@
+"""The batched engine (issue 13): every request in a batch gets exactly its solo output.
+
+Greedy requests equal transformers' greedy generate (fp64 tiny models of each architecture,
+and SmolLM2 fp32 up to near-ties); requests join and leave at different forwards, outnumber
+the slots, end at EOS inside a window; a long prompt is prefilled in chunks while others keep
+decoding; a seeded sample does not depend on its neighbours; rollback never moves storage.
+"""
+from __future__ import annotations
+
+import ast
+from unittest import mock
+
+import pytest
+import torch
+
+from harness import ARCHITECTURES, ROOT, ar_greedy, tiny_greedy, tiny_model
+from fastchat_cllm import JacobiConfig, jacobi_generate
+from fastchat_cllm.core.engine import Engine
+
+F64 = torch.float64
+WINDOWS = {"w1": dict(window_size=1, adaptive=False), "w4": dict(window_size=4, adaptive=False),
+           "w16": dict(window_size=16, adaptive=False), "adaptive": dict(window_size=16)}
+# (prompt length, max_new_tokens, engine step at which the request arrives)
+ARRIVALS = ((1, 37, 0), (9, 50, 0), (40, 23, 2), (70, 30, 5), (5, 44, 5))
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def first_new_token(tokens: list[int], after: int) -> int:
+    """An index i > after whose token does not occur before it (an EOS that ends there)."""
+    return next(i for i, tok in enumerate(tokens) if i > after and tok not in tokens[:i])
+
+
+def drain(engine: Engine, arrivals: dict[int, list[tuple[list[int], JacobiConfig]]]):
+    """Run `engine`, adding arrivals[s] before step s; per request id: its Steps, and per step
+    the ids that got one. Returns (ids in arrival order, steps by id, ids by engine step)."""
+    order, steps, served, number = [], {}, [], 0
+    while engine.has_work or number <= max(arrivals):
+        for prompt_ids, config in arrivals.get(number, []):
+            order.append(engine.add(prompt_ids, config))
+            steps[order[-1]] = []
+        made = engine.step()
+        for request_id, step in made:
+            steps[request_id].append(step)
+        served.append({request_id for request_id, _ in made})
+        number += 1
+    return order, steps, served
+
+
+def tokens_of(steps) -> list[int]:
+    return [tok for step in steps for tok in step.tokens]
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(arch, one_thread):
+    return tiny_model(arch, dtype=F64)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_every_request_equals_its_solo_greedy(arch, model, window):
+    """Five requests, three slots: they queue, join at different forwards, prefill in chunks,
+    and finish at different forwards, one at an EOS inside a window."""
+    expected, arrivals = [], {}
+    for seed, (length, max_new, at) in enumerate(ARRIVALS):
+        ids = prompt(length, seed)
+        eos = ()
+        if seed == 1:            # this one stops at an EOS instead of its token budget
+            free = tiny_greedy(arch, ids, max_new, dtype=F64)
+            eos = (free[first_new_token(free, 6)],)
+        expected.append(tiny_greedy(arch, ids, max_new, eos=eos, dtype=F64))
+        config = JacobiConfig(max_new_tokens=max_new, eos_token_id=eos, **WINDOWS[window])
+        arrivals.setdefault(at, []).append((ids, config))
+    engine = Engine(model, slots=3, max_len=160, chunk=16)
+    order, steps, _ = drain(engine, arrivals)
+    for request_id, want, (_, max_new, _) in zip(order, expected, ARRIVALS):
+        got = steps[request_id]
+        assert tokens_of(got) == want
+        assert [s.finish_reason for s in got[:-1]] == [None] * (len(got) - 1)
+        assert got[-1].finish_reason == ("length" if len(want) == max_new else "stop")
+        assert got[-1].stats.tokens == len(want)
+    stopped = steps[order[1]][-1]
+    assert stopped.finish_reason == "stop" and len(expected[1]) < ARRIVALS[1][1]
+    if WINDOWS[window]["window_size"] > 1 and not WINDOWS[window].get("adaptive", True):
+        assert len(stopped.window) > len(stopped.tokens)    # guesses after the EOS dropped
+    assert not engine.has_work and engine.cache.lengths == [0, 0, 0]
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_another_decodes(arch, model, one_thread):
+    short, long = prompt(6, 11), prompt(100, 12)
+    engine = Engine(model, slots=2, max_len=200, chunk=8)
+    config = JacobiConfig(max_new_tokens=40, window_size=4, adaptive=False)
+    with mock.patch.object(engine.runner, "run", wraps=engine.runner.run) as run:
+        order, steps, served = drain(engine, {0: [(short, config)], 2: [(long, config)]})
+    a, b = order
+    first_b = next(i for i, ids in enumerate(served) if b in ids)
+    assert first_b == 2 + 100 // 8 + (100 % 8 > 0) - 1      # 13 chunks, the last gives a token
+    assert all(a in served[i] for i in range(2, first_b + 1))  # never stalled by the prefill
+    widths = [max(len(row.tokens) for row in call.args[0]) for call in run.call_args_list]
+    assert max(widths) == 8                                   # no forward wider than a chunk
+    assert tokens_of(steps[a]) == tiny_greedy(arch, short, 40, dtype=F64)
+    assert tokens_of(steps[b]) == tiny_greedy(arch, long, 40, dtype=F64)
+
+
+@pytest.mark.parametrize("acceptance", ["gumbel", "speculative"])
+def test_seeded_sample_is_the_same_with_or_without_neighbours(model, acceptance, one_thread):
+    sampled = JacobiConfig(max_new_tokens=30, window_size=4, adaptive=False, temperature=0.9,
+                           top_p=0.95, repetition_penalty=1.1, seed=7, acceptance=acceptance,
+                           logprobs=2)
+    ids = prompt(12, 21)
+    alone = Engine(model, slots=1, max_len=128)
+    _, steps, _ = drain(alone, {0: [(ids, sampled)]})
+    solo = tokens_of(next(iter(steps.values())))
+    neighbours = {0: [(prompt(30, 22), JacobiConfig(max_new_tokens=9, window_size=16)),
+                      (prompt(3, 23), sampled.with_(seed=8))],
+                  1: [(ids, sampled)]}
+    order, steps, _ = drain(Engine(model, slots=3, max_len=128, chunk=8), neighbours)
+    assert tokens_of(steps[order[2]]) == solo
+    assert tokens_of(steps[order[1]]) != solo                 # the other seed samples otherwise
+    reference = jacobi_generate(model, ids, sampled)         # the one-request API agrees
+    assert reference.tokens == solo
+    got = [lp for step in steps[order[2]] for lp in step.logprobs]
+    assert [lp.token for lp in got] == solo
+    assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in reference.logprobs],
+                                                       abs=1e-9)
+
+
+def test_prompt_logprobs_across_chunks(model, one_thread):
+    ids = prompt(21, 31)
+    config = JacobiConfig(max_new_tokens=5, logprobs=1, prompt_logprobs=True)
+    _, steps, _ = drain(Engine(model, slots=1, max_len=64, chunk=4), {0: [(ids, config)]})
+    got = next(iter(steps.values()))[0].prompt_logprobs
+    want = jacobi_generate(model, ids, config).prompt_logprobs
+    assert [lp.token for lp in got] == ids[1:] == [lp.token for lp in want]
+    assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in want], abs=1e-9)
+
+
+def test_rollback_moves_lengths_not_storage(arch, model):
+    engine = Engine(model, slots=2, max_len=128, chunk=16)
+    before = engine.cache.storage_pointers()
+    config = JacobiConfig(max_new_tokens=40, window_size=16, adaptive=False)
+    order, steps, _ = drain(engine, {0: [(prompt(20, 41), config), (prompt(7, 42), config)]})
+    rejected = sum(len(s.window) - s.accepted for got in steps.values() for s in got if s.window)
+    assert rejected > 100                                     # many guesses rolled back
+    assert engine.cache.storage_pointers() == before
+    for request_id, (length, seed) in zip(order, ((20, 41), (7, 42))):
+        assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt(length, seed), 40,
+                                                           dtype=F64)
+
+
+def test_cancel_frees_a_slot_and_the_rest_stay_exact(arch, model):
+    """Cancelling the middle slot leaves a gap (rows of slots 0 and 2 read gathered keys);
+    a later request fills it."""
+    engine = Engine(model, slots=3, max_len=96)
+    config = JacobiConfig(max_new_tokens=20, window_size=4, adaptive=False)
+    seeds = (51, 52, 53, 54)
+    a, b, c = (engine.add(prompt(5 + s % 7, s), config) for s in seeds[:3])
+    made = engine.step()
+    assert [request_id for request_id, _ in made] == [a, b, c]
+    assert engine.cancel(b) and not engine.cancel(b)
+    assert engine.cache.lengths[1] == 0
+    out = {a: [made[0][1]], c: [made[2][1]]}
+    for request_id, step in engine.step() + engine.step():      # slots 0 and 2 only
+        out[request_id].append(step)
+    d = engine.add(prompt(5 + seeds[3] % 7, seeds[3]), config)
+    out[d] = []
+    while engine.has_work:
+        for request_id, step in engine.step():
+            out[request_id].append(step)
+    for request_id, seed in zip((a, c, d), seeds[::2] + seeds[3:]):
+        want = tiny_greedy(arch, prompt(5 + seed % 7, seed), 20, dtype=F64)
+        assert tokens_of(out[request_id]) == want
+
+
+def test_eager_attention_takes_the_same_mask(one_thread):
+    """The additive 4D mask works for the eager implementation as for SDPA."""
+    model = tiny_model("qwen2", dtype=F64)
+    model.set_attn_implementation("eager")
+    config = JacobiConfig(max_new_tokens=25, window_size=4, adaptive=False)
+    ids = [prompt(n, 60 + n) for n in (3, 17, 40)]
+    order, steps, _ = drain(Engine(model, slots=2, max_len=96, chunk=8),
+                            {0: [(i, config) for i in ids]})
+    for request_id, prompt_ids in zip(order, ids):
+        assert tokens_of(steps[request_id]) == tiny_greedy("qwen2", prompt_ids, 25, dtype=F64)
+
+
+def test_engine_imports_no_fastchat():
+    for path in (ROOT / "fastchat_cllm" / "core" / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] == "fastchat" for n in names), path
+
+
+def test_refusals(one_thread):
+    model = tiny_model("mistral")                             # sliding window 4096
+    with pytest.raises(ValueError, match="sliding window"):
+        Engine(model, slots=1, max_len=8192)
+    engine = Engine(model, slots=1, max_len=32)
+    with pytest.raises(ValueError, match="max_len"):
+        engine.add(prompt(20, 1), JacobiConfig(max_new_tokens=20))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add([], JacobiConfig())
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@pytest.mark.slow
+def test_smollm2_bench_prompts_together_equal_solo(smollm2):
+    """fp32: a batched forward may flip a near-tie; any difference must be one (gap < 1e-4)."""
+    from fastchat_cllm.bench.prompts import builtin_prompts, encode
+
+    model, tokenizer = smollm2
+    torch.set_num_threads(2)
+    eos = (tokenizer.eos_token_id,)
+    prompts = [encode(tokenizer, p) for p in builtin_prompts()[:4]]
+    config = JacobiConfig(max_new_tokens=32, eos_token_id=eos)
+    order, steps, _ = drain(Engine(model, slots=4, max_len=512), {0: [(p, config)
+                                                                       for p in prompts]})
+    for request_id, ids in zip(order, prompts):
+        want, got = ar_greedy(model, ids, 32, eos=eos), tokens_of(steps[request_id])
+        at = first_difference(got, want)
+        if at is None:
+            assert got == want
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids + want[:at]])).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        assert float(top2[0] - top2[1]) < 1e-4, f"prompt {request_id}: real divergence at {at}"
