@@ -1,4 +1,5 @@
-"""Every call to the model and to the transformers cache API, in one module.
+"""The transformers cache API in one module (decoding calls the model in engine/runner.py; the
+GPU check's forward-cost table through step_function here).
 
 transformers renames cache arguments between releases (`past_key_values=` became `cache=` in
 5.2x and the old name goes away in 5.40; `DynamicCache.crop` takes a negative count in 5.x;
@@ -39,7 +40,8 @@ def drop_last(cache: Cache, count: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_kwarg(model_class: type) -> str:
+def cache_kwarg(model_class: type) -> str:
+    """The name this model class takes its cache under (transformers renames it in 5.40)."""
     params = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -47,18 +49,5 @@ def _cache_kwarg(model_class: type) -> str:
 def step_function(model, cache: Cache) -> Callable[[torch.Tensor], torch.Tensor]:
     """ids [B, L] -> logits [B, L, V] (model dtype), their keys/values appended to `cache`: one
     tensor in, one out, nothing looked up inside, so torch.compile can capture it whole."""
-    kwargs = {_cache_kwarg(type(model)): cache, "use_cache": True}
+    kwargs = {cache_kwarg(type(model)): cache, "use_cache": True}
     return lambda ids: model(input_ids=ids, **kwargs).logits
-
-
-@torch.inference_mode()
-def forward(model, cache: DynamicCache, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-    """Run `ids` [1, L] after the cached prefix; append their keys/values to `cache`.
-
-    Returns logits [L, V] (or [1, V] with `last_only`), in float32.
-    """
-    kwargs = {_cache_kwarg(type(model)): cache, "use_cache": True}
-    if last_only:
-        kwargs["logits_to_keep"] = 1
-    out = model(input_ids=ids, **kwargs)
-    return out.logits[0].float()

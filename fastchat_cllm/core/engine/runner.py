@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv_cache import _cache_kwarg
+from ..kv_cache import cache_kwarg
 from .slot_cache import SlotCache
 
 PAD = 0     # any id in the vocabulary: padding columns are never read
@@ -77,7 +77,7 @@ class Runner:
                              f", not {attention!r}: load the model with attn_implementation='sdpa'")
         self.model, self.cache = model, cache
         self.dtype = next(model.parameters()).dtype
-        self.cache_kwarg = _cache_kwarg(type(model))
+        self.cache_kwarg = cache_kwarg(type(model))
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> Output:
