@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..jsonl import numbered_jsonl
-from .trainer import LOSSES, SCHEDULES, DistillConfig, total_steps, train
+from .trainer import LOSSES, SCHEDULES, TEACHERS, DistillConfig, total_steps, train
 from .trajectory import Trajectory
 
 
@@ -84,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--save-adapter", action="store_true", help="save the LoRA adapter, unmerged")
+    p.add_argument("--teacher", choices=TEACHERS, default=d.teacher,
+                   help="targets from the model being trained (self) or the frozen base "
+                        "(base: LoRA only; holds the base's distribution)")
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="save the LoRA adapter every N steps to OUT/snapshots/step-N (0: never)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     return p.parse_args(argv)
@@ -93,7 +98,7 @@ def config_from(args) -> DistillConfig:
     return DistillConfig(args.steps, args.lr, args.schedule, args.warmup, args.ar_weight,
                          args.label_smoothing, args.loss, args.states_per_block,
                          args.records_per_step, args.save_every, args.max_minutes,
-                         not args.no_bf16, args.seed)
+                         not args.no_bf16, args.seed, args.teacher, args.snapshot_every)
 
 
 def main(argv=None) -> int:
@@ -106,6 +111,8 @@ def main(argv=None) -> int:
         config = config_from(args)
         if args.save_adapter and not args.lora_rank:
             raise ValueError("--save-adapter needs --lora-rank")
+        if not args.lora_rank and (args.teacher == "base" or args.snapshot_every):
+            raise ValueError("--teacher base and --snapshot-every need --lora-rank")
         trajectories = read_trajectories(args.trajectories)
         torch.set_num_threads(args.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
