@@ -26,8 +26,9 @@ def parser() -> argparse.ArgumentParser:
                    "default: the built-in chat/code/extractive mix")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="ar, jacobi, jacobi-wN, jacobi[-wN]-pool, jacobi-nocache[-bN], pld, assisted "
-                   "(space- or comma-separated)")
+                   help="ar, jacobi, jacobi-wN, jacobi[-wN]-pool, jacobi-nocache[-bN], pld, assisted, "
+                   "batch[-wN][-pool] (space- or comma-separated); batch: all the prompts decoded "
+                   "together on one engine (a slot each) against jacobi[-wN][-pool] one by one")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1,
                    help="passes over the prompts (serving: requests per stream)")
@@ -68,6 +69,8 @@ def offline(args, info: dict) -> dict:
            "draft_model": args.draft_model, "dtype": args.dtype, "device": device,
            "machine": info, "config": config.as_dict(), **results}
     print(report.offline_table(results["methods"]))
+    if "batches" in results:
+        print(report.batch_table(results["batches"]))
     if args.plot:
         title = f"{run['model']} ({args.dtype}, {device})\n{report.machine_line(info)}"
         report.speedup_chart(results["methods"], args.plot, title)

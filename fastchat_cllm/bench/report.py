@@ -67,6 +67,18 @@ def offline_table(methods: dict[str, dict]) -> str:
     return markdown_table(header, rows)
 
 
+def batch_table(batches: dict[str, dict]) -> str:
+    """Each batch method against its one-by-one twin: aggregate rates, forwards, losslessness."""
+    header = ["method", "prompts (slots)", "tokens/s", "one by one", "speedup", "forwards",
+              "one by one", "tokens/forward", "one by one", "identical to one by one"]
+    rows = [[f"{name} vs {b['one_by_one']}", b["prompts"], b["tokens_per_second"],
+             b["one_by_one_tokens_per_second"], b["speedup_vs_one_by_one"], b["model_calls"],
+             b["one_by_one_model_calls"], b["tokens_per_forward"],
+             b["one_by_one_tokens_per_forward"], f"{b['identical_to_one_by_one']}/{b['outputs']}"]
+            for name, b in batches.items()]
+    return markdown_table(header, rows)
+
+
 def serving_table(levels: list[dict]) -> str:
     spread = "/".join(f"p{q}" for q in PERCENTILES)
     header = ["concurrency", "requests (failed)", f"TTFT {spread} (s)", f"latency {spread} (s)",
