@@ -89,6 +89,23 @@ def serving_table(levels: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
+def compare_table(workers: dict[str, dict]) -> str:
+    """The sides of a comparison, level by level; `vs stock`: aggregate tokens/s over stock's."""
+    stock = {l["concurrency"]: l["aggregate_tokens_per_second"] for l in workers["stock"]["levels"]}
+    rows = []
+    for concurrency in stock:
+        for side, result in workers.items():
+            level = next(l for l in result["levels"] if l["concurrency"] == concurrency)
+            rate = level["aggregate_tokens_per_second"]
+            rows.append([concurrency, side, f"{level['requests']} ({level['failed']})", rate,
+                         rate / stock[concurrency] if stock[concurrency] else None,
+                         f"{_cell(level['ttft_p50_s'])} / {_cell(level['ttft_p90_s'])}",
+                         level["requests_per_second"]])
+    header = ["concurrency", "worker", "requests (failed)", "aggregate tokens/s", "vs stock",
+              "TTFT p50 / p90 (s)", "requests/s"]
+    return markdown_table(header, rows)
+
+
 def _spread(level: dict, name: str) -> str:
     return " / ".join(_cell(level[f"{name}_p{q}_s"]) for q in PERCENTILES)
 
