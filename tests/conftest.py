@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from harness import ROOT, Serve
+from harness import ROOT, Serve, save_tiny_model
 
 
 def pytest_configure(config):
@@ -41,6 +41,13 @@ def smollm2():
     from fastchat_cllm.loading import load
 
     return load(None, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tmp_path_factory):
+    """A saved tiny Llama for serving tests: char tokenizer, 4096 positions (FastChat's fallback
+    prompt format, one_shot, alone takes about 2,300 character tokens). Served as `tiny`."""
+    return save_tiny_model(tmp_path_factory.mktemp("served") / "tiny", max_position_embeddings=4096)
 
 
 @pytest.fixture

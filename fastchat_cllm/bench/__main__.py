@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-worker-concurrency", type=int,
                    help="--compare-stock-worker: passed to both workers (requests each decodes "
                    "at once); default: each worker's own")
+    p.add_argument("--logdir", help="--compare-stock-worker: each side's processes log to "
+                   "LOGDIR/<side>/ (default: $TMPDIR/fastchat-cllm-compare-logs)")
     p.add_argument("--concurrency", default="1,4,16", help="serving: concurrency levels")
     p.add_argument("--tokenizer", help="serving: count tokens with this tokenizer (model path or "
                    "alias) when the stream carries no usage")
@@ -111,7 +113,7 @@ def compare(args, info: dict) -> dict:
     import torch
 
     from ..serving.stack import StackError    # imports FastChat, which both sides start
-    from .compare import CompareConfig, run_compare
+    from .compare import LOGDIR, CompareConfig, run_compare
 
     need("openai", "--compare-stock-worker")
     if args.serve_url:
@@ -119,7 +121,7 @@ def compare(args, info: dict) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = CompareConfig(args.model, _levels(args.concurrency), args.max_new_tokens,
                            args.repeats, args.timeout, device, args.dtype,
-                           args.limit_worker_concurrency)
+                           args.limit_worker_concurrency, args.logdir or str(LOGDIR))
     try:
         results = run_compare(config, select_prompts(args.prompts, args.num_prompts))
     except StackError as e:         # a stack that did not start: which process, its log's tail

@@ -57,6 +57,8 @@ def batch_decode(name: str, model, targets: list[Target]) -> BatchRun:
                                                    eos_token_id=t.eos_token_id))] = []
         while engine.has_work:
             for request_id, step in engine.step():
+                if getattr(step, "error", None) is not None:   # a request the engine failed
+                    raise RuntimeError(f"batch request {request_id} failed") from step.error
                 outputs[request_id].extend(step.tokens)
 
     with counting_forwards(model) as count:

@@ -78,9 +78,25 @@ def hf_folder(model: str | None, into: Path) -> str:
     print(f"saving {model or 'the default model'} as a Hugging Face folder ...", file=sys.stderr)
     weights, tokenizer = loading.load(model, dtype=torch.float32)
     folder = into / served_name(model)
-    weights.save_pretrained(folder)
+    plain_copy(weights).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def plain_copy(model):
+    """The same weights in a model of the same class without the loader's quantization record
+    (transformers refuses to save a GGUF-loaded model, and its config would make every loader
+    read the folder as GGUF)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    settings = model.config.to_dict()
+    settings.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(settings),
+                                             dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def run_side(side: str, folder: str, config: CompareConfig, prompts: list[Prompt],
