@@ -1,9 +1,8 @@
 """Scale-out: two of our workers serve the same model behind one stock controller.
 
 FastChat's controller dispatches each request of a model to one of its workers (default
-`--dispatch-method shortest_queue`: the worker with the fewest requests it has handed out
-since that worker's last heartbeat, each lookup counting one); the API server asks it once per
-request. Sixteen concurrent requests through the API server: both workers serve some, as each
+`--dispatch-method shortest_queue`: the shortest queue as the worker's last heartbeat reported
+it, plus one for each request handed to it since); the API server asks it once per request. Sixteen concurrent requests through the API server: both workers serve some, as each
 worker's own count of finished requests (/worker_get_status, "jacobi") shows.
 """
 from __future__ import annotations
