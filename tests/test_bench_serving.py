@@ -189,10 +189,10 @@ def test_serving_counts_tokens_with_a_tokenizer_when_the_stream_has_no_usage(cha
 def test_compare_stock_worker_measures_ours_and_stock_side_by_side(tiny_served, tmp_path, capsys):
     """One command, two real stacks on loopback (stock controller, the worker, our API server):
     ours, then FastChat's stock model_worker, on the same folder, prompts and load."""
-    out, logs = tmp_path / "compare.json", tmp_path / "logs"
+    out, plot, logs = tmp_path / "compare.json", tmp_path / "compare.png", tmp_path / "logs"
     run = main(["--compare-stock-worker", "--model", str(tiny_served), "--concurrency", "1,2",
                 "--num-prompts", "2", "--max-new-tokens", "8", "--device", "cpu",
-                "--logdir", str(logs), "--timeout", "120", "--out", str(out)])
+                "--logdir", str(logs), "--timeout", "120", "--out", str(out), "--plot", str(plot)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(run))
     assert exit_status(run) == 0
     assert run["mode"] == "serving-compare" and not run["saved_as_hf_folder"]
@@ -218,3 +218,4 @@ def test_compare_stock_worker_measures_ours_and_stock_side_by_side(tiny_served, 
     for row in ("| 1 | fastchat-cllm | 1 (0) |", "| 1 | stock | 1 (0) | ",
                 "| 2 | fastchat-cllm | 2 (0) |", "| 2 | stock | 2 (0) | "):
         assert row in table
+    assert plot.read_bytes()[:4] == b"\x89PNG"

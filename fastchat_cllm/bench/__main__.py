@@ -132,13 +132,8 @@ def compare(args, info: dict) -> dict:
         for line in report.failures(result["levels"]):
             print(f"{side}: {line}", file=sys.stderr)
     if args.plot:
-        bars = {f"{level['concurrency']} {side}": level["aggregate_tokens_per_second"]
-                for i in range(len(config.concurrency))
-                for side, result in results["workers"].items()
-                for level in [result["levels"][i]]}
-        report.bar_chart(list(bars), list(bars.values()), args.plot,
-                         f"{results['model']}: ours vs stock model_worker ({args.dtype}, "
-                         f"{device})", "aggregate tokens/s")
+        report.compare_chart(results["workers"], args.plot, f"{results['model']}: ours vs "
+                             f"stock model_worker ({args.dtype}, {device})")
     return run
 
 

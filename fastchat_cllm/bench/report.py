@@ -151,3 +151,11 @@ def speedup_chart(methods: dict[str, dict], path: str | Path, title: str) -> Non
     names = [n for n, m in methods.items() if m["speedup_vs_ar"] is not None]
     bar_chart(names, [methods[n]["speedup_vs_ar"] for n in names], path, title,
               "speedup vs AR (median of per-prompt ratios)", reference=1.0)
+
+
+def compare_chart(workers: dict[str, dict], path: str | Path, title: str) -> None:
+    """Aggregate tokens/s of each side at each concurrency, side by side."""
+    bars = {f"{level['concurrency']} {side}": level["aggregate_tokens_per_second"]
+            for levels in zip(*(result["levels"] for result in workers.values()))
+            for side, level in zip(workers, levels)}
+    bar_chart(list(bars), list(bars.values()), path, title, "aggregate tokens/s")
