@@ -2,8 +2,9 @@
 
 FastChat's controller dispatches each request of a model to one of its workers (default
 `--dispatch-method shortest_queue`: the shortest queue as the worker's last heartbeat reported
-it, plus one for each request handed to it since); the API server asks it once per request. Sixteen concurrent requests through the API server: both workers serve some, as each
-worker's own count of finished requests (/worker_get_status, "jacobi") shows.
+it, plus one for each request handed to it since); the API server asks it once per request.
+Sixteen concurrent requests through the API server: both workers serve some, as each worker's
+own count of finished requests (/worker_get_status, "jacobi") shows.
 """
 from __future__ import annotations
 
