@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from harness import ar_greedy, char_tokenizer, tiny_model
+from harness import ar_greedy, char_tokenizer, save_tiny_model, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
 from fastchat_cllm.bench.offline import _record, summarize
@@ -26,14 +26,8 @@ METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nocache", "jac
 def tiny_dirs(tmp_path_factory):
     """Two saved tiny llama models (target, draft) sharing the character tokenizer."""
     root = tmp_path_factory.mktemp("bench-models")
-    tokenizer = char_tokenizer()
-    paths = []
-    for name, seed in (("target", 0), ("draft", 1)):
-        path = root / name
-        tiny_model("llama", seed=seed).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths
+    return [save_tiny_model(root / name, seed=seed) for name, seed in (("target", 0),
+                                                                      ("draft", 1))]
 
 
 def test_builtin_prompts_mix_categories_and_use_the_chat_template():
