@@ -21,7 +21,8 @@ from fastchat_cllm.serving.stream import generate_stream
 F64 = torch.float64
 EOS = 2                                  # the char tokenizer's </s>, a stop token of every request
 # (prompt, max_new_tokens): different lengths, so requests join and leave at different forwards
-REQUESTS = (("Hello there", 40), ("a", 25), ("The quick brown fox jumps over the lazy dog " * 2, 33),
+REQUESTS = (("Hello there", 40), ("a", 25), ("The quick brown fox jumps over the lazy dog " * 2,
+                                              33),
             ("xyz 123", 50), ("Q?", 12), ("Once upon a time, in a land far away", 45))
 
 

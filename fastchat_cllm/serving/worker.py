@@ -37,6 +37,7 @@ from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
 from .counting import count_prompt_tokens, max_chars_per_token
+from .faults import maybe_inject_fault, maybe_inject_oom
 from .options import add_jacobi_args, jacobi_config
 from .params import ParamError
 from .stream import generate_stream, vocab_size
@@ -51,13 +52,6 @@ UNSUPPORTED = (
     ("--enable-exllama", lambda a: a.enable_exllama), ("--enable-xft", lambda a: a.enable_xft),
     ("--embed-in-truncate", lambda a: getattr(a, "embed_in_truncate", False)),   # no embeddings
 )
-# Test hook (documented in README "Reliability"): a request whose prompt contains this env var's
-# value fails as if CUDA ran out of memory, so the 50002 path can be exercised on a CPU.
-INJECT_OOM = "FASTCHAT_CLLM_INJECT_OOM"
-# Test hook (README "Reliability"): a request whose prompt contains this env var's value fails
-# inside the engine, at its first verification (its logit bias names a token past the
-# vocabulary, which the edge would have refused), so fault isolation can be exercised.
-INJECT_FAULT = "FASTCHAT_CLLM_INJECT_FAULT"
 DEFAULT_SLOTS = 8
 # --max-len default: the model's context, at most this. SmolLM2-135M keeps ~46 KB of keys and
 # values per position in fp32: 8 slots x 2048 positions = 720 MiB, under 1 GB.
@@ -94,31 +88,6 @@ class JacobiTotals:
             rate = tokens_per_forward(self.tokens, self.forwards)
             return {"requests": self.requests, "forwards": self.forwards, "tokens": self.tokens,
                     "tokens_per_forward": round(rate, 4)}
-
-
-def _maybe_inject_oom(params: dict) -> None:
-    marker = os.environ.get(INJECT_OOM)
-    if marker and marker in str(params.get("prompt", "")):
-        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {INJECT_OOM} test "
-                                          f"hook)")
-
-
-class FaultyRequests:
-    """The engine loop, submitting requests with a logit bias on token `vocab` (past the
-    vocabulary): each fails in the engine thread at its first verification (INJECT_FAULT)."""
-
-    def __init__(self, loop: EngineLoop, vocab: int):
-        self.loop, self.max_len, self.vocab = loop, loop.max_len, vocab
-
-    def submit(self, prompt_ids, config):
-        return self.loop.submit(prompt_ids, config.with_(logit_bias=((self.vocab, 1.0),)))
-
-
-def _maybe_inject_fault(params: dict, loop: EngineLoop, vocab: int):
-    marker = os.environ.get(INJECT_FAULT)
-    if marker and marker in str(params.get("prompt", "")):
-        return FaultyRequests(loop, vocab)
-    return loop
 
 
 def _chunk(payload: dict) -> bytes:
@@ -180,8 +149,8 @@ class JacobiWorker(BaseModelWorker):
         try:
             if self.seed is not None:       # --seed: the seed of requests that name none
                 params = {"seed": self.seed, **params}
-            _maybe_inject_oom(params)
-            engine = _maybe_inject_fault(params, self.engine, vocab_size(self.model))
+            maybe_inject_oom(params)
+            engine = maybe_inject_fault(params, self.engine, vocab_size(self.model))
             last = {}
             outs = self.generate_stream_func(self.model, self.tokenizer, params, self.device,
                                              self.model_context, self.stream_interval,
