@@ -76,22 +76,25 @@ class Engine:
         """One forward over every scheduled request; by request id, the Steps it made and the
         Failures of requests it stopped."""
         batch = self.scheduler.schedule()       # a request whose window fails is failed there
-        results = []
-        if batch:
-            try:
-                out = self.runner.run([row for _, row in batch])
-            except Exception as error:          # the forward: every request in it fails
-                for request, _ in batch:
-                    request.fail(error)
-            else:
-                steps = [self.advance(request, row, logits, out.seconds)
-                         for (request, row), logits in zip(batch, out.logits)]
-                self.count([step for step in steps if step is not None])
-                results = [(request.id, step) for (request, _), step in zip(batch, steps)
-                           if step is not None]
+        results = self.run(batch) if batch else []
         results += [(r.id, Failure(r.error)) for r in self.scheduler.running.values() if r.error]
         self.scheduler.release_finished()
         return results
+
+    def run(self, batch: list[tuple[Request, Row]]) -> list[tuple[int, Step]]:
+        """The forward over `batch` and the Steps its requests made of it; when the forward
+        raises, every request in it fails."""
+        try:
+            out = self.runner.run([row for _, row in batch])
+        except Exception as error:
+            for request, _ in batch:
+                request.fail(error)
+            return []
+        made = [(request.id, self.advance(request, row, logits, out.seconds))
+                for (request, row), logits in zip(batch, out.logits)]
+        made = [(request_id, step) for request_id, step in made if step is not None]
+        self.count([step for _, step in made])
+        return made
 
     def advance(self, request: Request, row: Row, logits: torch.Tensor,
                 seconds: float) -> Step | None:
