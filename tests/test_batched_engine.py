@@ -3,7 +3,8 @@
 Greedy requests equal transformers' greedy generate (fp64 tiny models of each architecture,
 and SmolLM2 fp32 up to near-ties); requests join and leave at different forwards, outnumber
 the slots, end at EOS inside a window; a long prompt is prefilled in chunks while others keep
-decoding; a seeded sample does not depend on its neighbours; rollback never moves storage.
+decoding; a seeded sample does not depend on its neighbours; rollback never moves storage; a
+fault in one request's verification fails it alone, a failed forward only the requests in it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 
 from harness import ARCHITECTURES, ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
-from fastchat_cllm.core.engine import Engine
+from fastchat_cllm.core.engine import Engine, Failure
+from fastchat_cllm.core.step import Step
 
 F64 = torch.float64
 WINDOWS = {"w1": dict(window_size=1, adaptive=False), "w4": dict(window_size=4, adaptive=False),
@@ -176,6 +178,42 @@ def test_cancel_frees_a_slot_and_the_rest_stay_exact(arch, model):
     for request_id, seed in zip((a, c, d), seeds[::2] + seeds[3:]):
         want = tiny_greedy(arch, prompt(5 + seed % 7, seed), 20, dtype=F64)
         assert tokens_of(out[request_id]) == want
+
+
+def test_a_fault_in_one_requests_verification_fails_it_alone(arch, model):
+    """A logit bias past the vocabulary (which the worker's edge refuses) makes the request's
+    first verification raise, at the end of its chunked prefill while another decodes and a
+    third joins: it alone fails and leaves its slot; the others stay exact."""
+    config = JacobiConfig(max_new_tokens=30, window_size=4, adaptive=False)
+    bad = config.with_(logit_bias=((96, 1.0),))
+    ids = [prompt(9, 71), prompt(30, 72), prompt(4, 73)]
+    engine = Engine(model, slots=3, max_len=96, chunk=8)
+    order, steps, _ = drain(engine, {0: [(ids[0], config), (ids[1], bad)], 2: [(ids[2], config)]})
+    assert len(steps[order[1]]) == 1 and isinstance(steps[order[1]][0], Failure)
+    assert "outside the vocabulary" in str(steps[order[1]][0].error)
+    for request_id, prompt_ids in zip(order[::2], ids[::2]):
+        assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 30, dtype=F64)
+    assert not engine.has_work and engine.cache.lengths == [0, 0, 0]
+    assert engine.totals.tokens == sum(s.accepted for got in steps.values() for s in got
+                                       if isinstance(s, Step) and s.window)
+    with pytest.raises(ValueError, match="outside the vocabulary"):    # the one-request API
+        jacobi_generate(model, ids[1], bad)
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, model):
+    """A token id past the embedding makes the whole forward raise: both requests in it fail;
+    the one waiting for a slot, and one added later, are served exactly."""
+    config = JacobiConfig(max_new_tokens=20, window_size=4, adaptive=False)
+    good, waiting, later = prompt(6, 81), prompt(11, 82), prompt(7, 83)
+    engine = Engine(model, slots=2, max_len=64, chunk=32)
+    order, steps, _ = drain(engine, {0: [(good, config), ([5, 10 ** 6, 7], config),
+                                         (waiting, config)], 3: [(later, config)]})
+    for request_id in order[:2]:
+        assert [type(s) for s in steps[request_id]] == [Failure]
+        assert isinstance(steps[request_id][0].error, IndexError)
+    for request_id, prompt_ids in zip(order[2:], (waiting, later)):
+        assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 20, dtype=F64)
+    assert not engine.has_work and engine.cache.lengths == [0, 0]
 
 
 def test_eager_attention_takes_the_same_mask(one_thread):

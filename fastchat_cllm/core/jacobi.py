@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .config import JacobiConfig
-from .engine import Engine
+from .engine import Engine, Failure
 from .logprobs import TokenLogprob
 from .stats import JacobiStats
 from .step import Blocks, Step, carried_ages, finish, make_window
@@ -55,6 +55,8 @@ def jacobi_stream(model, input_ids, config: JacobiConfig | None = None, **option
     engine.add(ids[0], config)
     while engine.has_work:
         for _, step in engine.step():
+            if isinstance(step, Failure):
+                raise step.error
             yield step
 
 

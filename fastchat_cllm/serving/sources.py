@@ -10,6 +10,7 @@ import secrets
 from typing import Iterator, Sequence
 
 from ..core import JacobiConfig, jacobi_stream
+from ..core.engine import EngineLoop
 from ..core.jacobi import Step
 from .params import GenerationRequest
 
@@ -31,7 +32,13 @@ def engine_config(request: GenerationRequest, base: JacobiConfig,
 
 
 def decode_steps(model, prompt_ids: Sequence[int], request: GenerationRequest,
-                 base: JacobiConfig, stop_ids: Sequence[int]) -> Iterator[Step]:
+                 base: JacobiConfig, stop_ids: Sequence[int],
+                 engine: EngineLoop | None = None) -> Iterator[Step]:
     """Decode `prompt_ids` as `request` asks: FastChat's parameters meet the engine here only.
-    Each Step holds the tokens that became final together (and their logprobs when asked)."""
-    return jacobi_stream(model, list(prompt_ids), engine_config(request, base, stop_ids))
+    Each Step holds the tokens that became final together (and their logprobs when asked).
+    With `engine` (the worker's shared one) the request joins its batch; without, it runs
+    alone (jacobi_stream). Closing the iterator stops the request."""
+    config = engine_config(request, base, stop_ids)
+    if engine is None:
+        return jacobi_stream(model, list(prompt_ids), config)
+    return engine.submit(prompt_ids, config)

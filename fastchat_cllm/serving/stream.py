@@ -11,7 +11,8 @@ is, never re-tokenized from its text; the echoed prompt is always the decoded id
 Differences from FastChat's loop: text is decoded without `clean_up_tokenization_spaces` (that
 rewrites the model's " ." into "."), a stop token is counted but not shown, and the prompt is
 cut to the last context_len - max_new_tokens tokens (FastChat's extra -1 drops the first prompt
-token whenever the API server fills the context).
+token whenever the API server fills the context). On the worker's shared engine a prompt that,
+so cut, does not fit a cache slot with its max_new_tokens is refused (40303) before it joins.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from fastchat.constants import ErrorCode
 
 from ..core import JacobiConfig, JacobiStats
+from ..core.engine import EngineLoop
 from .logprobs import AnswerLogprobs
 from .params import ParamError, parse_params
 from .sources import decode_steps
@@ -57,6 +59,14 @@ def truncate(prompt_ids: list[int], context_len: int, max_new_tokens: int) -> li
         raise ParamError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in "
                          f"the model's context of {context_len} tokens", ErrorCode.CONTEXT_OVERFLOW)
     return prompt_ids[-room:]
+
+
+def check_slot(prompt_tokens: int, max_new_tokens: int, max_len: int) -> None:
+    """Refuse a request that the engine's cache slot cannot hold, before it takes a slot."""
+    if prompt_tokens + max_new_tokens > max_len:
+        raise ParamError(f"the prompt ({prompt_tokens} tokens) and max_new_tokens="
+                         f"{max_new_tokens} do not fit the worker's cache slot of {max_len} "
+                         f"positions (--max-len)", ErrorCode.CONTEXT_OVERFLOW)
 
 
 def first_stop(text: str, start: int, stops: Sequence[str]) -> int | None:
@@ -123,16 +133,21 @@ def usage(prompt_tokens: int, answer: Answer, stats: JacobiStats | None) -> dict
 @torch.inference_mode()
 def generate_stream(model, tokenizer, params: dict, device=None, context_len: int = 2048,
                     stream_interval: int = 2, judge_sent_end: bool = False,
-                    jacobi: JacobiConfig | None = None) -> Iterator[dict]:
+                    jacobi: JacobiConfig | None = None,
+                    engine: EngineLoop | None = None) -> Iterator[dict]:
     """FastChat chunks {text, usage, finish_reason, logprobs} for one request (see module doc).
-    `device` and `judge_sent_end` are FastChat's; the model's own device is used."""
+    `device` and `judge_sent_end` are FastChat's; the model's own device is used. With
+    `engine` (the worker's) the request joins the shared batch, else it decodes alone."""
     request = parse_params(params, vocab_size(model))
     prompt_ids = truncate(prompt_ids_of(tokenizer, request), context_len, request.max_new_tokens)
+    if engine is not None:
+        check_slot(len(prompt_ids), request.max_new_tokens, engine.max_len)
     stop_ids = stop_token_ids(model, tokenizer, request.stop_token_ids)
     answer = Answer(tokenizer, prompt_ids, request.echo, request.stop, stop_ids)
     logprobs = AnswerLogprobs(tokenizer, stop_ids) if request.logprobs is not None else None
     sent, sent_at, reason, stats = "", None, None, None
-    steps = decode_steps(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids)
+    steps = decode_steps(model, prompt_ids, request, jacobi or JacobiConfig(), stop_ids,
+                         engine)
     with closing(steps):
         for step in steps:
             stats = step.stats

@@ -2,9 +2,14 @@
 
 Registers with the stock controller and heartbeats (BaseModelWorker), but only once its HTTP
 server listens: the controller drops a worker whose /worker_get_status is refused, and the API
-server's /v1/models asks it to check every worker. Generation runs in a worker thread (StreamingResponse iterates the gate in a thread pool), so /worker_get_status
-answers while a request decodes. Usage carries per-request Jacobi counts and the status their
-totals.
+server's /v1/models asks it to check every worker.
+
+One batched engine serves every request: `--limit-worker-concurrency` slots of `--max-len`
+positions, allocated at start-up and driven by one thread (core/engine/loop.py). Each request's
+gate runs in FastChat's thread pool, hands its prompt to that thread and streams its own Steps;
+FastChat's semaphore holds requests beyond the slots. A client that hangs up closes the gate,
+which cancels its request before the next forward. Usage carries per-request Jacobi counts; the
+status their totals and the batch's (slots in use, tokens per forward of the whole batch).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +32,15 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import str_to_torch_dtype
 
 from .. import loading
+from ..core.engine import Engine, EngineLoop
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
 from .counting import count_prompt_tokens, max_chars_per_token
+from .faults import maybe_inject_fault, maybe_inject_oom
 from .options import add_jacobi_args, jacobi_config
 from .params import ParamError
-from .stream import generate_stream
+from .stream import generate_stream, vocab_size
 
 log = logging.getLogger("fastchat_cllm.worker")
 
@@ -44,9 +52,11 @@ UNSUPPORTED = (
     ("--enable-exllama", lambda a: a.enable_exllama), ("--enable-xft", lambda a: a.enable_xft),
     ("--embed-in-truncate", lambda a: getattr(a, "embed_in_truncate", False)),   # no embeddings
 )
-# Test hook (documented in README "Reliability"): a request whose prompt contains this env var's
-# value fails as if CUDA ran out of memory, so the 50002 path can be exercised on a CPU.
-INJECT_OOM = "FASTCHAT_CLLM_INJECT_OOM"
+DEFAULT_SLOTS = 8
+# --max-len default: the model's context, at most this. SmolLM2-135M keeps ~46 KB of keys and
+# values per position in fp32: 8 slots x 2048 positions = 720 MiB, under 1 GB.
+DEFAULT_MAX_LEN = 2048
+PREFILL_CHUNK = 256       # --prefill-chunk default: prompt tokens per forward, all prompts
 NO_EMBEDDINGS = ("the Jacobi worker serves generation only; run FastChat's model_worker for "
                  "embeddings")
 
@@ -78,13 +88,6 @@ class JacobiTotals:
             rate = tokens_per_forward(self.tokens, self.forwards)
             return {"requests": self.requests, "forwards": self.forwards, "tokens": self.tokens,
                     "tokens_per_forward": round(rate, 4)}
-
-
-def _maybe_inject_oom(params: dict) -> None:
-    marker = os.environ.get(INJECT_OOM)
-    if marker and marker in str(params.get("prompt", "")):
-        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {INJECT_OOM} test "
-                                          f"hook)")
 
 
 def _chunk(payload: dict) -> bytes:
@@ -119,10 +122,17 @@ class JacobiWorker(BaseModelWorker):
         self.model, self.tokenizer = model, tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.context_len = context_length(model.config)
+        self.model_context = context_length(model.config)     # the prompt is cut to this
+        max_len = args.max_len or min(self.model_context, DEFAULT_MAX_LEN)
+        self.context_len = min(self.model_context, max_len)   # what the API server sees
+        self.engine = start_engine(model, args.limit_worker_concurrency, max_len,
+                                   args.prefill_chunk)
         max_chars_per_token(tokenizer)      # computed now, not inside the first request
         self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
         log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
+        log.info("slot cache: %d slots x %d positions = %.1f MiB (--limit-worker-concurrency x "
+                 "--max-len)", args.limit_worker_concurrency, max_len,
+                 self.engine.status()["cache_mib"])
 
     def count_token(self, params: dict) -> dict:
         """The prompt's token count for the API server's length check, tokenizing no more of a
@@ -131,20 +141,25 @@ class JacobiWorker(BaseModelWorker):
         return {"count": count, "error_code": 0}
 
     def get_status(self) -> dict:
-        return {**super().get_status(), "jacobi": self.totals.summary()}
+        return {**super().get_status(), "jacobi": self.totals.summary(),
+                "batch": self.engine.status()}
 
     def generate_stream_gate(self, params: dict):
         self.call_ct += 1
         try:
             if self.seed is not None:       # --seed: the seed of requests that name none
                 params = {"seed": self.seed, **params}
-            _maybe_inject_oom(params)
+            maybe_inject_oom(params)
+            engine = maybe_inject_fault(params, self.engine, vocab_size(self.model))
             last = {}
-            for out in self.generate_stream_func(self.model, self.tokenizer, params, self.device,
-                                                 self.context_len, self.stream_interval):
-                self.totals.advance(out["usage"], last)
-                last = out["usage"]
-                yield _chunk({**out, "error_code": 0})
+            outs = self.generate_stream_func(self.model, self.tokenizer, params, self.device,
+                                             self.model_context, self.stream_interval,
+                                             engine=engine)
+            with closing(outs):             # a client hanging up cancels the request
+                for out in outs:
+                    self.totals.advance(out["usage"], last)
+                    last = out["usage"]
+                    yield _chunk({**out, "error_code": 0})
             self.totals.finish()
         except ParamError as e:
             yield _chunk({"text": str(e), "error_code": e.code})
@@ -165,6 +180,15 @@ class JacobiWorker(BaseModelWorker):
         return {"text": NO_EMBEDDINGS, "error_code": ErrorCode.PARAM_OUT_OF_RANGE}
 
 
+def start_engine(model, slots: int, max_len: int, chunk: int) -> EngineLoop:
+    """The worker's one engine, its slot cache allocated, on its own thread."""
+    try:
+        return EngineLoop(Engine(model, slots, max_len, chunk))
+    except (ValueError, RuntimeError) as e:       # unsupported attention, no memory for it
+        raise StartupError(f"cannot build the engine ({slots} slots x {max_len} positions): "
+                           f"{e}") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every stock model_worker flag (same names) plus the Jacobi flags."""
     parser = argparse.ArgumentParser(description="FastChat model worker decoding with Jacobi "
@@ -181,7 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated names to serve the model under")
     parser.add_argument("--conv-template", default=None, help="conversation prompt template")
     parser.add_argument("--embed-in-truncate", action="store_true")
-    parser.add_argument("--limit-worker-concurrency", type=int, default=5)
+    parser.add_argument("--limit-worker-concurrency", type=int, default=DEFAULT_SLOTS,
+                        help="requests decoded together: the engine's slots (more wait)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="positions (prompt + answer) of each slot's cache (default: the "
+                             f"model's context, at most {DEFAULT_MAX_LEN})")
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                        help="prompt tokens prefilled per forward, all new prompts together "
+                             "(what a long prompt may add to the others' forwards)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,
@@ -209,6 +240,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.limit_worker_concurrency < 1:
         parser.error("--limit-worker-concurrency must be >= 1")
+    if args.max_len is not None and args.max_len < 2:
+        parser.error(f"--max-len must be >= 2 (a prompt token and a new one), got {args.max_len}")
+    if args.prefill_chunk < 1:
+        parser.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.conv_template:
         from fastchat.conversation import conv_templates
 

@@ -1,6 +1,8 @@
-"""The batched Jacobi engine: a request's state, a scheduler, a slot cache, one model runner."""
-from .engine import Engine
+"""The batched Jacobi engine: a request's state, a scheduler, a slot cache, one model runner;
+and the loop that drives one engine on a thread of its own for concurrent callers."""
+from .engine import BatchTotals, Engine, Failure
+from .loop import EngineLoop
 from .request import Request
 from .slot_cache import SlotCache
 
-__all__ = ["Engine", "Request", "SlotCache"]
+__all__ = ["BatchTotals", "Engine", "EngineLoop", "Failure", "Request", "SlotCache"]

@@ -4,24 +4,50 @@
     a = engine.add(prompt_ids, JacobiConfig(max_new_tokens=64))
     while engine.has_work:
         for request_id, step in engine.step():
-            ...
+            ...          # a Step, or a Failure: that request stopped on an error
 
 Memory is explicit: the slot cache holds slots x max_len positions of keys/values for every
 layer, allocated up front (SmolLM2-135M: ~46 KB per position in fp32). The model must use an
 attention implementation that takes a 4D mask (eager, SDPA); full-attention layers only.
+
+Faults stay where they happen: an exception while making one request's window or verifying its
+logits fails that request alone; an exception from the forward fails every request in it. Either
+way the failed requests leave their slots and the engine serves the rest.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 from ..config import JacobiConfig
+from ..stats import tokens_per_forward
 from ..step import Step
 from .request import Request
-from .runner import Runner
+from .runner import Row, Runner
 from .scheduler import Scheduler
 from .slot_cache import SlotCache
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request's terminal result when decoding it raised `error`."""
+
+    error: BaseException
+
+
+@dataclass
+class BatchTotals:
+    """The whole batch's Jacobi counts: forwards that verified at least one window, and the
+    tokens those windows made final (tokens_per_forward's definition, over all requests)."""
+
+    forwards: int = 0
+    tokens: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return tokens_per_forward(self.tokens, self.forwards)
 
 
 class Engine:
@@ -31,6 +57,7 @@ class Engine:
         self.runner = Runner(model, self.cache)
         self.scheduler = Scheduler(self.cache, chunk)
         self.ids = itertools.count()
+        self.totals = BatchTotals()
 
     def add(self, prompt_ids, config: JacobiConfig | None = None, **options) -> int:
         """Queue a request (prompt_ids: [P] or [1, P]); its id."""
@@ -45,19 +72,48 @@ class Engine:
         self.scheduler.add(request)
         return request.id
 
-    def step(self) -> list[tuple[int, Step]]:
-        """One forward over every scheduled request; the Steps it made, by request id."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        out = self.runner.run([row for _, row in batch])
-        steps = [(request, request.advance(row, logits, out.seconds))
-                 for (request, row), logits in zip(batch, out.logits)]
-        for request, step in steps:
-            if step is not None:
-                self.cache.trim(request.slot, len(step.window) - step.accepted)
+    def step(self) -> list[tuple[int, Step | Failure]]:
+        """One forward over every scheduled request; by request id, the Steps it made and the
+        Failures of requests it stopped."""
+        batch = self.scheduler.schedule()       # a request whose window fails is failed there
+        results = self.run(batch) if batch else []
+        results += [(r.id, Failure(r.error)) for r in self.scheduler.running.values() if r.error]
         self.scheduler.release_finished()
-        return [(request.id, step) for request, step in steps if step is not None]
+        return results
+
+    def run(self, batch: list[tuple[Request, Row]]) -> list[tuple[int, Step]]:
+        """The forward over `batch` and the Steps its requests made of it; when the forward
+        raises, every request in it fails."""
+        try:
+            out = self.runner.run([row for _, row in batch])
+        except Exception as error:
+            for request, _ in batch:
+                request.fail(error)
+            return []
+        made = [(request.id, self.advance(request, row, logits, out.seconds))
+                for (request, row), logits in zip(batch, out.logits)]
+        made = [(request_id, step) for request_id, step in made if step is not None]
+        self.count([step for _, step in made])
+        return made
+
+    def advance(self, request: Request, row: Row, logits: torch.Tensor,
+                seconds: float) -> Step | None:
+        """The request's Step from its logits of the forward, its rejected guesses trimmed; None
+        for a prompt chunk that is not the last, or when verifying raised (the request fails)."""
+        try:
+            step = request.advance(row, logits, seconds)
+        except Exception as error:              # this request's verification: it alone fails
+            request.fail(error)
+            return None
+        if step is not None:
+            self.cache.trim(request.slot, len(step.window) - step.accepted)
+        return step
+
+    def count(self, steps: list[Step]) -> None:
+        accepted = [step.accepted for step in steps if step.window]
+        if accepted:
+            self.totals.forwards += 1
+            self.totals.tokens += sum(accepted)
 
     def cancel(self, request_id: int) -> bool:
         """Stop a request and free its slot; False when it was not queued or running."""

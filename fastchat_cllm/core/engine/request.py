@@ -26,6 +26,7 @@ class Request:
         self.prefilled = 0                      # prompt tokens in the slot
         self.output: list[int] = []             # final tokens
         self.finish_reason: str | None = None
+        self.error: BaseException | None = None   # what stopped it, when decoding it raised
         self.stats = JacobiStats()
         self.context = Context(prompt, config.seed, config.make_pool())
         self.sizer = WindowSizer(config.min_window_size, config.window_size, config.adaptive,
@@ -108,6 +109,10 @@ class Request:
         self.ages = carried_ages(window, ages, predictions, k)[: len(self.guesses)]
         self.context.observe([self.next_token] + self.guesses)
         return step
+
+    def fail(self, error: BaseException) -> None:
+        """Stop on `error` (the engine reports it and frees the slot)."""
+        self.error, self.finish_reason = error, "error"
 
     def made_final(self, tokens: list[int]) -> list[int]:
         """Cut new final tokens at EOS / the budget, record them; the ones kept."""

@@ -2,7 +2,8 @@
 
 Waiting requests take free slots in arrival order. Every decoding request runs its window in
 every forward; prompts are prefilled in chunks, `chunk` prompt tokens per forward in all
-(earliest first), so a long prompt delays the others by at most one chunk per forward.
+(earliest first), so a long prompt delays the others by at most one chunk per forward. A request
+whose window cannot be made is failed here and runs in no forward.
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ class Scheduler:
         for slot in sorted(self.running):
             request = self.running[slot]
             if not request.prefilling:
-                batch.append((request, request.window_row()))
+                try:
+                    batch.append((request, request.window_row()))
+                except Exception as error:      # its guesses or window size: it alone fails
+                    request.fail(error)
             elif budget:
                 row = request.prefill_row(budget)
                 budget -= len(row.tokens)
