@@ -21,6 +21,7 @@ from ..step import Step
 from .request import Request
 from .runner import Runner
 from .scheduler import Scheduler
+from ..window_size import ForwardCost
 from .slot_cache import SlotCache
 
 
@@ -29,7 +30,8 @@ class Engine:
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache)
-        self.scheduler = Scheduler(self.cache, chunk)
+        self.cost = ForwardCost(torch.device(model.device).type)   # seconds by total positions
+        self.scheduler = Scheduler(self.cache, chunk, self.cost)
         self.ids = itertools.count()
 
     def add(self, prompt_ids, config: JacobiConfig | None = None, **options) -> int:
@@ -51,7 +53,9 @@ class Engine:
         if not batch:
             return []
         out = self.runner.run([row for _, row in batch])
-        steps = [(request, request.advance(row, logits, out.seconds))
+        self.cost.observe(sum(len(row.tokens) for _, row in batch), out.seconds)
+        alone = out.seconds if len(batch) == 1 else None    # a shared forward is priced above
+        steps = [(request, request.advance(row, logits, alone))
                  for (request, row), logits in zip(batch, out.logits)]
         for request, step in steps:
             if step is not None:

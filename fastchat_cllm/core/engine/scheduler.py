@@ -3,21 +3,26 @@
 Waiting requests take free slots in arrival order. Every decoding request runs its window in
 every forward; prompts are prefilled in chunks, `chunk` prompt tokens per forward in all
 (earliest first), so a long prompt delays the others by at most one chunk per forward.
+
+A request alone in its forward sizes its own window; when rows share a forward, the windows of
+the adaptive ones are split by `allocate` against the price of the whole forward (`cost`: its
+seconds by total positions, measured by the engine).
 """
 from __future__ import annotations
 
 from collections import deque
 
+from ..window_size import ForwardCost, allocate
 from .request import Request
 from .runner import Row
 from .slot_cache import SlotCache
 
 
 class Scheduler:
-    def __init__(self, cache: SlotCache, chunk: int):
+    def __init__(self, cache: SlotCache, chunk: int, cost: ForwardCost):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.cache, self.chunk = cache, chunk
+        self.cache, self.chunk, self.cost = cache, chunk, cost
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}        # slot -> request
 
@@ -40,15 +45,27 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, Row]]:
         """The rows of the next forward, in slot order."""
         self.admit()
-        batch, budget = [], self.chunk
+        batch, budget, sized = [], self.chunk, []
         for slot in sorted(self.running):
             request = self.running[slot]
-            if not request.prefilling:
+            if request.prefilling:
+                if budget:
+                    row = request.prefill_row(budget)
+                    budget -= len(row.tokens)
+                    batch.append((request, row))
+            elif request.sized_by_batch:
+                sized.append(request)
+            else:
                 batch.append((request, request.window_row()))
-            elif budget:
-                row = request.prefill_row(budget)
-                budget -= len(row.tokens)
-                batch.append((request, row))
+        if len(sized) == 1 and not batch:
+            batch.append((sized[0], sized[0].window_row()))     # alone: it sizes its own window
+        elif sized:
+            bounds = [r.sizer.batch_bounds(r.tokens_left) for r in sized]
+            curves = [r.sizer.expected_tokens(high) for r, (_, high) in zip(sized, bounds)]
+            fixed = sum(len(row.tokens) for _, row in batch)
+            sizes = allocate(curves, [low for low, _ in bounds], fixed, self.cost)
+            batch += [(r, r.window_row(n)) for r, n in zip(sized, sizes)]
+        batch.sort(key=lambda pair: pair[0].slot)
         return batch
 
     def release_finished(self) -> None:
