@@ -8,8 +8,14 @@ within a few forwards. When small windows win, a larger one is still probed now 
 exponential back-off while probes do not pay, so a model (or a stretch of text) that becomes
 predictable is noticed at a bounded cost.
 
-c(n) is measured as the engine runs (a moving average per size); sizes not yet run are priced
-from the nearest measured size through a prior shape. On CPU that shape has a step: BLAS runs a
+c(n) is measured as the engine runs (a moving average per size, `ForwardCost`); sizes not yet run
+are priced from the nearest measured size through a prior shape.
+
+In a batch the cost driver is the forward's total positions, not one request's window: the
+engine prices whole forwards with one `ForwardCost` keyed by total positions, and `allocate`
+hands out the windows that maximise the batch's expected tokens per second, each request's
+E[k | n] coming from its own sizer (`expected_tokens`). A request whose guesses are seldom right
+gets window 1 there too: it does not pay for positions it cannot use. On CPU that shape has a step: BLAS runs a
 1-token forward as matrix-vector products and any n >= 2 as matrix-matrix products, which on the
 2-core machines here cost ~1.5x for n = 2 and ~2.3x for n = 16 (SmolLM2-135M, fp32).
 """
@@ -24,26 +30,97 @@ PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
 
 
+class ForwardCost:
+    """c(n), the seconds of a forward over n positions: measured (a moving average per n) and,
+    for an n not yet run, the nearest measured n scaled by the prior shape."""
+
+    def __init__(self, device_type: str, slope: float | None = None):
+        self.step = PRIOR_STEP.get(device_type, 0.0)
+        self.slope = slope if slope is not None else PRIOR_SLOPE.get(device_type, GPU_SLOPE)
+        self.seconds: dict[int, float] = {}
+
+    def prior(self, n: int) -> float:
+        return 1.0 + (self.step if n > 1 else 0.0) + self.slope * (n - 1)
+
+    def __call__(self, n: int) -> float:
+        if n in self.seconds:
+            return self.seconds[n]
+        if not self.seconds:
+            return self.prior(n)
+        m = min(self.seconds, key=lambda size: (abs(size - n), size))
+        return self.seconds[m] * self.prior(n) / self.prior(m)
+
+    def observe(self, n: int, seconds: float) -> None:
+        old = self.seconds.get(n)
+        self.seconds[n] = seconds if old is None else old + COST_EMA * (seconds - old)
+
+
+def allocate(curves: list[list[float]], lows: list[int], fixed: int, cost) -> list[int]:
+    """Window sizes for the rows of one forward that maximise expected final tokens per second.
+
+    curves[r][n - 1]: E[k | n] of row r for n = 1 .. its largest window; lows[r]: its smallest
+    window; fixed: the forward's other positions (prompt chunks, windows not ours to size);
+    cost(total positions) -> seconds. E[k | n] grows ever more slowly with n, so adding one
+    position at a time where it gains most gives the best split of every total; the best total
+    is then the best rate along that path."""
+    sizes = [max(1, min(low, len(curve))) for curve, low in zip(curves, lows)]
+    total = fixed + sum(sizes)
+    gain = sum(curve[n - 1] for curve, n in zip(curves, sizes))
+    price = cost(total)     # never falling along the path: noise must not make a position free
+    best_rate, best = gain / price, list(sizes)
+    while True:
+        growable = [r for r, curve in enumerate(curves) if sizes[r] < len(curve)]
+        if not growable:
+            return best
+        r = max(growable, key=lambda i: curves[i][sizes[i]] - curves[i][sizes[i] - 1])
+        gain += curves[r][sizes[r]] - curves[r][sizes[r] - 1]
+        sizes[r] += 1
+        total += 1
+        price = max(price, cost(total))
+        if gain / price > best_rate:
+            best_rate, best = gain / price, list(sizes)
+
+
 class WindowSizer:
     def __init__(self, low: int, high: int, adaptive: bool, cost: float | None, device_type: str):
         self.low, self.high, self.adaptive = low, high, adaptive
-        self.step = PRIOR_STEP.get(device_type, 0.0)
-        self.slope = cost if cost is not None else PRIOR_SLOPE.get(device_type, GPU_SLOPE)
-        self.seconds: dict[int, float] = {}  # measured c(n), moving average
+        self.costs = ForwardCost(device_type, cost)   # c(n) of this request's lone forwards
         self.hits = [0.0] * high    # hits[i]: forgetting count of forwards where guess i was right
         self.trials = [0.0] * high  # trials[i]: ... of forwards that reached guess i
         self.probe_every, self.since_probe, self.probing = PROBE_MIN, 0, False
+        self.outgrown = 0      # a window >= 2 whose every guess was right: try one more next
 
-    def expected_rates(self, high: int) -> list[float]:
-        """E[k | n] / c(n) for n = 1..high (index n - 1)."""
-        rates, expected, survive = [], 0.0, 1.0
+    def expected_tokens(self, high: int) -> list[float]:
+        """E[k | n] for n = 1..high (index n - 1)."""
+        out, expected, survive = [], 0.0, 1.0
         for n in range(1, high + 1):
             if n > 1:
                 i = n - 1
                 survive *= (self.hits[i] + PRIOR_Q * PRIOR_WEIGHT) / (self.trials[i] + PRIOR_WEIGHT)
             expected += survive
-            rates.append(expected / self.cost(n))
-        return rates
+            out.append(expected)
+        return out
+
+    def expected_rates(self, high: int) -> list[float]:
+        """E[k | n] / c(n) for n = 1..high (index n - 1)."""
+        return [e / self.cost(n) for n, e in enumerate(self.expected_tokens(high), start=1)]
+
+    def batch_bounds(self, cap: int) -> tuple[int, int]:
+        """(smallest, largest) window the engine may give this request in a batch, at most `cap`.
+        A due probe raises the smallest to the probe size, so acceptance is still learnt where
+        the batch's pricing gives window 1."""
+        high = max(1, min(self.high, cap))
+        if not self.adaptive:
+            return high, high
+        low = min(self.low, high)
+        self.since_probe += 1
+        self.probing = low < min(high, PROBE_SIZE) and self.since_probe >= self.probe_every
+        if self.probing:
+            self.since_probe = 0
+            low = min(high, PROBE_SIZE)
+        if self.outgrown:       # positions past a window that was all right are still unseen
+            low = max(low, min(high, self.outgrown + 1))
+        return low, high
 
     def next_size(self, cap: int) -> int:
         """The window for the next forward, at most `cap` (tokens left to generate)."""
@@ -60,23 +137,16 @@ class WindowSizer:
             return min(high, PROBE_SIZE)
         return best
 
-    def prior(self, n: int) -> float:
-        return 1.0 + (self.step if n > 1 else 0.0) + self.slope * (n - 1)
-
     def cost(self, n: int) -> float:
         """c(n): measured, else the nearest measured size scaled by the prior shape."""
-        if n in self.seconds:
-            return self.seconds[n]
-        if not self.seconds:
-            return self.prior(n)
-        m = min(self.seconds, key=lambda size: (abs(size - n), size))
-        return self.seconds[m] * self.prior(n) / self.prior(m)
+        return self.costs(n)
 
     def observe(self, window: int, accepted: int, seconds: float | None = None) -> None:
-        """Record a forward over `window` positions that took `seconds` and finalised `accepted`."""
+        """Record a forward over `window` positions that took `seconds` (None: a batched forward,
+        whose time is not this window's) and finalised `accepted`."""
         if seconds is not None:
-            old = self.seconds.get(window)
-            self.seconds[window] = seconds if old is None else old + COST_EMA * (seconds - old)
+            self.costs.observe(window, seconds)
+        self.outgrown = window if window >= 2 and accepted >= window else 0
         for i in range(1, min(window, accepted + 1)):
             self.trials[i] = self.trials[i] * DECAY + 1.0
             self.hits[i] = self.hits[i] * DECAY + (1.0 if accepted > i else 0.0)

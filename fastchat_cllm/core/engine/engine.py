@@ -26,6 +26,7 @@ from ..stats import tokens_per_forward
 from ..step import Step
 from .request import Request
 from .runner import Row, Runner
+from ..window_size import ForwardCost
 from .scheduler import Scheduler
 from .slot_cache import SlotCache
 
@@ -55,7 +56,8 @@ class Engine:
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache)
-        self.scheduler = Scheduler(self.cache, chunk)
+        self.cost = ForwardCost(torch.device(model.device).type)   # seconds by total positions
+        self.scheduler = Scheduler(self.cache, chunk, self.cost)
         self.ids = itertools.count()
         self.totals = BatchTotals()
 
@@ -90,14 +92,16 @@ class Engine:
             for request, _ in batch:
                 request.fail(error)
             return []
-        made = [(request.id, self.advance(request, row, logits, out.seconds))
+        self.cost.observe(sum(len(row.tokens) for _, row in batch), out.seconds)
+        alone = out.seconds if len(batch) == 1 else None    # a shared forward is priced above
+        made = [(request.id, self.advance(request, row, logits, alone))
                 for (request, row), logits in zip(batch, out.logits)]
         made = [(request_id, step) for request_id, step in made if step is not None]
         self.count([step for _, step in made])
         return made
 
     def advance(self, request: Request, row: Row, logits: torch.Tensor,
-                seconds: float) -> Step | None:
+                seconds: float | None) -> Step | None:
         """The request's Step from its logits of the forward, its rejected guesses trimmed; None
         for a prompt chunk that is not the last, or when verifying raised (the request fails)."""
         try:

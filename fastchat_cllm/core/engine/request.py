@@ -55,10 +55,23 @@ class Request:
             keep = range(len(piece) - 1, len(piece)) if last else range(0)
         return Row(self.slot, piece, keep)
 
-    def window_row(self) -> Row:
-        """The next Jacobi window [next_token, guesses...]: its size, guesses and their ages."""
-        left = self.config.max_new_tokens - self.stats.tokens
-        size, fresh = self.blocks.next_size(self.sizer, left)
+    @property
+    def sized_by_batch(self) -> bool:
+        """Whether the engine chooses this request's window when it shares a forward (an
+        adaptive sliding window; fixed sizes and the reference's fixed blocks size themselves)."""
+        return self.config.adaptive and not self.config.fixed_blocks
+
+    @property
+    def tokens_left(self) -> int:
+        return self.config.max_new_tokens - self.stats.tokens
+
+    def window_row(self, size: int | None = None) -> Row:
+        """The next Jacobi window [next_token, guesses...]: its size (the sizer's, or `size`
+        chosen for a batch), guesses and their ages."""
+        if size is None or not self.sized_by_batch:
+            size, fresh = self.blocks.next_size(self.sizer, self.tokens_left)
+        else:
+            fresh = False
         if fresh:
             self.guesses, self.ages = [], []
         self.block_start = self.block_start or fresh
@@ -66,7 +79,7 @@ class Request:
                                                     self.next_token, self.guesses, self.ages, size)
         return Row(self.slot, self.window, range(size))
 
-    def advance(self, row: Row, logits: torch.Tensor, seconds: float) -> Step | None:
+    def advance(self, row: Row, logits: torch.Tensor, seconds: float | None) -> Step | None:
         """Take this request's logits [len(row.keep), V] of a forward; the Step it made (None
         for a prompt chunk that is not the last)."""
         if self.prefilling:
@@ -88,9 +101,9 @@ class Request:
                     token_logprobs(logits[-1:], tokens, self.config.logprobs),
                     self.prompt_logprobs if self.config.prompt_logprobs else None)
 
-    def verified(self, logits: torch.Tensor, seconds: float) -> Step:
-        """Verify the window in flight against its logits [size, V]. `seconds` is the whole
-        forward's (with its neighbours' rows): sizing windows for a batch is not done yet."""
+    def verified(self, logits: torch.Tensor, seconds: float | None) -> Step:
+        """Verify the window in flight against its logits [size, V]. `seconds`: the forward's
+        time when this window ran alone (None in a batch, priced by the engine instead)."""
         window, ages, size = self.window, self.window_ages, len(self.window)
         verdict = self.rule.verify(window, logits)
         k, predictions = verdict.accepted, verdict.predictions

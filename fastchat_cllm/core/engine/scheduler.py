@@ -4,21 +4,26 @@ Waiting requests take free slots in arrival order. Every decoding request runs i
 every forward; prompts are prefilled in chunks, `chunk` prompt tokens per forward in all
 (earliest first), so a long prompt delays the others by at most one chunk per forward. A request
 whose window cannot be made is failed here and runs in no forward.
+
+A request alone in its forward sizes its own window; when rows share a forward, the windows of
+the adaptive ones are split by `allocate` against the price of the whole forward (`cost`: its
+seconds by total positions, measured by the engine).
 """
 from __future__ import annotations
 
 from collections import deque
 
+from ..window_size import ForwardCost, allocate
 from .request import Request
 from .runner import Row
 from .slot_cache import SlotCache
 
 
 class Scheduler:
-    def __init__(self, cache: SlotCache, chunk: int):
+    def __init__(self, cache: SlotCache, chunk: int, cost: ForwardCost):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.cache, self.chunk = cache, chunk
+        self.cache, self.chunk, self.cost = cache, chunk, cost
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}        # slot -> request
 
@@ -41,19 +46,38 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, Row]]:
         """The rows of the next forward, in slot order."""
         self.admit()
-        batch, budget = [], self.chunk
+        batch, budget, sized = [], self.chunk, []
         for slot in sorted(self.running):
             request = self.running[slot]
-            if not request.prefilling:
-                try:
-                    batch.append((request, request.window_row()))
-                except Exception as error:      # its guesses or window size: it alone fails
-                    request.fail(error)
-            elif budget:
-                row = request.prefill_row(budget)
-                budget -= len(row.tokens)
-                batch.append((request, row))
+            if request.prefilling:
+                if budget:
+                    row = request.prefill_row(budget)
+                    budget -= len(row.tokens)
+                    batch.append((request, row))
+            elif request.sized_by_batch:
+                sized.append(request)
+            else:
+                self.add_window(batch, request)
+        if len(sized) == 1 and not batch:
+            self.add_window(batch, sized[0])                    # alone: it sizes its own window
+        elif sized:
+            bounds = [r.sizer.batch_bounds(r.tokens_left) for r in sized]
+            curves = [r.sizer.expected_tokens(high) for r, (_, high) in zip(sized, bounds)]
+            fixed = sum(len(row.tokens) for _, row in batch)
+            sizes = allocate(curves, [low for low, _ in bounds], fixed, self.cost)
+            for request, size in zip(sized, sizes):
+                self.add_window(batch, request, size)
+        batch.sort(key=lambda pair: pair[0].slot)
         return batch
+
+    @staticmethod
+    def add_window(batch: list, request: Request, size: int | None = None) -> None:
+        """Append the request's next window to `batch`; a request whose window cannot be made
+        (its guesses, its size) fails alone."""
+        try:
+            batch.append((request, request.window_row(size)))
+        except Exception as error:
+            request.fail(error)
 
     def release_finished(self) -> None:
         for slot in [s for s, r in self.running.items() if r.finish_reason is not None]:
