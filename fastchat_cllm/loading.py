@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,21 @@ def resolve(path: str | None) -> ModelSource:
     raise FileNotFoundError(f"model path {path!r} does not exist")
 
 
+def model_name(path: str | None) -> str:
+    """The name a model is served under by default: the alias, or the folder / file name."""
+    name = Path(os.path.normpath(path or DEFAULT_MODEL)).name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def base_name(path: str | None) -> str:
+    """How a LoRA adapter names its base model so that it resolves on any machine: an alias
+    (None: the default model), else a local path made absolute, else the hub id as given."""
+    if not path or path.lower() == DEFAULT_MODEL or packaged(path) is not None:
+        return (path or DEFAULT_MODEL).lower()
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
 def lora_base(source: ModelSource) -> ModelSource:
     """The base model a LoRA adapter folder was trained on (its `base_model_name_or_path`)."""
     base = source.lora_config.get("base_model_name_or_path")
@@ -181,7 +197,7 @@ def load_model(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
         return load_causal_lm(source, dtype, device, **kwargs)
     from peft import PeftModel
 
-    base = load_causal_lm(lora_base(source), dtype, device, **kwargs)
+    base = load_model(lora_base(source), dtype, device, **kwargs)   # a LoRA on a LoRA too
     return PeftModel.from_pretrained(base, source.folder).merge_and_unload().eval()
 
 

@@ -1,0 +1,54 @@
+"""Install a trained LoRA adapter as a packaged model: python -m fastchat_cllm.train.ship DIR
+
+Copies DIR's adapter_config.json and adapter_model.safetensors (what `distill --lora-rank R
+--save-adapter` writes) into fastchat_cllm/models/<alias>/ (default smollm2-135m-cllm), with the
+adapter's base model set to the alias of the default model, so it resolves offline on any machine;
+then checks the files as the loader does. MADE.md, beside them, is filled in by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .. import loading
+
+
+def ship(adapter: Path, alias: str = loading.CLLM_MODEL, base: str = loading.DEFAULT_MODEL) -> Path:
+    """Copy the adapter in `adapter` to PACKAGED/alias (replacing its files); the folder."""
+    loading.check_adapter(adapter)
+    if (adapter / "adapter_model.bin").exists() and not (adapter / loading.ADAPTER_WEIGHTS).exists():
+        raise loading.AdapterError(f"{adapter} holds adapter_model.bin: save it as safetensors")
+    target = loading.PACKAGED / alias
+    target.mkdir(parents=True, exist_ok=True)
+    config = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = base
+    (target / loading.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(adapter / loading.ADAPTER_WEIGHTS, target / loading.ADAPTER_WEIGHTS)
+    loading.check_adapter(target)
+    return target
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.ship", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path, help="folder with adapter_config.json and "
+                                              "adapter_model.safetensors")
+    p.add_argument("--alias", default=loading.CLLM_MODEL)
+    p.add_argument("--base", default=loading.DEFAULT_MODEL, help="the adapter's base model")
+    args = p.parse_args(argv)
+    try:
+        target = ship(args.adapter, args.alias, args.base)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = (target / loading.ADAPTER_WEIGHTS).stat().st_size / 2**20
+    print(f"installed {args.adapter} as {args.alias} ({target}, {size:.1f} MiB); "
+          f"fill in {target / 'MADE.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
