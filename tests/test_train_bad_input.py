@@ -8,7 +8,7 @@ import pytest
 
 from harness import char_tokenizer, tiny_model
 from fastchat_cllm.train import collect, distill
-from test_train_distill import collect_args, distill_args, tiny_folder  # noqa: F401 (fixture)
+from test_train_distill import collect_args, distill_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,8 +36,8 @@ def test_collect_bad_prompt_files_write_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_collect_missing_model(tiny_folder, tmp_path, capsys):
-    _, prompts = tiny_folder
+def test_collect_missing_model(tiny_model_and_prompts, tmp_path, capsys):
+    _, prompts = tiny_model_and_prompts
     out = tmp_path / "t.jsonl"
     assert collect.main(collect_args(tmp_path / "no-model", prompts, out)) == 2
     one_error_line(capsys, "does not exist")
@@ -47,8 +47,8 @@ def test_collect_missing_model(tiny_folder, tmp_path, capsys):
 @pytest.mark.parametrize("record, words", [
     ({"id": "blank", "prompt": ""}, ["'blank' is empty once tokenized"]),
     ({"id": "far", "prompt_ids": [1, 500]}, ["'far' holds a token id outside", "0..95"])])
-def test_collect_checks_every_prompt_before_writing(tiny_folder, tmp_path, capsys, record, words):
-    folder, prompts = tiny_folder
+def test_collect_checks_every_prompt_before_writing(tiny_model_and_prompts, tmp_path, capsys, record, words):
+    folder, prompts = tiny_model_and_prompts
     with open(prompts, "a") as f:
         f.write(json.dumps(record) + "\n")
     out = tmp_path / "t.jsonl"
@@ -57,8 +57,8 @@ def test_collect_checks_every_prompt_before_writing(tiny_folder, tmp_path, capsy
     assert not out.exists()
 
 
-def test_collect_refuses_to_resume_a_file_of_another_tokenizer(tiny_folder, tmp_path, capsys):
-    folder, prompts = tiny_folder
+def test_collect_refuses_to_resume_a_file_of_another_tokenizer(tiny_model_and_prompts, tmp_path, capsys):
+    folder, prompts = tiny_model_and_prompts
     out = tmp_path / "t.jsonl"
     assert collect.main(collect_args(folder, prompts, out, "--max-repeat", "0")) == 0
     capsys.readouterr()
@@ -75,8 +75,8 @@ def test_collect_refuses_to_resume_a_file_of_another_tokenizer(tiny_folder, tmp_
     assert out.read_text() == text.splitlines()[0] + "\n"
 
 
-def test_collect_stopped_by_its_time_limit_says_incomplete(tiny_folder, tmp_path, capsys):
-    folder, prompts = tiny_folder
+def test_collect_stopped_by_its_time_limit_says_incomplete(tiny_model_and_prompts, tmp_path, capsys):
+    folder, prompts = tiny_model_and_prompts
     out = tmp_path / "t.jsonl"
     assert collect.main(collect_args(folder, prompts, out, "--max-minutes", "1e-9")) == 0
     captured = capsys.readouterr()
@@ -88,8 +88,8 @@ def test_collect_stopped_by_its_time_limit_says_incomplete(tiny_folder, tmp_path
 
 
 @pytest.fixture()
-def trajectories(tiny_folder, tmp_path):
-    folder, prompts = tiny_folder
+def trajectories(tiny_model_and_prompts, tmp_path):
+    folder, prompts = tiny_model_and_prompts
     path = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, path, "--max-repeat", "0")) == 0
     return path
@@ -100,8 +100,8 @@ def trajectories(tiny_folder, tmp_path):
     ('{"id": "x", "blocks": 3}\n', ["t.jsonl:1", "not a trajectory record"]),
     ('{"id": "x"\n', ["t.jsonl:1", "not valid JSON"]),
     ('{"id": "x", "dropped": "repetition"}\n', ["holds no trajectories"])])
-def test_distill_bad_trajectory_files(tiny_folder, tmp_path, capsys, content, words):
-    folder, _ = tiny_folder
+def test_distill_bad_trajectory_files(tiny_model_and_prompts, tmp_path, capsys, content, words):
+    folder, _ = tiny_model_and_prompts
     path, out = tmp_path / "t.jsonl", tmp_path / "out"
     if content is not None:
         path.write_text(content)
@@ -127,11 +127,11 @@ def test_distill_refuses_trajectories_of_another_tokenizer(trajectories, tmp_pat
     assert not out.exists()
 
 
-def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(tiny_folder, trajectories,
+def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(tiny_model_and_prompts, trajectories,
                                                                         tmp_path, capsys):
     """Files written before trajectories recorded their tokenizer: the vocabulary still bounds
     their ids."""
-    folder, _ = tiny_folder
+    folder, _ = tiny_model_and_prompts
     records = [json.loads(line) for line in trajectories.read_text().splitlines()]
     for record in records:
         record.pop("tokenizer")
@@ -147,9 +147,9 @@ def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(tiny_fol
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_stopped_by_its_time_limit_says_incomplete(tiny_folder, trajectories, tmp_path,
+def test_distill_stopped_by_its_time_limit_says_incomplete(tiny_model_and_prompts, trajectories, tmp_path,
                                                            capsys):
-    folder, _ = tiny_folder
+    folder, _ = tiny_model_and_prompts
     assert distill.main(distill_args(folder, trajectories, tmp_path / "o", "--max-minutes",
                                      "1e-9")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
