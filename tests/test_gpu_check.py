@@ -52,6 +52,24 @@ def test_gpu_check_dry_run_on_cpu_runs_every_step(tmp_path):
         assert heading in summary
 
 
+def test_the_shipped_cllm_step_measures_the_alias(tmp_path, monkeypatch, one_thread):
+    """Step 3's measurement, on CPU with a throwaway adapter as the alias."""
+    from fastchat_cllm import loading
+    from fastchat_cllm.bench.gpu_check import measure_shipped
+    from fastchat_cllm.train.ship import ship
+    from harness import tiny_folder
+    from test_packaged_cllm import save_adapter
+
+    base = tiny_folder(tmp_path / "base")
+    monkeypatch.setattr(loading, "PACKAGED", tmp_path / "models")
+    ship(save_adapter(tmp_path / "adapter", str(base)), loading.CLLM_MODEL, str(base))
+    shipped = measure_shipped("cpu", "float32", 8)
+    assert shipped["status"] == "done" and "| jacobi-w16 |" in shipped["reason"]
+    methods = shipped["methods"]
+    assert set(methods) == {"ar", "jacobi", "jacobi-w16", "pld"}
+    assert all(m["identical_to_ar"] == m["runs"] == 4 for m in methods.values())
+
+
 @torch.inference_mode()
 def test_a_static_cache_step_computes_what_the_engines_cache_does():
     """The static-cache (and compiled) cells time the engine's forward: same logits, and drop_last
