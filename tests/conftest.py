@@ -45,7 +45,7 @@ def smollm2():
 
 
 @pytest.fixture()
-def tiny_model_and_prompts(tmp_path):
+def model_and_prompts(tmp_path):
     """A tiny model + tokenizer saved as a Hugging Face folder, and a prompt file for it."""
     folder = tiny_folder(tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"

@@ -48,7 +48,7 @@ def packaged(tmp_path, monkeypatch):
 
 def test_alias_loads_its_base_with_the_packaged_adapter_merged(packaged):
     base, folder = packaged
-    assert loading.resolve(ALIAS).folder == folder and loading.resolve(ALIAS.upper()).folder == folder
+    assert loading.resolve(ALIAS).folder == loading.resolve(ALIAS.upper()).folder == folder
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base)
     assert loading.model_name(ALIAS) == ALIAS and loading.base_name(ALIAS) == ALIAS

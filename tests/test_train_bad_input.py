@@ -26,7 +26,8 @@ def one_error_line(capsys, *words: str) -> str:
 
 def test_collect_bad_prompt_files_write_nothing(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
-    for content, words in (("", ["holds no prompts"]), ("{oops\n", ["bad.jsonl:1", "not valid JSON"]),
+    for content, words in (("", ["holds no prompts"]),
+                           ("{oops\n", ["bad.jsonl:1", "not valid JSON"]),
                            ('{"id": 1}\n', ["needs a string 'prompt'"])):
         (tmp_path / "bad.jsonl").write_text(content)
         assert collect.main(["--prompts", str(tmp_path / "bad.jsonl"), "--out", str(out)]) == 2
@@ -36,8 +37,8 @@ def test_collect_bad_prompt_files_write_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_collect_missing_model(tiny_model_and_prompts, tmp_path, capsys):
-    _, prompts = tiny_model_and_prompts
+def test_collect_missing_model(model_and_prompts, tmp_path, capsys):
+    _, prompts = model_and_prompts
     out = tmp_path / "t.jsonl"
     assert collect.main(collect_args(tmp_path / "no-model", prompts, out)) == 2
     one_error_line(capsys, "does not exist")
@@ -47,8 +48,9 @@ def test_collect_missing_model(tiny_model_and_prompts, tmp_path, capsys):
 @pytest.mark.parametrize("record, words", [
     ({"id": "blank", "prompt": ""}, ["'blank' is empty once tokenized"]),
     ({"id": "far", "prompt_ids": [1, 500]}, ["'far' holds a token id outside", "0..95"])])
-def test_collect_checks_every_prompt_before_writing(tiny_model_and_prompts, tmp_path, capsys, record, words):
-    folder, prompts = tiny_model_and_prompts
+def test_collect_checks_every_prompt_before_writing(model_and_prompts, tmp_path, capsys, record,
+                                                   words):
+    folder, prompts = model_and_prompts
     with open(prompts, "a") as f:
         f.write(json.dumps(record) + "\n")
     out = tmp_path / "t.jsonl"
@@ -57,8 +59,8 @@ def test_collect_checks_every_prompt_before_writing(tiny_model_and_prompts, tmp_
     assert not out.exists()
 
 
-def test_collect_refuses_to_resume_a_file_of_another_tokenizer(tiny_model_and_prompts, tmp_path, capsys):
-    folder, prompts = tiny_model_and_prompts
+def test_collect_refuses_to_resume_a_file_of_another_tokenizer(model_and_prompts, tmp_path, capsys):
+    folder, prompts = model_and_prompts
     out = tmp_path / "t.jsonl"
     assert collect.main(collect_args(folder, prompts, out, "--max-repeat", "0")) == 0
     capsys.readouterr()
@@ -75,8 +77,8 @@ def test_collect_refuses_to_resume_a_file_of_another_tokenizer(tiny_model_and_pr
     assert out.read_text() == text.splitlines()[0] + "\n"
 
 
-def test_collect_stopped_by_its_time_limit_says_incomplete(tiny_model_and_prompts, tmp_path, capsys):
-    folder, prompts = tiny_model_and_prompts
+def test_collect_stopped_by_its_time_limit_says_incomplete(model_and_prompts, tmp_path, capsys):
+    folder, prompts = model_and_prompts
     out = tmp_path / "t.jsonl"
     assert collect.main(collect_args(folder, prompts, out, "--max-minutes", "1e-9")) == 0
     captured = capsys.readouterr()
@@ -88,8 +90,8 @@ def test_collect_stopped_by_its_time_limit_says_incomplete(tiny_model_and_prompt
 
 
 @pytest.fixture()
-def trajectories(tiny_model_and_prompts, tmp_path):
-    folder, prompts = tiny_model_and_prompts
+def trajectories(model_and_prompts, tmp_path):
+    folder, prompts = model_and_prompts
     path = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, path, "--max-repeat", "0")) == 0
     return path
@@ -100,8 +102,8 @@ def trajectories(tiny_model_and_prompts, tmp_path):
     ('{"id": "x", "blocks": 3}\n', ["t.jsonl:1", "not a trajectory record"]),
     ('{"id": "x"\n', ["t.jsonl:1", "not valid JSON"]),
     ('{"id": "x", "dropped": "repetition"}\n', ["holds no trajectories"])])
-def test_distill_bad_trajectory_files(tiny_model_and_prompts, tmp_path, capsys, content, words):
-    folder, _ = tiny_model_and_prompts
+def test_distill_bad_trajectory_files(model_and_prompts, tmp_path, capsys, content, words):
+    folder, _ = model_and_prompts
     path, out = tmp_path / "t.jsonl", tmp_path / "out"
     if content is not None:
         path.write_text(content)
@@ -127,11 +129,11 @@ def test_distill_refuses_trajectories_of_another_tokenizer(trajectories, tmp_pat
     assert not out.exists()
 
 
-def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(tiny_model_and_prompts, trajectories,
-                                                                        tmp_path, capsys):
+def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(
+        model_and_prompts, trajectories, tmp_path, capsys):
     """Files written before trajectories recorded their tokenizer: the vocabulary still bounds
     their ids."""
-    folder, _ = tiny_model_and_prompts
+    folder, _ = model_and_prompts
     records = [json.loads(line) for line in trajectories.read_text().splitlines()]
     for record in records:
         record.pop("tokenizer")
@@ -147,9 +149,9 @@ def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(tiny_mod
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_stopped_by_its_time_limit_says_incomplete(tiny_model_and_prompts, trajectories, tmp_path,
-                                                           capsys):
-    folder, _ = tiny_model_and_prompts
+def test_distill_stopped_by_its_time_limit_says_incomplete(model_and_prompts, trajectories,
+                                                           tmp_path, capsys):
+    folder, _ = model_and_prompts
     assert distill.main(distill_args(folder, trajectories, tmp_path / "o", "--max-minutes",
                                      "1e-9")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -64,8 +64,8 @@ def collect_args(folder, prompts, out, *extra):
             str(BLOCK), "--max-new-tokens", str(NEW), "--threads", "1", *extra]
 
 
-def test_collect_cli_writes_resumes_and_skips_done_prompts(tiny_model_and_prompts, tmp_path, capsys):
-    folder, prompts = tiny_model_and_prompts
+def test_collect_cli_writes_resumes_and_skips_done_prompts(model_and_prompts, tmp_path, capsys):
+    folder, prompts = model_and_prompts
     out = tmp_path / "traj.jsonl"
     first = prompts.read_text().splitlines()[:2]
     partial = tmp_path / "first.jsonl"
@@ -103,8 +103,8 @@ def weights(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(tiny_model_and_prompts, tmp_path):
-    folder, prompts = tiny_model_and_prompts
+def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(model_and_prompts, tmp_path):
+    folder, prompts = model_and_prompts
     trajectories = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -126,8 +126,8 @@ def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(tiny_model_and_p
     assert len(jacobi_generate(model_a, ids, max_new_tokens=8).tokens) == 8
 
 
-def test_distill_cli_lora_merged_and_adapter(tiny_model_and_prompts, tmp_path):
-    folder, prompts = tiny_model_and_prompts
+def test_distill_cli_lora_merged_and_adapter(model_and_prompts, tmp_path):
+    folder, prompts = model_and_prompts
     trajectories = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"

@@ -68,7 +68,8 @@ def model_key(path: str) -> str:
 
 def records_path(out: Path, path: str, settings: Settings) -> Path:
     name = re.sub(r"[^\w.-]+", "_", loading.model_name(path))
-    return out / f"{name}-{model_key(path)}-n{settings.max_new_tokens}-w{settings.window_size}.jsonl"
+    size, window = settings.max_new_tokens, settings.window_size
+    return out / f"{name}-{model_key(path)}-n{size}-w{window}.jsonl"
 
 
 def teacher_forced(model, prompt: list[int], teacher: list[int]) -> int:

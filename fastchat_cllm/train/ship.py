@@ -19,13 +19,14 @@ from .. import loading
 def ship(adapter: Path, alias: str = loading.CLLM_MODEL, base: str = loading.DEFAULT_MODEL) -> Path:
     """Copy the adapter in `adapter` to PACKAGED/alias (replacing its files); the folder."""
     loading.check_adapter(adapter)
-    if (adapter / "adapter_model.bin").exists() and not (adapter / loading.ADAPTER_WEIGHTS).exists():
+    if not (adapter / loading.ADAPTER_WEIGHTS).exists():      # adapter_model.bin passed the check
         raise loading.AdapterError(f"{adapter} holds adapter_model.bin: save it as safetensors")
     target = loading.PACKAGED / alias
     target.mkdir(parents=True, exist_ok=True)
     config = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())
     config["base_model_name_or_path"] = base
-    (target / loading.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (target / loading.ADAPTER_CONFIG).write_text(text)
     shutil.copyfile(adapter / loading.ADAPTER_WEIGHTS, target / loading.ADAPTER_WEIGHTS)
     loading.check_adapter(target)
     return target
