@@ -6,7 +6,8 @@ model from its own worker, on --worker-port, --worker-port + 1, ...; `--with-cll
 package's CLLM (smollm2-135m-cllm) beside the model, so the API's /v1/models and the web UI's
 model menu offer both. Before starting anything it checks the model paths and that its ports are
 free; it says ready only once the controller lists every worker's model, the API server lists
-them too, and a one-token request to each through the API server answers. Flags it does not know go to the worker (e.g. --device cuda --window-size 32 --conv-template X).
+them too, and a one-token request to each through the API server answers. Flags it does not
+know go to every worker (e.g. --device cuda --window-size 32 --conv-template X).
 Each process logs to <logdir>/<name>.log; when one dies, the others are stopped and its log's
 tail is printed.
 """
