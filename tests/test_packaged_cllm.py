@@ -63,6 +63,21 @@ def test_alias_loads_its_base_with_the_packaged_adapter_merged(packaged):
     assert jacobi_generate(merged, ids[0], max_new_tokens=12, window_size=16).tokens == greedy
 
 
+def test_ship_can_halve_the_weights(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    base = tiny_folder(tmp_path / "base")
+    monkeypatch.setattr(loading, "PACKAGED", tmp_path / "models")
+    folder = ship(save_adapter(tmp_path / "adapter", str(base)), ALIAS, str(base), "float16")
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    full, _ = loading.load(str(tmp_path / "adapter"))
+    half, _ = loading.load(ALIAS)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(half(ids).logits, full(ids).logits, atol=1e-3, rtol=1e-3)
+
+
 def test_the_default_alias_and_the_cllm_alias_are_reserved():
     assert loading.base_name(None) == loading.DEFAULT_MODEL
     assert loading.model_name(loading.CLLM_MODEL) == loading.CLLM_MODEL
