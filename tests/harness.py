@@ -77,6 +77,18 @@ def tiny_folder(folder: Path) -> Path:
     return folder
 
 
+def save_adapter(folder: Path, base: str, seed: int = 1) -> Path:
+    """A throwaway LoRA (rank 8, random weights) on the tiny Llama, naming `base` as its base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.peft_config["default"].base_model_name_or_path = base
+    lora.save_pretrained(folder)
+    return folder
+
+
 def ar_greedy(model, ids, max_new_tokens: int, eos=None, bias: dict | None = None) -> list[int]:
     """The reference: transformers' own greedy generate (KV cache), new tokens only; `bias`
     ({token: logit bias}) as single-token sequence_bias."""

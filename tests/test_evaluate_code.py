@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from harness import tiny_folder
+from harness import save_adapter, tiny_folder
 from fastchat_cllm import loading
 from fastchat_cllm.train import evaluate_code
 from fastchat_cllm.train.code_prompts import held_out_prompts
 from fastchat_cllm.train.humaneval import build_program, extract_code, pass_at_1
-from test_packaged_cllm import save_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

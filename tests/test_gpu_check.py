@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness import tiny_model
+from harness import save_adapter, tiny_folder, tiny_model
 from fastchat_cllm.bench.gpu_check import REFUSAL
 from fastchat_cllm.core import kv_cache
 
@@ -57,8 +57,6 @@ def test_the_shipped_cllm_step_measures_the_alias(tmp_path, monkeypatch, one_thr
     from fastchat_cllm import loading
     from fastchat_cllm.bench.gpu_check import measure_shipped
     from fastchat_cllm.train.ship import ship
-    from harness import tiny_folder
-    from test_packaged_cllm import save_adapter
 
     base = tiny_folder(tmp_path / "base")
     monkeypatch.setattr(loading, "PACKAGED", tmp_path / "models")

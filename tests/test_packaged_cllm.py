@@ -15,24 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import ROOT, tiny_folder, tiny_model
+from harness import ROOT, save_adapter, tiny_folder
 from fastchat_cllm import jacobi_generate, loading
 from fastchat_cllm.train import collect
 from fastchat_cllm.train.ship import ship
 
 ALIAS = "tiny-cllm"
-
-
-def save_adapter(folder: Path, base: str, seed: int = 1) -> Path:
-    """A throwaway LoRA (rank 8, random weights) on the tiny Llama, naming `base` as its base."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    lora = get_peft_model(tiny_model("llama"), LoraConfig(
-        r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    lora.peft_config["default"].base_model_name_or_path = base
-    lora.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture()

@@ -7,10 +7,9 @@ import socket
 import pytest
 import requests
 
-from harness import free_ports, listed_models, post_json, tiny_folder
+from harness import free_ports, listed_models, post_json, save_adapter, tiny_folder
 from fastchat_cllm import loading
 from fastchat_cllm.serving.stack import Stack, StackError, parse, port_free
-from test_packaged_cllm import save_adapter
 
 
 def test_model_paths_from_the_flags():
