@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from harness import ROOT, Serve, random_prompts, tiny_folder
+from harness import ROOT, Serve, char_tokenizer, random_prompts, save_tiny_model, tiny_folder
 
 
 def pytest_configure(config):
@@ -54,6 +54,26 @@ def model_and_prompts(tmp_path):
     lines.append({"id": "ids", "prompt_ids": [1, 40, 41, 42]})
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return folder, prompts
+
+
+# Zephyr's chat format, which the worker's template detection maps to FastChat's `zephyr`
+# (without one, FastChat's fallback `one_shot` adds ~2,300 character tokens to every prompt).
+ZEPHYR = ("<|system|>\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+          "{% endif %}</s>\n{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>\n"
+          "{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+          "{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tmp_path_factory):
+    """A saved tiny Llama for serving tests, served as `tiny`: the character tokenizer in
+    Zephyr's chat format, 2048 positions (a built-in bench prompt is ~600 characters)."""
+    folder = save_tiny_model(tmp_path_factory.mktemp("served") / "tiny",
+                             max_position_embeddings=2048)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = ZEPHYR
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

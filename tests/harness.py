@@ -89,6 +89,17 @@ def save_adapter(folder: Path, base: str, seed: int = 1) -> Path:
     return folder
 
 
+def save_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **config) -> Path:
+    """tiny_model(arch, seed) with `config` fields changed, and char_tokenizer(), saved as a
+    model folder (what --model-path takes); `folder`."""
+    model = tiny_model(arch, seed=seed)
+    for name, value in config.items():
+        setattr(model.config, name, value)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def ar_greedy(model, ids, max_new_tokens: int, eos=None, bias: dict | None = None) -> list[int]:
     """The reference: transformers' own greedy generate (KV cache), new tokens only; `bias`
     ({token: logit bias}) as single-token sequence_bias."""
@@ -209,12 +220,13 @@ def wait_for(ready, timeout: float = START_TIMEOUT, what: str = "ready", check=l
         time.sleep(0.5)
 
 
-def wait_serving(controller: str, api: str, key: str | None = None, check=lambda: None) -> None:
-    """Ready means the controller lists MODEL and a one-token completion through the API
+def wait_serving(controller: str, api: str, key: str | None = None, check=lambda: None,
+                 model: str = MODEL) -> None:
+    """Ready means the controller lists `model` and a one-token completion through the API
     answers, not just that the ports answer."""
-    wait_for(lambda: listed_models(controller) == [MODEL], what=f"the controller lists {MODEL}",
+    wait_for(lambda: listed_models(controller) == [model], what=f"the controller lists {model}",
              check=check)
-    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+    body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
     wait_for(lambda: post_json(api + "/completions", body, key),
              what="a one-token completion answers", check=check)
 
@@ -310,9 +322,11 @@ class Serve:
         return (self.logdir / f"{name}.log").read_text(errors="replace")
 
 
-def start_stack(logdir: Path, *flags: str, key: str | None = None, env: dict | None = None):
+def start_stack(logdir: Path, *flags: str, key: str | None = None, env: dict | None = None,
+                model: str = MODEL):
     """The launcher's Stack in this process (controller, worker, API server) on free ports,
-    started with `env` added to the environment and ready as wait_serving says."""
+    started with `env` added to the environment and ready as wait_serving says (serving
+    `model`: the name of the --model-path in `flags`, SmolLM2's by default)."""
     from fastchat_cllm.serving.stack import Stack, parse
 
     controller, worker, api = free_ports(3)
@@ -323,7 +337,7 @@ def start_stack(logdir: Path, *flags: str, key: str | None = None, env: dict | N
     try:
         with mock.patch.dict(os.environ, env or {}):
             stack.up()
-        wait_serving(stack.controller, stack.api, key, check=stack.check_alive)
+        wait_serving(stack.controller, stack.api, key, check=stack.check_alive, model=model)
     except BaseException:
         stack.down()
         raise

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from harness import ar_greedy, char_tokenizer, tiny_model
+from harness import ar_greedy, char_tokenizer, save_tiny_model, tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
 from fastchat_cllm.bench.offline import _record, summarize
@@ -26,14 +26,8 @@ METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nocache", "jac
 def tiny_dirs(tmp_path_factory):
     """Two saved tiny llama models (target, draft) sharing the character tokenizer."""
     root = tmp_path_factory.mktemp("bench-models")
-    tokenizer = char_tokenizer()
-    paths = []
-    for name, seed in (("target", 0), ("draft", 1)):
-        path = root / name
-        tiny_model("llama", seed=seed).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths
+    return [save_tiny_model(root / name, seed=seed) for name, seed in (("target", 0),
+                                                                      ("draft", 1))]
 
 
 def test_builtin_prompts_mix_categories_and_use_the_chat_template():
@@ -129,7 +123,7 @@ def test_nocache_stops_after_eos():
 
 def test_unknown_methods_are_rejected():
     for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool",
-                 "jacobi-nocache-w4", "jacobi-w"):
+                 "jacobi-nocache-w4", "jacobi-w", "batch-b4", "batch-nocache"):
         with pytest.raises(ValueError):
             decoder(name)
     with pytest.raises(ValueError):
@@ -180,3 +174,36 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
             assert run["model_calls"] + run["fast_forwarded"] >= run["tokens"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "imports fastchat: False" in done.stdout
+
+
+def test_batch_method_decodes_all_prompts_on_one_engine_and_equals_one_by_one(tiny_dirs, tmp_path,
+                                                                               capsys):
+    from fastchat_cllm.bench.__main__ import main
+
+    out = tmp_path / "batch.json"
+    run = main(["--model", str(tiny_dirs[0]), "--methods", "batch,batch-w4", "--num-prompts", "3",
+                "--max-new-tokens", "16", "--repeats", "2", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(run))
+    # the one-by-one twins and AR are added and run per prompt; each batch runs once a repeat
+    assert run["config"]["methods"] == ["ar", "jacobi", "jacobi-w4", "batch", "batch-w4"]
+    assert sorted(run["methods"]) == ["ar", "jacobi", "jacobi-w4"]
+    assert [(r["method"], r["repeat"]) for r in run["batch_runs"]] == [
+        ("batch", 0), ("batch-w4", 0), ("batch", 1), ("batch-w4", 1)]
+    for name, twin in (("batch", "jacobi"), ("batch-w4", "jacobi-w4")):
+        summary = run["batches"][name]
+        assert summary["one_by_one"] == twin and summary["prompts"] == 3
+        assert summary["lossless"] and summary["identical_to_one_by_one"] == 6
+        assert summary["identical_to_ar"] == 6
+        assert summary["tokens"] == run["methods"][twin]["tokens"] == 2 * 3 * 16
+        assert summary["model_calls"] < summary["one_by_one_model_calls"]
+        assert summary["tokens_per_forward"] > 2 * summary["one_by_one_tokens_per_forward"]
+        assert summary["tokens_per_second"] > 0 and summary["speedup_vs_one_by_one"] > 0
+    # a fixed window makes the same windows together as alone: the batch takes as many forwards
+    # as its longest prompt alone (the shared prefill being one of them)
+    for record in run["batch_runs"][1::2]:
+        alone = [r["model_calls"] for r in run["runs"]
+                 if r["method"] == "jacobi-w4" and r["repeat"] == record["repeat"]]
+        assert record["model_calls"] == max(alone)
+        assert record["one_by_one_model_calls"] == sum(alone)
+    table = capsys.readouterr().out
+    assert "| batch vs jacobi | 3 |" in table and "| batch-w4 vs jacobi-w4 | 3 |" in table

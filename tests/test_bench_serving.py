@@ -19,7 +19,7 @@ import pytest
 
 from harness import char_tokenizer, tiny_model
 from fastchat_cllm import jacobi_stream
-from fastchat_cllm.bench.__main__ import main
+from fastchat_cllm.bench.__main__ import exit_status, main
 from fastchat_cllm.bench.prompts import builtin_prompts, read_prompts
 from fastchat_cllm.bench.serving import ServingConfig, percentile, run_serving
 
@@ -184,3 +184,38 @@ def test_serving_counts_tokens_with_a_tokenizer_when_the_stream_has_no_usage(cha
     assert level["tokens"] == sum(chat_server.completion_tokens[1:])
     without = run_serving(config, prompts)["levels"][0]
     assert without["token_source"] == ["chunks"] and without["tokens"] > 0
+
+
+def test_compare_stock_worker_measures_ours_and_stock_side_by_side(tiny_served, tmp_path, capsys):
+    """One command, two real stacks on loopback (stock controller, the worker, our API server):
+    ours, then FastChat's stock model_worker, on the same folder, prompts and load."""
+    out, plot, logs = tmp_path / "compare.json", tmp_path / "compare.png", tmp_path / "logs"
+    run = main(["--compare-stock-worker", "--model", str(tiny_served), "--concurrency", "1,2",
+                "--num-prompts", "2", "--max-new-tokens", "8", "--device", "cpu",
+                "--logdir", str(logs), "--timeout", "120", "--out", str(out), "--plot", str(plot)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(run))
+    assert exit_status(run) == 0
+    assert run["mode"] == "serving-compare" and not run["saved_as_hf_folder"]
+    assert run["config"]["workers"] == {"fastchat-cllm": "fastchat_cllm.worker",
+                                        "stock": "fastchat_cllm.stock_worker"}
+    sides = run["workers"]
+    assert list(sides) == ["fastchat-cllm", "stock"]
+    for side, result in sides.items():
+        assert result["model"] == "tiny", side
+        assert [level["concurrency"] for level in result["levels"]] == [1, 2], side
+        for level in result["levels"]:
+            assert level["requests"] == level["concurrency"] and level["failed"] == 0, side
+            assert level["tokens"] > 0 and level["aggregate_tokens_per_second"] > 0, side
+            assert level["ttft_p90_s"] > 0 and level["requests_per_second"] > 0, side
+            assert level["token_source"] == ["tokenizer"], side    # one rule for both sides
+    # the same greedy model on the same prompts: the same completions, counted alike
+    assert [l["tokens"] for l in sides["stock"]["levels"]] == \
+        [l["tokens"] for l in sides["fastchat-cllm"]["levels"]]
+    # each side really ran its own worker: stock's writes its own log line and file
+    assert "Loading the model ['tiny'] on worker" in (logs / "stock" / "worker.log").read_text()
+    assert "Loading the model" not in (logs / "fastchat-cllm" / "worker.log").read_text()
+    table = capsys.readouterr().out
+    for row in ("| 1 | fastchat-cllm | 1 (0) |", "| 1 | stock | 1 (0) | ",
+                "| 2 | fastchat-cllm | 2 (0) |", "| 2 | stock | 2 (0) | "):
+        assert row in table
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -152,3 +152,48 @@ def test_distill_cli_rejects_bad_input(tmp_path, capsys):
                          "--loss", "global", "--states-per-block", "0"]) == 2
     with pytest.raises(ValueError):
         DistillConfig(loss="other")
+
+
+def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(model_and_prompts,
+                                                                     tmp_path):
+    """--teacher base: the reference logits are the base model's (the LoRA adapter off), so at
+    the start (LoRA B = 0) the AR KL is 0 and both teachers give the same loss; after training the
+    adapter moved the model but the reference still equals the untouched base."""
+    from fastchat_cllm.train.distill import add_lora, clear_quantizer
+    from fastchat_cllm.train.losses import cllm_loss
+    from fastchat_cllm.train.trainer import base_logits
+
+    folder, prompts = model_and_prompts
+    trajectories = tmp_path / "traj.jsonl"
+    assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
+    traj = distill.read_trajectories(trajectories)[0]
+    packed = pack(traj.prompt_ids, traj.output_ids,
+                  choose_segments(traj, DistillConfig(states_per_block=4), random.Random(0)))
+    base, _ = load(str(folder))
+    with torch.no_grad():
+        expected = packed_logits(base, packed)[: packed.clean_len]
+    clear_quantizer(base)
+    model = add_lora(base, 4, 8)
+    with torch.no_grad():
+        logits = packed_logits(model, packed)
+        reference = base_logits(model, packed)
+        torch.testing.assert_close(reference, expected)
+        own = cllm_loss(logits, packed, 10.0, 0.0)
+        anchored = cllm_loss(logits, packed, 10.0, 0.0, reference)
+    assert anchored.ar.item() == pytest.approx(0.0, abs=1e-6)
+    assert anchored.consistency.item() == pytest.approx(own.consistency.item(), rel=1e-5)
+    out = tmp_path / "run"
+    assert distill.main(distill_args(folder, trajectories, out, "--lora-rank", "4", "--lr", "1e-2",
+                                     "--teacher", "base", "--snapshot-every", "2",
+                                     "--save-adapter")) == 0
+    snapshots = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snapshots == ["step-2", "step-4"]
+    snapshot = json.loads((out / "snapshots" / "step-2" / "adapter_config.json").read_text())
+    assert snapshot["base_model_name_or_path"] == str(folder.resolve())
+    log = [json.loads(l) for l in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert log[0]["ar"] == pytest.approx(0.0, abs=1e-6) and log[-1]["ar"] > 0
+    trained, _ = load(str(out))
+    with torch.no_grad():
+        assert not torch.allclose(packed_logits(trained, packed)[: packed.clean_len], expected)
+    assert distill.main(distill_args(folder, trajectories, tmp_path / "x", "--teacher",
+                                     "base")) == 2

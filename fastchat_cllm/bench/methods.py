@@ -5,6 +5,7 @@ Names: `ar` (transformers generate, greedy, KV cache), `jacobi` (the engine's ad
 pool on), `jacobi-nocache[-bN]` (re-run-everything Jacobi,
 block N, default 16), `pld` (transformers prompt-lookup decoding) and `assisted` (transformers
 assisted generation with a draft model). All are greedy, hence lossless up to float rounding.
+The `batch[-wN][-pool]` methods, all prompts decoded together, are in batch.py.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def decoder(name: str, draft=None) -> Decoder:
     match = NAME.match(re.sub(r"^jacobi-b(\d)", r"jacobi-w\1", name))   # the former name
     if not match:
         raise ValueError(f"unknown method {name!r}: use ar, pld, assisted, jacobi, jacobi-wN, "
-                         "jacobi[-wN]-pool, jacobi-nocache or jacobi-nocache-bN")
+                         "jacobi[-wN]-pool, jacobi-nocache, jacobi-nocache-bN or batch[-wN][-pool]")
     plain, _, window, pool, _, block = match.groups()
     if plain == "ar":
         return lambda model, target: _generate(model, target)
@@ -102,9 +103,20 @@ def decoder(name: str, draft=None) -> Decoder:
         return lambda model, target: _generate(model, target, assistant=draft)
     if match[5]:
         return _nocache(int(block) if block else NOCACHE_BLOCK)
+    return _jacobi(_jacobi_config(window, pool))
+
+
+def _jacobi_config(window: str | None, pool: str | None) -> JacobiConfig:
     base = JacobiConfig(ngram_pool=POOL_KEYS if pool else 0)
-    return _jacobi(base if window is None else base.with_(window_size=int(window),
-                                                          adaptive=False))
+    return base if window is None else base.with_(window_size=int(window), adaptive=False)
+
+
+def jacobi_config(name: str) -> JacobiConfig:
+    """The engine options of a `jacobi[-wN][-pool]` method (budget and stop tokens unset)."""
+    match = NAME.match(name)
+    if not match or not match[2]:
+        raise ValueError(f"{name!r} is not a jacobi[-wN][-pool] method")
+    return _jacobi_config(match[3], match[4])
 
 
 @contextmanager

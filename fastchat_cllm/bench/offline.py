@@ -2,7 +2,9 @@
 
 After a warm-up, each repeat runs every prompt with every method back to back (the method order
 rotates from prompt to prompt), so slow drifts of a shared machine hit all methods alike; speedups
-are ratios to `ar` on the same prompt and repeat, then the median.
+are ratios to `ar` on the same prompt and repeat, then the median. The `batch` methods
+(batch.py) decode all prompts together once per repeat, after that repeat's prompts, and are
+compared with the same repeat's one-by-one runs of their `jacobi` counterpart.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from ..core.stats import tokens_per_forward
+from .batch import batch_decode, batch_record, is_batch, solo_method, summarize_batches
 from .methods import Decoder, Run, Target, decoder, timed_run
 from .prompts import Prompt, encode
 
@@ -29,8 +32,19 @@ class OfflineConfig:
             raise ValueError(f"methods must be distinct and non-empty, got {self.methods}")
         if self.max_new_tokens < 1 or self.repeats < 1:
             raise ValueError("max_new_tokens and repeats must be >= 1")
-        if "ar" not in self.methods:  # the reference for speedups and the lossless check
-            object.__setattr__(self, "methods", ("ar",) + tuple(self.methods))
+        needed = ["ar"] + [solo_method(m) for m in self.methods if is_batch(m)]
+        missing = tuple(dict.fromkeys(m for m in needed if m not in self.methods))
+        if missing:  # AR: the reference of speedups and losslessness; a batch's one-by-one twin
+            object.__setattr__(self, "methods", missing + tuple(self.methods))
+
+    @property
+    def solo(self) -> tuple[str, ...]:
+        """The methods that decode one prompt at a time."""
+        return tuple(m for m in self.methods if not is_batch(m))
+
+    @property
+    def batches(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if is_batch(m))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "methods": list(self.methods)}
@@ -52,29 +66,44 @@ def _progress(total: int):
 
 
 def run_offline(config: OfflineConfig, model, tokenizer, prompts: list[Prompt], draft=None) -> dict:
-    """Run the benchmark; returns {"prompts", "runs", "methods"} (JSON-ready)."""
-    decoders = {name: decoder(name, draft) for name in config.methods}
+    """Run the benchmark; returns {"prompts", "runs", "methods"} (JSON-ready), and with batch
+    methods also {"batch_runs", "batches"}."""
+    decoders = {name: decoder(name, draft) for name in config.solo}
     eos, pad = stop_tokens(model, tokenizer)
     targets = [Target(encode(tokenizer, p), config.max_new_tokens, eos, pad) for p in prompts]
-    warm = Target(targets[0].ids, min(WARMUP_TOKENS, config.max_new_tokens), eos, pad)
+    warm = [Target(t.ids, min(WARMUP_TOKENS, config.max_new_tokens), eos, pad) for t in targets]
     for decode in decoders.values():
-        timed_run(decode, model, warm)
-    runs = []
-    with _progress(config.repeats * len(prompts) * len(decoders)) as bar:
+        timed_run(decode, model, warm[0])
+    for name in config.batches:
+        batch_decode(name, model, warm)
+    runs, batch_runs = [], []
+    steps = len(prompts) * len(decoders) + len(config.batches)
+    with _progress(config.repeats * steps) as bar:
         for repeat in range(config.repeats):
-            for index, target in enumerate(targets):
-                runs += _one_prompt(decoders, model, target, index, repeat, bar)
-    return {
+            solo = [_one_prompt(decoders, model, target, index, bar)
+                    for index, target in enumerate(targets)]
+            runs += [_record(name, results[name], results["ar"], index, repeat)
+                     for index, results in enumerate(solo) for name in decoders]
+            for name in config.batches:
+                bar.set_postfix_str(f"{name} of {len(targets)}")
+                batch_runs.append(batch_record(name, batch_decode(name, model, targets),
+                                               [r[solo_method(name)] for r in solo],
+                                               [r["ar"] for r in solo], repeat))
+                bar.update()
+    out = {
         "prompts": [{"name": p.name, "category": p.category, "prompt_tokens": len(t.ids)}
                     for p, t in zip(prompts, targets)],
         "runs": runs,
-        "methods": summarize(runs, config.methods),
+        "methods": summarize(runs, config.solo),
     }
+    if config.batches:
+        out.update(batch_runs=batch_runs, batches=summarize_batches(batch_runs, config.batches))
+    return out
 
 
-def _one_prompt(decoders: dict[str, Decoder], model, target: Target, index: int, repeat: int,
-                bar) -> list[dict]:
-    """Every method on one prompt, the order rotated by the prompt index; records with ratios."""
+def _one_prompt(decoders: dict[str, Decoder], model, target: Target, index: int,
+                bar) -> dict[str, Run]:
+    """Every method on one prompt, the order rotated by the prompt index."""
     names = list(decoders)
     shift = index % len(names)
     results: dict[str, Run] = {}
@@ -82,8 +111,7 @@ def _one_prompt(decoders: dict[str, Decoder], model, target: Target, index: int,
         bar.set_postfix_str(f"prompt {index} {name}")
         results[name] = timed_run(decoders[name], model, target)
         bar.update()
-    ar = results["ar"]
-    return [_record(name, results[name], ar, index, repeat) for name in names]
+    return results
 
 
 def _rate(run: Run) -> float:

@@ -67,6 +67,18 @@ def offline_table(methods: dict[str, dict]) -> str:
     return markdown_table(header, rows)
 
 
+def batch_table(batches: dict[str, dict]) -> str:
+    """Each batch method against its one-by-one twin: aggregate rates, forwards, losslessness."""
+    header = ["method", "prompts (slots)", "tokens/s", "one by one", "speedup", "forwards",
+              "one by one", "tokens/forward", "one by one", "identical to one by one"]
+    rows = [[f"{name} vs {b['one_by_one']}", b["prompts"], b["tokens_per_second"],
+             b["one_by_one_tokens_per_second"], b["speedup_vs_one_by_one"], b["model_calls"],
+             b["one_by_one_model_calls"], b["tokens_per_forward"],
+             b["one_by_one_tokens_per_forward"], f"{b['identical_to_one_by_one']}/{b['outputs']}"]
+            for name, b in batches.items()]
+    return markdown_table(header, rows)
+
+
 def serving_table(levels: list[dict]) -> str:
     spread = "/".join(f"p{q}" for q in PERCENTILES)
     header = ["concurrency", "requests (failed)", f"TTFT {spread} (s)", f"latency {spread} (s)",
@@ -74,6 +86,23 @@ def serving_table(levels: list[dict]) -> str:
     rows = [[l["concurrency"], f"{l['requests']} ({l['failed']})", _spread(l, "ttft"),
              _spread(l, "latency"), l["stream_tokens_per_second"],
              l["aggregate_tokens_per_second"], l["requests_per_second"]] for l in levels]
+    return markdown_table(header, rows)
+
+
+def compare_table(workers: dict[str, dict]) -> str:
+    """The sides of a comparison, level by level; `vs stock`: aggregate tokens/s over stock's."""
+    stock = {l["concurrency"]: l["aggregate_tokens_per_second"] for l in workers["stock"]["levels"]}
+    rows = []
+    for concurrency in stock:
+        for side, result in workers.items():
+            level = next(l for l in result["levels"] if l["concurrency"] == concurrency)
+            rate = level["aggregate_tokens_per_second"]
+            rows.append([concurrency, side, f"{level['requests']} ({level['failed']})", rate,
+                         rate / stock[concurrency] if stock[concurrency] else None,
+                         f"{_cell(level['ttft_p50_s'])} / {_cell(level['ttft_p90_s'])}",
+                         level["requests_per_second"]])
+    header = ["concurrency", "worker", "requests (failed)", "aggregate tokens/s", "vs stock",
+              "TTFT p50 / p90 (s)", "requests/s"]
     return markdown_table(header, rows)
 
 
@@ -122,3 +151,11 @@ def speedup_chart(methods: dict[str, dict], path: str | Path, title: str) -> Non
     names = [n for n, m in methods.items() if m["speedup_vs_ar"] is not None]
     bar_chart(names, [methods[n]["speedup_vs_ar"] for n in names], path, title,
               "speedup vs AR (median of per-prompt ratios)", reference=1.0)
+
+
+def compare_chart(workers: dict[str, dict], path: str | Path, title: str) -> None:
+    """Aggregate tokens/s of each side at each concurrency, side by side."""
+    bars = {f"{level['concurrency']} {side}": level["aggregate_tokens_per_second"]
+            for levels in zip(*(result["levels"] for result in workers.values()))
+            for side, level in zip(workers, levels)}
+    bar_chart(list(bars), list(bars.values()), path, title, "aggregate tokens/s")

@@ -6,8 +6,8 @@ end of the stream) and the decoding rate after the first token; per level: their
 the aggregate rate (all completion tokens over the level's wall time) and completed requests per
 second. A request that fails (an HTTP error, a timeout, or an error chunk in the stream, as
 FastChat sends when a worker fails) is counted and its error kept. Completion tokens come from
-the stream's usage when the server sends it, else from a tokenizer when one is given, else from
-the number of content chunks (see `token_source`).
+the stream's usage when the server sends it (and `usage` is on), else from a tokenizer when one
+is given, else from the number of content chunks (see `token_source`).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class ServingConfig:
     requests_per_stream: int = 1
     timeout: float = 600.0                # seconds per request
     api_key: str | None = field(default=None, repr=False)   # sent as a Bearer token, not saved
+    usage: bool = True                    # count tokens from the stream's usage when it has one
 
     def __post_init__(self):
         if not self.concurrency or min(self.concurrency) < 1:
@@ -75,7 +76,7 @@ async def stream_once(client, config: ServingConfig, model: str, prompt: Prompt,
     async with stream:
         first, pieces, usage = await _read(stream, started)
     seconds = time.perf_counter() - started
-    tokens, source = _count(pieces, usage, tokenizer)
+    tokens, source = _count(pieces, usage if config.usage else None, tokenizer)
     return Timing(first if first is not None else seconds, seconds, tokens, source)
 
 

@@ -87,8 +87,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 class Stack:
-    def __init__(self, args: argparse.Namespace, worker_args: list[str]):
-        self.args, self.worker_args = args, worker_args
+    """The processes of one stack; `worker_module` is the worker it starts (ours by default;
+    the benchmark's comparison starts FastChat's stock one, fastchat_cllm.stock_worker)."""
+
+    def __init__(self, args: argparse.Namespace, worker_args: list[str],
+                 worker_module: str = "fastchat_cllm.worker"):
+        self.args, self.worker_args, self.worker_module = args, worker_args, worker_module
         self.logdir = Path(args.logdir)
         self.children: list[Child] = []
         host = args.host
@@ -201,7 +205,7 @@ class Stack:
                    "--port", str(a.controller_port))
         self.wait("the controller", lambda: self.models() is not None)
         for i, (path, url) in enumerate(zip(a.model_paths, self.workers)):
-            self.start("worker" if i == 0 else f"worker-{i + 1}", "fastchat_cllm.worker",
+            self.start("worker" if i == 0 else f"worker-{i + 1}", self.worker_module,
                        "--model-path", path, "--host", a.host, "--port", str(a.worker_port + i),
                        "--worker-address", url, "--controller-address", self.controller,
                        *self.worker_args)
@@ -248,6 +252,17 @@ class Stack:
                 child.process.wait()
         if self.children:
             print("stopped " + ", ".join(c.name for c in reversed(self.children)), flush=True)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports free on `host`, picked by the system (all held open while picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind((host, 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def port_free(host: str, port: int) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..jsonl import numbered_jsonl
 from .collect import first_line
-from .trainer import LOSSES, SCHEDULES, DistillConfig, total_steps, train
+from .trainer import LOSSES, SCHEDULES, TEACHERS, DistillConfig, total_steps, train
 from .trajectory import Trajectory, describe, tokenizer_identity
 
 
@@ -74,14 +74,18 @@ def add_lora(model, rank: int, alpha: int):
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
 
 
-def save_model(model, tokenizer, out_dir: str | Path, adapter: bool, base: str) -> None:
-    """Write the result: a merged HF folder, or (adapter=True, LoRA only) the adapter, which
-    names `base` (loading.base_name of --model) as its base model."""
+def name_base(model, base: str) -> None:
+    """Make the LoRA adapter (saved at the end and in snapshots) name `base` as its base model:
+    loading.base_name of --model, an alias or absolute path that resolves on any machine (peft
+    would record the GGUF's package folder)."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base
+
+
+def save_model(model, tokenizer, out_dir: str | Path, adapter: bool) -> None:
+    """Write the result: a merged HF folder, or (adapter=True, LoRA only) the adapter."""
     if hasattr(model, "merge_and_unload") and not adapter:
         model = model.merge_and_unload()
-    elif adapter:
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = base
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -109,6 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--save-adapter", action="store_true", help="save the LoRA adapter, unmerged")
+    p.add_argument("--teacher", choices=TEACHERS, default=d.teacher,
+                   help="targets from the model being trained (self) or the frozen base "
+                        "(base: LoRA only; holds the base's distribution)")
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="save the LoRA adapter every N steps to OUT/snapshots/step-N (0: never)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     return p.parse_args(argv)
@@ -118,7 +127,7 @@ def config_from(args) -> DistillConfig:
     return DistillConfig(args.steps, args.lr, args.schedule, args.warmup, args.ar_weight,
                          args.label_smoothing, args.loss, args.states_per_block,
                          args.records_per_step, args.save_every, args.max_minutes,
-                         not args.no_bf16, args.seed)
+                         not args.no_bf16, args.seed, args.teacher, args.snapshot_every)
 
 
 def main(argv=None) -> int:
@@ -131,6 +140,8 @@ def main(argv=None) -> int:
         config = config_from(args)
         if args.save_adapter and not args.lora_rank:
             raise ValueError("--save-adapter needs --lora-rank")
+        if not args.lora_rank and (args.teacher == "base" or args.snapshot_every):
+            raise ValueError("--teacher base and --snapshot-every need --lora-rank")
         trajectories = read_trajectories(args.trajectories)
         torch.set_num_threads(args.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,9 +155,10 @@ def main(argv=None) -> int:
     clear_quantizer(model)
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
+        name_base(model, base_name(args.model))
     done = train(model, trajectories, config, args.out)
     steps = total_steps(config, len(trajectories))
-    save_model(model, tokenizer, args.out, args.save_adapter, base_name(args.model))
+    save_model(model, tokenizer, args.out, args.save_adapter)
     if done < steps:
         print(f"stopped at step {done} of {steps} (time limit): saved the model so far; "
               "rerun the same command to continue")

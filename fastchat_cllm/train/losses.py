@@ -4,6 +4,11 @@ consistency: mean over the trained block positions of KL(target || model), the t
     stop-gradient predictions on the fixed point (global) or on the next state (local).
 ar: next-token cross-entropy on the clean output (the greedy output: the model's own text, so
     it keeps the distribution where it is), with label smoothing.
+
+With `reference` (the frozen base model's logits on the clean part, e.g. a LoRA run's model with
+its adapter disabled) both terms aim at the base instead of the moving student: consistency
+targets are the base's predictions at the fixed point, and the AR term is KL(base || model) on
+the clean output, which holds the whole next-token distribution (and so its argmax) in place.
 """
 from __future__ import annotations
 
@@ -26,14 +31,24 @@ class Losses:
                 "ar": self.ar.item()}
 
 
-def consistency_loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """KL(target || student), averaged over block positions; targets carry no gradient."""
+def _kl(target_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(target || student) over rows; the target carries no gradient."""
+    target = F.log_softmax(target_logits.detach().float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (target.exp() * (target - student)).sum(-1).mean()
+
+
+def consistency_loss(logits: torch.Tensor, packed: Packed,
+                     reference: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(target || student), averaged over block positions; targets carry no gradient. The
+    targets come from `reference` (clean-part logits) when given and they lie in the clean part."""
     if packed.student.numel() == 0:
         return logits.sum() * 0.0
-    index = packed.student.to(logits.device)
-    student = F.log_softmax(logits[index].float(), dim=-1)                     # [S, V]
-    target = F.log_softmax(logits[packed.teacher.to(logits.device)].detach().float(), dim=-1)
-    return (target.exp() * (target - student)).sum(-1).mean()
+    teacher = packed.teacher.to(logits.device)
+    source = logits
+    if reference is not None and int(teacher.max()) < packed.clean_len:
+        source = reference
+    return _kl(source[teacher], logits[packed.student.to(logits.device)])
 
 
 def ar_loss(logits: torch.Tensor, packed: Packed, label_smoothing: float = 0.1) -> torch.Tensor:
@@ -43,8 +58,15 @@ def ar_loss(logits: torch.Tensor, packed: Packed, label_smoothing: float = 0.1) 
     return F.cross_entropy(logits[p - 1: c - 1].float(), labels, label_smoothing=label_smoothing)
 
 
+def ar_kl_loss(logits: torch.Tensor, packed: Packed, reference: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) of the next-token distributions over the clean output."""
+    p, c = packed.prompt_len, packed.clean_len
+    return _kl(reference[p - 1: c - 1], logits[p - 1: c - 1])
+
+
 def cllm_loss(logits: torch.Tensor, packed: Packed, ar_weight: float,
-              label_smoothing: float = 0.1) -> Losses:
-    consistency = consistency_loss(logits, packed)
-    ar = ar_loss(logits, packed, label_smoothing)
+              label_smoothing: float = 0.1, reference: torch.Tensor | None = None) -> Losses:
+    consistency = consistency_loss(logits, packed, reference)
+    ar = (ar_loss(logits, packed, label_smoothing) if reference is None
+          else ar_kl_loss(logits, packed, reference))
     return Losses(consistency + ar_weight * ar, consistency, ar)

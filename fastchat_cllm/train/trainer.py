@@ -22,6 +22,7 @@ from .packing import Segment, pack, packed_logits
 from .trajectory import Trajectory
 
 LOSSES = ("global", "local")
+TEACHERS = ("self", "base")
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT, LOSS_LOG = "checkpoint.pt", "loss_log.jsonl"
 
@@ -44,8 +45,14 @@ class DistillConfig:
     max_minutes: float = 0.0
     bf16: bool = True
     seed: int = 0
+    teacher: str = "self"
+    snapshot_every: int = 0
 
     def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.schedule not in SCHEDULES:
@@ -146,6 +153,20 @@ def _trim_log(path: Path, step: int) -> None:
                      if isinstance(line.get("step"), int) and line["step"] < step], path)
 
 
+def base_logits(model, packed) -> torch.Tensor:
+    """The frozen base model's logits [clean_len, V] on the clean part (the LoRA adapter off)."""
+    import contextlib
+
+    from .packing import Packed
+
+    clean = packed.clean_len
+    plain = Packed(packed.input_ids[:clean], packed.position_ids[:clean],
+                   packed.allowed[:clean, :clean], packed.prompt_len, clean,
+                   packed.student[:0], packed.teacher[:0])
+    with torch.no_grad(), model.disable_adapter():
+        return packed_logits(model, plain)
+
+
 def train_step(model, trajectories: list[Trajectory], config: DistillConfig, rng, accelerator):
     """Forward/backward over the step's trajectories; returns the mean loss parts."""
     parts, states = {"loss": 0.0, "consistency": 0.0, "ar": 0.0}, 0
@@ -154,7 +175,8 @@ def train_step(model, trajectories: list[Trajectory], config: DistillConfig, rng
         packed = pack(traj.prompt_ids, traj.output_ids, segments)
         with accelerator.autocast():
             logits = packed_logits(model, packed)
-        losses = cllm_loss(logits, packed, config.ar_weight, config.label_smoothing)
+            reference = base_logits(model, packed) if config.teacher == "base" else None
+        losses = cllm_loss(logits, packed, config.ar_weight, config.label_smoothing, reference)
         accelerator.backward(losses.total / len(trajectories))
         states += sum(1 for s in segments if s.student)
         for key, value in losses.as_dict().items():
@@ -205,6 +227,8 @@ def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir:
             if done % config.save_every == 0 or done == steps or out_of_time:
                 save_checkpoint(out_dir, done, accelerator.unwrap_model(model), optimizer,
                                 scheduler)
+            if config.snapshot_every and done % config.snapshot_every == 0:
+                accelerator.unwrap_model(model).save_pretrained(out_dir / "snapshots" / f"step-{done}")
             if out_of_time:
                 break
     model.eval()
