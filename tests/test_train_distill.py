@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from harness import tiny_model
+from harness import random_prompts, sharp_tiny_model
 from fastchat_cllm import jacobi_generate
 from fastchat_cllm.loading import load
 from fastchat_cllm.train import collect, distill
@@ -20,19 +20,6 @@ BLOCK, NEW = 8, 24
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def sharp_tiny_model():
-    """A tiny model with confident predictions (a random init is near uniform: KL ~ 0)."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    return model
-
-
-def random_prompts(count: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(3, 96) for _ in range(rng.randint(4, 12))] for _ in range(count)]
 
 
 def tokens_per_forward(model, prompts) -> float:
@@ -72,38 +59,13 @@ def test_distillation_lowers_consistency_loss_and_raises_tokens_per_forward(tmp_
     assert [line["step"] for line in log] == list(range(30)) and log[0]["states"] > 0
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 96)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w1", eos_token="w2",
-                                   unk_token="w3", pad_token="<pad>")
-
-
-@pytest.fixture()
-def tiny_folder(tmp_path):
-    """A tiny model + tokenizer saved as a Hugging Face folder, and a prompt file for it."""
-    folder = tmp_path / "model"
-    sharp_tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    prompts = tmp_path / "prompts.jsonl"
-    lines = [{"id": f"p{i}", "prompt": " ".join(f"w{t}" for t in ids[1:])}
-             for i, ids in enumerate(random_prompts(4, seed=1))]
-    lines.append({"id": "ids", "prompt_ids": [1, 40, 41, 42]})
-    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return folder, prompts
-
-
 def collect_args(folder, prompts, out, *extra):
     return ["--model", str(folder), "--prompts", str(prompts), "--out", str(out), "--block-size",
             str(BLOCK), "--max-new-tokens", str(NEW), "--threads", "1", *extra]
 
 
-def test_collect_cli_writes_resumes_and_skips_done_prompts(tiny_folder, tmp_path, capsys):
-    folder, prompts = tiny_folder
+def test_collect_cli_writes_resumes_and_skips_done_prompts(model_and_prompts, tmp_path, capsys):
+    folder, prompts = model_and_prompts
     out = tmp_path / "traj.jsonl"
     first = prompts.read_text().splitlines()[:2]
     partial = tmp_path / "first.jsonl"
@@ -141,8 +103,8 @@ def weights(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(tiny_folder, tmp_path):
-    folder, prompts = tiny_folder
+def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(model_and_prompts, tmp_path):
+    folder, prompts = model_and_prompts
     trajectories = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -164,8 +126,8 @@ def test_distill_cli_resumes_exactly_and_saves_a_loadable_model(tiny_folder, tmp
     assert len(jacobi_generate(model_a, ids, max_new_tokens=8).tokens) == 8
 
 
-def test_distill_cli_lora_merged_and_adapter(tiny_folder, tmp_path):
-    folder, prompts = tiny_folder
+def test_distill_cli_lora_merged_and_adapter(model_and_prompts, tmp_path):
+    folder, prompts = model_and_prompts
     trajectories = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
@@ -176,6 +138,9 @@ def test_distill_cli_lora_merged_and_adapter(tiny_folder, tmp_path):
     assert distill.main(distill_args(folder, trajectories, adapter, "--lora-rank", "4",
                                      "--save-adapter")) == 0
     assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(folder.resolve())   # resolves from anywhere
+    assert not any("lora" in name for name in load(str(adapter))[0].state_dict())
 
 
 def test_distill_cli_rejects_bad_input(tmp_path, capsys):
@@ -189,7 +154,8 @@ def test_distill_cli_rejects_bad_input(tmp_path, capsys):
         DistillConfig(loss="other")
 
 
-def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(tiny_folder, tmp_path):
+def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(model_and_prompts,
+                                                                     tmp_path):
     """--teacher base: the reference logits are the base model's (the LoRA adapter off), so at
     the start (LoRA B = 0) the AR KL is 0 and both teachers give the same loss; after training the
     adapter moved the model but the reference still equals the untouched base."""
@@ -197,7 +163,7 @@ def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(tiny_folde
     from fastchat_cllm.train.losses import cllm_loss
     from fastchat_cllm.train.trainer import base_logits
 
-    folder, prompts = tiny_folder
+    folder, prompts = model_and_prompts
     trajectories = tmp_path / "traj.jsonl"
     assert collect.main(collect_args(folder, prompts, trajectories, "--max-repeat", "0")) == 0
     traj = distill.read_trajectories(trajectories)[0]
@@ -222,7 +188,8 @@ def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(tiny_folde
                                      "--save-adapter")) == 0
     snapshots = sorted(p.name for p in (out / "snapshots").iterdir())
     assert snapshots == ["step-2", "step-4"]
-    assert (out / "snapshots" / "step-2" / "adapter_config.json").exists()
+    snapshot = json.loads((out / "snapshots" / "step-2" / "adapter_config.json").read_text())
+    assert snapshot["base_model_name_or_path"] == str(folder.resolve())
     log = [json.loads(l) for l in (out / "loss_log.jsonl").read_text().splitlines()]
     assert log[0]["ar"] == pytest.approx(0.0, abs=1e-6) and log[-1]["ar"] > 0
     trained, _ = load(str(out))

@@ -75,7 +75,10 @@ def offline(args, info: dict) -> dict:
     config = OfflineConfig(_methods(args.methods), args.max_new_tokens, args.repeats)
     prompts = select_prompts(args.prompts, args.num_prompts)
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
-    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    try:
+        model, tokenizer = load(args.model, dtype=dtype, device=device)
+    except (ValueError, FileNotFoundError) as e:     # a missing path or adapter file: one line
+        raise SystemExit(f"error: {e}") from None
     draft = load(args.draft_model, dtype=dtype, device=device)[0] if args.draft_model else None
     results = run_offline(config, model, tokenizer, prompts, draft)
     run = {"mode": "offline", "model": args.model or DEFAULT_MODEL,

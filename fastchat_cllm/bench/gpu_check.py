@@ -21,12 +21,14 @@ from typing import Callable
 
 import torch
 
+from .. import loading
 from . import report
+from .offline import OfflineConfig, run_offline
+from .prompts import builtin_prompts
 from .forward_cost import (SHAPES, Grid, break_even, build_model, compiled_costs,
                            decode_overhead, eager_costs)
 
 CUDA_TESTS = Path(__file__).resolve().parents[2] / "tests" / "test_engine_cuda.py"
-SHIPPED_CLLM = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-cllm"
 COMPILE = {   # torch.compile options by device, and what they measure
     "cuda": ({"mode": "reduce-overhead"}, "inductor + CUDA graphs (mode=reduce-overhead)"),
     "cpu": ({"backend": "eager"}, "dynamo capture only (backend=eager): a dry run, not compiled"),
@@ -109,12 +111,28 @@ def _static_and_compiled(model, config: CheckConfig,
 
 
 def shipped_cllm(config: CheckConfig) -> dict:
-    """Step 3: the shipped CLLM's tokens per forward and speed vs generate (not shipped yet)."""
-    if not SHIPPED_CLLM.exists():
+    """Step 3: the shipped CLLM's tokens per forward and speed vs generate on the built-in
+    HumanEval prompts (skipped in a CPU dry run, and while no adapter is shipped)."""
+    folder = loading.PACKAGED / loading.CLLM_MODEL
+    if not (folder / loading.ADAPTER_WEIGHTS).exists():
         return {"status": "skipped",
-                "reason": f"no shipped CLLM ({SHIPPED_CLLM.name}) in this package"}
-    return {"status": "error",
-            "reason": f"{SHIPPED_CLLM} exists; this check does not measure it yet"}
+                "reason": f"no shipped CLLM ({loading.CLLM_MODEL}: no {loading.ADAPTER_WEIGHTS})"}
+    if config.device == "cpu":
+        return {"status": "skipped", "reason": f"a dry run: {loading.CLLM_MODEL} is measured on "
+                "the GPU (on a CPU: python -m fastchat_cllm.train.evaluate_code)"}
+    return measure_shipped(config.device, config.dtype, config.new_tokens)
+
+
+def measure_shipped(device: str, dtype: str, new_tokens: int) -> dict:
+    """The CLLM alias under `ar`, `jacobi`, `jacobi-w16` and `pld` on the built-in HumanEval
+    prompts (interleaved, one pass)."""
+    model, tokenizer = loading.load(loading.CLLM_MODEL, dtype=getattr(torch, dtype), device=device)
+    prompts = [p for p in builtin_prompts() if p.category == "code"]
+    results = run_offline(OfflineConfig(("ar", "jacobi", "jacobi-w16", "pld"), new_tokens, 1),
+                          model, tokenizer, prompts)
+    return {"status": "done", "methods": results["methods"],
+            "reason": f"{len(prompts)} HumanEval prompts, {new_tokens} new tokens\n\n"
+                      + report.offline_table(results["methods"])}
 
 
 def run_step(name: str, step: Callable[[], dict]) -> dict:

@@ -1,9 +1,13 @@
 """`python -m fastchat_cllm.serve`: the stock controller, the Jacobi worker, the API server (and
 the web UI with --web) on 127.0.0.1, started in order, watched, and stopped together.
 
-Before starting anything it checks that its ports are free; it says ready only once the
-controller lists the model, the API server lists it too, and a one-token request through the
-API server answers. Flags it does not know go to the worker (e.g. --device cuda --window-size 32 --conv-template X).
+`--model-path` given more than once (as FastChat's multi_model_worker takes it) serves each
+model from its own worker, on --worker-port, --worker-port + 1, ...; `--with-cllm` adds the
+package's CLLM (smollm2-135m-cllm) beside the model, so the API's /v1/models and the web UI's
+model menu offer both. Before starting anything it checks the model paths and that its ports are
+free; it says ready only once the controller lists every worker's model, the API server lists
+them too, and a one-token request to each through the API server answers. Flags it does not
+know go to every worker (e.g. --device cuda --window-size 32 --conv-template X).
 Each process logs to <logdir>/<name>.log; when one dies, the others are stopped and its log's
 tail is printed.
 """
@@ -61,7 +65,11 @@ class Child:
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Other flags are passed to fastchat_cllm.worker.")
-    p.add_argument("--model-path", default=loading.DEFAULT_MODEL)
+    p.add_argument("--model-path", action="append", dest="model_paths", metavar="PATH",
+                   help=f"model to serve (default {loading.DEFAULT_MODEL}); give it again to "
+                        "serve several side by side, one worker each")
+    p.add_argument("--with-cllm", action="store_true",
+                   help=f"also serve {loading.CLLM_MODEL}, the CLLM of the default model")
     p.add_argument("--web", action="store_true", help="also start the web UI")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--controller-port", type=int, default=21001)
@@ -72,7 +80,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="comma-separated keys the API server requires (Bearer token)")
     p.add_argument("--logdir", default=os.environ.get("LOGDIR") or
                    os.path.join(tempfile.gettempdir(), "fastchat-cllm-logs"))
-    return p.parse_known_args(argv)
+    args, worker_args = p.parse_known_args(argv)
+    args.model_paths = (args.model_paths or [loading.DEFAULT_MODEL]) + (
+        [loading.CLLM_MODEL] if args.with_cllm else [])
+    return args, worker_args
 
 
 class Stack:
@@ -86,7 +97,9 @@ class Stack:
         self.children: list[Child] = []
         host = args.host
         self.controller = f"http://{host}:{args.controller_port}"
-        self.worker = f"http://{host}:{args.worker_port}"
+        self.workers = [f"http://{host}:{args.worker_port + i}"
+                        for i in range(len(args.model_paths))]
+        self.worker = self.workers[0]
         self.api = f"http://{host}:{args.api_port}/v1"
         self.web = f"http://{host}:{args.web_port}"
 
@@ -123,9 +136,17 @@ class Stack:
     def models(self) -> list[str]:
         return requests.post(self.controller + "/list_models", timeout=5).json()["models"]
 
+    def workers_listed(self) -> bool:
+        """Whether the controller lists the models of every worker (each asked directly)."""
+        listed = set(self.models())
+        return all(set(requests.post(url + "/worker_get_status", timeout=5).json()["model_names"])
+                   <= listed for url in self.workers)
+
     def ports(self) -> dict[str, int]:
         a = self.args
         ports = {"--controller-port": a.controller_port, "--worker-port": a.worker_port,
+                 **{f"--worker-port + {i}": a.worker_port + i
+                    for i in range(1, len(a.model_paths))},
                  "--api-port": a.api_port}
         if a.web:
             ports["--web-port"] = a.web_port
@@ -141,6 +162,24 @@ class Stack:
             seen[port] = flag
             if not port_free(self.args.host, port):
                 raise StackError(f"port {port} ({flag}) on {self.args.host} is already in use")
+
+    def check_models(self) -> None:
+        """Stop before starting anything on a model path that cannot load (a missing or corrupt
+        adapter file, say) or two models that would be served under one name."""
+        names: dict[str, str] = {}
+        for path in self.args.model_paths:
+            try:
+                loading.resolve(path)
+            except (ValueError, FileNotFoundError) as e:
+                raise StackError(f"--model-path {path}: {e}") from None
+            name = loading.model_name(path)
+            if name in names:
+                raise StackError(f"--model-path {names[name]} and {path} would both be served "
+                                 f"as {name}")
+            names[name] = path
+        if len(names) > 1 and any(a.split("=")[0] == "--model-names" for a in self.worker_args):
+            raise StackError("--model-names names one model; with several --model-path each "
+                             "is served under its own name")
 
     def serving(self) -> list[str]:
         """The models the API server lists, once a one-token completion of each answers."""
@@ -160,18 +199,21 @@ class Stack:
 
     def up(self) -> None:
         a = self.args
+        self.check_models()
         self.check_ports()
         self.start("controller", "fastchat.serve.controller", "--host", a.host,
                    "--port", str(a.controller_port))
         self.wait("the controller", lambda: self.models() is not None)
-        self.start("worker", self.worker_module, "--model-path", a.model_path,
-                   "--host", a.host, "--port", str(a.worker_port), "--worker-address",
-                   self.worker, "--controller-address", self.controller, *self.worker_args)
+        for i, (path, url) in enumerate(zip(a.model_paths, self.workers)):
+            self.start("worker" if i == 0 else f"worker-{i + 1}", self.worker_module,
+                       "--model-path", path, "--host", a.host, "--port", str(a.worker_port + i),
+                       "--worker-address", url, "--controller-address", self.controller,
+                       *self.worker_args)
         keys = ("--api-keys", a.api_keys) if a.api_keys else ()
         self.start("api", "fastchat_cllm.openai_api_server", "--host", a.host,
                    "--port", str(a.api_port), "--controller-address", self.controller, *keys)
-        print("loading the model ...", flush=True)
-        self.wait("the worker", lambda: bool(self.models()))
+        print(f"loading {', '.join(a.model_paths)} ...", flush=True)
+        self.wait("the worker" if len(self.workers) == 1 else "the workers", self.workers_listed)
         self.wait("the API server", lambda: bool(self.serving()))
         if a.web:
             self.start("web", "fastchat_cllm.gradio_web_server", "--host", a.host,
@@ -185,9 +227,9 @@ class Stack:
     def banner(self) -> str:
         lines = [f"fastchat-cllm is serving {', '.join(self.models())}",
                  f"  OpenAI API : {self.api}   (try: curl {self.api}/models)",
-                 f"  controller : {self.controller}",
-                 f"  worker     : {self.worker}   (Jacobi totals: POST {self.worker}"
-                 f"/worker_get_status)"]
+                 f"  controller : {self.controller}"]
+        lines += [f"  worker     : {url}   (Jacobi totals: POST {url}/worker_get_status)"
+                  for url in self.workers]
         if self.args.web:
             lines.append(f"  web UI     : {self.web}")
         lines += [f"  logs       : {self.logdir}", "Ctrl-C stops everything."]

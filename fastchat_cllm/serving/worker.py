@@ -22,7 +22,6 @@ import time
 import uuid
 from contextlib import closing
 from functools import partial
-from pathlib import Path
 
 import requests
 import torch
@@ -251,18 +250,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"unknown --conv-template {args.conv_template!r}")
     try:
         loading.placement(args.device, args.num_gpus, args.max_gpu_memory)
-        loading.resolve(args.model_path)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         parser.error(str(e))
+    try:
+        loading.resolve(args.model_path)
+    except (ValueError, FileNotFoundError) as e:     # one line: it names the path or file
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA GPU is visible (use --device cpu)")
     args.worker_address = args.worker_address or f"http://{args.host}:{args.port}"
-    args.model_names = args.model_names or [default_name(args.model_path)]
-
-
-def default_name(model_path: str) -> str:
-    name = Path(os.path.normpath(model_path)).name
-    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+    args.model_names = args.model_names or [loading.model_name(args.model_path)]
 
 
 def controller_reachable(address: str) -> bool:

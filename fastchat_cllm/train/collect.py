@@ -4,9 +4,13 @@ python -m fastchat_cllm.train.collect --model P --prompts F.jsonl --block-size 1
     --max-new-tokens N --out T.jsonl [--augment A] [--max-repeat 10]
 
 Each prompt line holds {"id": ..., "prompt": "user message"} (or "prompt_ids": [token ids]);
-each output line is one trajectory (or {"id", "dropped"} for a degenerate output). The output is
-appended to and flushed after every prompt, and a rerun skips the ids already there, so an
-interrupted collection resumes where it stopped.
+each output line is one trajectory (or {"id", "dropped"} for a degenerate output), with the
+identity of the tokenizer that made it. The output is appended to and flushed after every
+prompt, and a rerun skips the ids already there, so an interrupted collection resumes where it
+stopped (a file made with another tokenizer is refused). Bad input (a prompt file that is empty,
+malformed or empty once tokenized, a missing model) stops it with one `error:` line and exit
+status 2 before anything is written; a run stopped by --max-minutes says how many prompts are
+left ("complete": false).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from ..chat_prompt import chat_prompt_ids
 from ..jsonl import jsonl_writer, numbered_jsonl
-from .trajectory import CollectConfig, collect_trajectory
+from .trajectory import CollectConfig, collect_trajectory, describe, tokenizer_identity
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -42,16 +46,26 @@ def _is_ids(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
 
 
-def done_ids(path: str | Path) -> set[str]:
-    """Ids already in a trajectory file (a torn last line from an interrupt is ignored)."""
+def done_ids(path: str | Path) -> dict[str, dict | None]:
+    """Ids already in a trajectory file, each with the tokenizer identity it records (None in
+    files from before identities were recorded); a torn last line from an interrupt is ignored."""
     if not Path(path).exists():
-        return set()
-    ids = set()
+        return {}
+    ids = {}
     for number, record in numbered_jsonl(path, torn_end=True):
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: not a trajectory record (no 'id')")
-        ids.add(record["id"])
+        ids[record["id"]] = record.get("tokenizer")
     return ids
+
+
+def check_same_tokenizer(path: str | Path, done: dict, identity: dict) -> None:
+    """ValueError when a trajectory already in `path` was made with another tokenizer."""
+    for record_id, theirs in done.items():
+        if theirs is not None and theirs != identity:
+            raise ValueError(f"{path} holds trajectories made with another tokenizer ("
+                             f"{describe(theirs)}, at id {record_id!r}) than this model's "
+                             f"({describe(identity)}): collect into a new file")
 
 
 def prompt_tokens(tokenizer, record: dict, chat: bool) -> list[int]:
@@ -62,32 +76,50 @@ def prompt_tokens(tokenizer, record: dict, chat: bool) -> list[int]:
     return tokenizer(record["prompt"])["input_ids"]
 
 
+def encode_prompts(tokenizer, prompts: list[dict], chat: bool, vocab_size: int,
+                   path: str | Path) -> dict[str, list[int]]:
+    """Prompt id -> token ids, all checked before anything is collected: ValueError names a
+    prompt that is empty once tokenized or holds a token id outside the model's vocabulary."""
+    encoded = {}
+    for record in prompts:
+        ids = prompt_tokens(tokenizer, record, chat)
+        if not ids:
+            raise ValueError(f"{path}: prompt {record['id']!r} is empty once tokenized")
+        if not all(0 <= t < vocab_size for t in ids):
+            raise ValueError(f"{path}: prompt {record['id']!r} holds a token id outside the "
+                             f"model's vocabulary (0..{vocab_size - 1})")
+        encoded[record["id"]] = ids
+    return encoded
+
+
 def eos_ids(tokenizer) -> tuple[int, ...]:
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
 
-def collect_file(model, tokenizer, prompts: list[dict], out: str | Path, config: CollectConfig,
-                 chat: bool = True, progress: bool = True, max_minutes: float = 0.0) -> dict:
-    """Append the trajectories of the prompts not yet in `out` (stopping after `max_minutes`
-    when > 0: a rerun continues); returns counts."""
+def collect_file(model, prompts: dict[str, list[int]], out: str | Path, config: CollectConfig,
+                 identity: dict | None = None, progress: bool = True,
+                 max_minutes: float = 0.0) -> dict:
+    """Append the trajectories of the prompts (id -> token ids) not yet in `out`, each line
+    marked with the tokenizer `identity` (stopping after `max_minutes` when > 0: a rerun
+    continues); returns counts ("complete": no prompt left)."""
     import time
 
     from tqdm import tqdm
 
     began = time.monotonic()
     done = done_ids(out)
-    todo = [p for p in prompts if p["id"] not in done]
+    todo = [key for key in prompts if key not in done]
     counts = {"skipped": len(prompts) - len(todo), "written": 0, "dropped": 0, "states": 0,
               "left": len(todo)}
     with jsonl_writer(out, append=True) as write:
-        for record in tqdm(todo, desc="collect", unit="prompt", disable=not progress):
-            ids = prompt_tokens(tokenizer, record, chat)
-            trajectory = collect_trajectory(model, record["id"], ids, config)
+        for key in tqdm(todo, desc="collect", unit="prompt", disable=not progress):
+            trajectory = collect_trajectory(model, key, prompts[key], config)
             if trajectory is None:
-                line = {"id": record["id"], "dropped": "repetition"}
+                line = {"id": key, "dropped": "repetition", "tokenizer": identity}
                 counts["dropped"] += 1
             else:
+                trajectory.tokenizer = identity
                 line = trajectory.as_dict()
                 counts["written"] += 1
                 counts["states"] += sum(len(b.states) + len(b.augmented) for b in trajectory.blocks)
@@ -95,7 +127,7 @@ def collect_file(model, tokenizer, prompts: list[dict], out: str | Path, config:
             counts["left"] -= 1
             if max_minutes and time.monotonic() - began > 60 * max_minutes:
                 break
-    return counts
+    return {**counts, "complete": counts["left"] == 0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,18 +164,30 @@ def main(argv=None) -> int:
 
     try:
         prompts = read_prompts(args.prompts)
-        done_ids(args.out)      # a bad trajectory file fails here, before the model loads
+        done = done_ids(args.out)   # a bad trajectory file fails here, before the model loads
         model, tokenizer = load(args.model, dtype=torch.float32, device=args.device)
+        identity = tokenizer_identity(tokenizer)
+        check_same_tokenizer(args.out, done, identity)
         config = CollectConfig(args.block_size, args.max_new_tokens, eos_ids(tokenizer),
                                args.augment, args.max_repeat, args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        encoded = encode_prompts(tokenizer, prompts, not args.no_chat_template,
+                                 model.get_input_embeddings().num_embeddings, args.prompts)
+    except (ValueError, OSError) as e:     # OSError: a hub id that cannot be fetched, too
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    counts = collect_file(model, tokenizer, prompts, args.out, config, not args.no_chat_template,
-                          max_minutes=args.max_minutes)
+    counts = collect_file(model, encoded, args.out, config, identity, max_minutes=args.max_minutes)
     print(json.dumps(counts))
+    if not counts["complete"]:
+        print(f"stopped with {counts['left']} prompts left (--max-minutes): {args.out} is "
+              "incomplete; rerun the same command to continue", file=sys.stderr)
     return 0
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message as one line (transformers' OSErrors run to several)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Full fine-tuning by default, LoRA with --lora-rank. DIR receives checkpoint.pt (
 same command resumes from it), loss_log.jsonl, and at the end the model: a merged Hugging Face
 folder (config, weights, tokenizer) that `fastchat_cllm.loading.load(DIR)` and the worker's
 --model-path take, or with --save-adapter a LoRA adapter folder.
+
+Bad input (a trajectory file that is missing, empty or malformed, or made with another tokenizer
+than --model's, a missing model) stops it with one `error:` line and exit status 2 before
+training; a run stopped by --max-minutes saves the model so far and says so ("complete": false).
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import sys
 from pathlib import Path
 
 from ..jsonl import numbered_jsonl
+from .collect import first_line
 from .trainer import LOSSES, SCHEDULES, TEACHERS, DistillConfig, total_steps, train
-from .trajectory import Trajectory
+from .trajectory import Trajectory, describe, tokenizer_identity
 
 
 def read_trajectories(path: str | Path) -> list[Trajectory]:
@@ -32,6 +37,22 @@ def read_trajectories(path: str | Path) -> list[Trajectory]:
     if not out:
         raise ValueError(f"trajectory file {path} holds no trajectories")
     return out
+
+
+def check_tokenizer(trajectories: list[Trajectory], tokenizer, vocab_size: int,
+                    path: str | Path) -> None:
+    """ValueError when a trajectory was made with another tokenizer than the model's: its
+    recorded identity differs, or (files without one) it holds a token id the model lacks."""
+    identity = tokenizer_identity(tokenizer)
+    for traj in trajectories:
+        if traj.tokenizer is not None and traj.tokenizer != identity:
+            raise ValueError(f"{path}: trajectory {traj.id!r} was made with another tokenizer "
+                             f"({describe(traj.tokenizer)}) than --model's "
+                             f"({describe(identity)})")
+        if traj.largest_id() >= vocab_size:
+            raise ValueError(f"{path}: trajectory {traj.id!r} holds token id "
+                             f"{traj.largest_id()}, outside --model's vocabulary "
+                             f"(0..{vocab_size - 1}): made with another tokenizer")
 
 
 def clear_quantizer(model) -> None:
@@ -51,6 +72,14 @@ def add_lora(model, rank: int, alpha: int):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+def name_base(model, base: str) -> None:
+    """Make the LoRA adapter (saved at the end and in snapshots) name `base` as its base model:
+    loading.base_name of --model, an alias or absolute path that resolves on any machine (peft
+    would record the GGUF's package folder)."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base
 
 
 def save_model(model, tokenizer, out_dir: str | Path, adapter: bool) -> None:
@@ -105,7 +134,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from ..loading import load
+    from ..loading import base_name, load
 
     try:
         config = config_from(args)
@@ -117,20 +146,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load(args.model, dtype=torch.float32, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_tokenizer(trajectories, tokenizer, model.get_input_embeddings().num_embeddings,
+                        args.trajectories)
+    except (ValueError, OSError) as e:     # OSError: a hub id that cannot be fetched, too
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     clear_quantizer(model)
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
+        name_base(model, base_name(args.model))
     done = train(model, trajectories, config, args.out)
     steps = total_steps(config, len(trajectories))
     save_model(model, tokenizer, args.out, args.save_adapter)
     if done < steps:
         print(f"stopped at step {done} of {steps} (time limit): saved the model so far; "
               "rerun the same command to continue")
-    print(json.dumps({"steps": done, "of": steps, "out": str(args.out)}))
+    print(json.dumps({"steps": done, "of": steps, "out": str(args.out),
+                      "complete": done >= steps}))
     return 0
 
 

@@ -7,6 +7,8 @@ has accepted plus the Step's window; its fixed point is the block once every tok
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -59,6 +61,7 @@ class Trajectory:
     output_ids: list[int]           # the greedy output (EOS included when hit)
     finish_reason: str
     blocks: list[Block]
+    tokenizer: dict | None = None   # tokenizer_identity of the tokenizer collect used
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +70,24 @@ class Trajectory:
     def from_dict(cls, record: dict) -> "Trajectory":
         blocks = [Block(**b) for b in record["blocks"]]
         return cls(record["id"], record["prompt_ids"], record["output_ids"],
-                   record["finish_reason"], blocks)
+                   record["finish_reason"], blocks, record.get("tokenizer"))
+
+    def largest_id(self) -> int:
+        """The largest token id anywhere in the trajectory."""
+        states = (t for b in self.blocks for s in b.states + b.augmented for t in s)
+        return max((*self.prompt_ids, *self.output_ids, *states), default=0)
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What tells two tokenizers apart: vocabulary size and a digest of the vocabulary and the
+    EOS token (written into each trajectory; distill refuses a mismatch)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    text = json.dumps([vocab, tokenizer.eos_token_id], ensure_ascii=False)
+    return {"vocab_size": len(vocab), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def describe(identity: dict) -> str:
+    return f"vocabulary {identity.get('vocab_size')}, digest {identity.get('digest')}"
 
 
 def longest_run(tokens: list[int]) -> int:

@@ -1,0 +1,235 @@
+"""Measure a CLLM beside its base model on held-out HumanEval prompts: speed and quality.
+
+python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm \
+    [--base smollm2-135m-instruct] [--count 20] [--max-new-tokens 256] [--window-size 16] \
+    [--out runs/evaluate-code]
+
+Per prompt and model: the greedy output (transformers generate: the AR baseline and the
+reference), Jacobi decoding with a sliding window of W (adaptive=False) and with the engine's
+adaptive default (windows up to W), Jacobi sampling (T 0.7, top-p 0.9, sliding window of W),
+teacher-forced agreement (one forward over the prompt and the base model's greedy output: how
+often this model's argmax is the base's token), and HumanEval pass@1 of the greedy reply
+(humaneval.py). Records are appended per prompt to OUT/<model>-<key>-n<N>-w<W>.jsonl (the key
+changes with the model's files), so a rerun resumes and the base model, the teacher, is measured
+once. OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
+--device cuda.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import loading
+from ..jsonl import jsonl_writer, read_jsonl
+from .collect import eos_ids, first_line
+from .trajectory import tokenizer_identity
+
+ROWS = (   # (summary key, label); percentages are of prompts unless said
+    ("tpf_sliding", "tokens per forward, sliding window of {w} (greedy)"),
+    ("tpf_adaptive", "tokens per forward, adaptive engine (default, windows up to {w})"),
+    ("tpf_sampled", "tokens per forward, sampling T 0.7 top-p 0.9 (sliding window of {w})"),
+    ("sampled_vs_greedy", "sampling / greedy tokens per forward (%)"),
+    ("agreement", "teacher-forced agreement with the base's greedy tokens (% of positions)"),
+    ("identical_to_teacher", "greedy output identical to the base's (%)"),
+    ("pass_at_1", "HumanEval pass@1, greedy (%)"),
+    ("lossless_sliding", "Jacobi output == own greedy, sliding window (%)"),
+    ("lossless_adaptive", "Jacobi output == own greedy, adaptive (%)"),
+    ("speedup_sliding", "wall-clock vs generate, sliding window (x)"),
+    ("speedup_adaptive", "wall-clock vs generate, adaptive (x)"),
+    ("mean_output_tokens", "mean greedy output (tokens)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_new_tokens: int = 256
+    window_size: int = 16
+    temperature: float = 0.7
+    top_p: float = 0.9
+    timeout: float = 10.0          # seconds per HumanEval check
+    seed: int = 0
+
+
+def model_key(path: str) -> str:
+    """A short digest of the model's name and its files' sizes and times (a retrained adapter
+    gets a new record file)."""
+    source = loading.resolve(path)
+    files = [source.folder / source.gguf_file] if source.gguf_file else (
+        sorted(f for f in source.folder.iterdir() if f.is_file()) if source.folder.is_dir() else [])
+    stamp = [loading.base_name(path), [(f.name, f.stat().st_size, int(f.stat().st_mtime))
+                                       for f in files]]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:8]
+
+
+def records_path(out: Path, path: str, settings: Settings) -> Path:
+    name = re.sub(r"[^\w.-]+", "_", loading.model_name(path))
+    size, window = settings.max_new_tokens, settings.window_size
+    return out / f"{name}-{model_key(path)}-n{size}-w{window}.jsonl"
+
+
+def teacher_forced(model, prompt: list[int], teacher: list[int]) -> int:
+    """Positions where the model's argmax, given the prompt and teacher[:i], is teacher[i]."""
+    import torch
+
+    if not teacher:
+        return 0
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + teacher], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1]          # [T, V]
+    return int((logits.argmax(-1).cpu() == torch.tensor(teacher)).sum())
+
+
+def measure(model, tokenizer, problem: dict, teacher: list[int] | None, s: Settings) -> dict:
+    """One prompt's record (teacher None: this model is the teacher)."""
+    from ..bench.methods import Target, decoder, timed
+    from ..chat_prompt import chat_prompt_ids
+    from ..core import JacobiConfig, jacobi_generate
+    from .humaneval import pass_at_1
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
+    eos = eos_ids(tokenizer)
+    greedy, greedy_s = timed(model, lambda: decoder("ar")(
+        model, Target(ids, s.max_new_tokens, eos, eos[0])).tokens)
+    adaptive = JacobiConfig(s.max_new_tokens, s.window_size, eos, seed=s.seed)
+    runs = {"sliding": adaptive.with_(adaptive=False), "adaptive": adaptive,
+            "sampled": adaptive.with_(adaptive=False, temperature=s.temperature, top_p=s.top_p)}
+    record = {"id": problem["id"], "prompt_tokens": len(ids), "greedy": greedy,
+              "greedy_seconds": greedy_s}
+    for name, config in runs.items():
+        out, seconds = timed(model, lambda: jacobi_generate(model, ids, config))
+        record[name] = {"tokens": len(out.tokens), "accepted": sum(out.stats.accepted_per_forward),
+                        "forwards": out.stats.forwards, "seconds": seconds,
+                        "lossless": out.tokens == greedy}
+    reference = greedy if teacher is None else teacher
+    record["agreement"] = [teacher_forced(model, ids, reference), len(reference)]
+    record["identical_to_teacher"] = greedy == reference
+    record["reply"] = tokenizer.decode(greedy, skip_special_tokens=True)
+    check = pass_at_1(record["reply"], problem, s.timeout)
+    record["passed"], record["check"] = check.passed, check.result
+    record["tokenizer"] = tokenizer_identity(tokenizer)
+    return record
+
+
+def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
+                   teacher: dict | None, device: str) -> list[dict]:
+    """This model's records for `problems`, measuring only those not yet in its record file
+    (teacher: problem id -> the base's record; None for the base itself)."""
+    import torch
+    from tqdm import tqdm
+
+    file = records_path(out, path, s)
+    done = {r["id"]: r for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
+    todo = [p for p in problems if p["id"] not in done]
+    if todo:
+        print(f"{path}: {len(todo)} prompts to measure ({file})", file=sys.stderr)
+        model, tokenizer = loading.load(path, dtype=torch.float32, device=device)
+        if teacher is not None:
+            theirs = next(iter(teacher.values()))["tokenizer"]
+            if theirs != tokenizer_identity(tokenizer):
+                raise ValueError(f"{path} has another tokenizer than the base model: "
+                                 "teacher-forced agreement needs one")
+        with jsonl_writer(file, append=True) as write:
+            for problem in tqdm(todo, desc=loading.model_name(path), unit="prompt"):
+                reference = None if teacher is None else teacher[problem["id"]]["greedy"]
+                done[problem["id"]] = measure(model, tokenizer, problem, reference, s)
+                write(done[problem["id"]])
+    return [done[p["id"]] for p in problems]
+
+
+def summarize(records: list[dict]) -> dict:
+    from ..core.stats import tokens_per_forward
+
+    def total(name: str, field: str) -> float:
+        return sum(r[name][field] for r in records)
+
+    def percent(count: float, of: float) -> float:
+        return 100.0 * count / of if of else 0.0
+
+    tpf = {name: tokens_per_forward(total(name, "accepted"), total(name, "forwards"))
+           for name in ("sliding", "adaptive", "sampled")}
+    greedy_tokens = sum(len(r["greedy"]) for r in records)
+    ar_rate = greedy_tokens / max(sum(r["greedy_seconds"] for r in records), 1e-9)
+    n = len(records)
+    return {
+        "prompts": n, **{f"tpf_{name}": value for name, value in tpf.items()},
+        "sampled_vs_greedy": percent(tpf["sampled"], tpf["sliding"]),
+        "agreement": percent(sum(r["agreement"][0] for r in records),
+                             sum(r["agreement"][1] for r in records)),
+        "identical_to_teacher": percent(sum(r["identical_to_teacher"] for r in records), n),
+        "pass_at_1": percent(sum(r["passed"] for r in records), n),
+        **{f"lossless_{name}": percent(sum(r[name]["lossless"] for r in records), n)
+           for name in ("sliding", "adaptive")},
+        **{f"speedup_{name}": total(name, "tokens") / max(total(name, "seconds"), 1e-9) / ar_rate
+           for name in ("sliding", "adaptive")},
+        "mean_output_tokens": greedy_tokens / n if n else 0.0,
+    }
+
+
+def table(base: dict, model: dict, names: tuple[str, str], s: Settings, where: str) -> str:
+    from ..bench.report import markdown_table
+
+    header = [f"held-out HumanEval, {base['prompts']} prompts, {s.max_new_tokens} new tokens "
+              f"({where})", f"base: {names[0]}", f"CLLM: {names[1]}"]
+    return markdown_table(header, [[label.format(w=s.window_size), base[key], model[key]]
+                                   for key, label in ROWS])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.evaluate_code",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the CLLM (path or alias)")
+    p.add_argument("--base", default=loading.DEFAULT_MODEL, help="the base model, the teacher")
+    p.add_argument("--count", type=int, default=20, help="first N HumanEval problems (0: all 164)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--window-size", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per pass@1 check")
+    p.add_argument("--out", type=Path, default=Path("runs/evaluate-code"))
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from ..bench.report import machine, machine_line
+    from .code_prompts import held_out_prompts
+
+    torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = Settings(args.max_new_tokens, args.window_size, timeout=args.timeout)
+    try:
+        if args.count < 0 or args.max_new_tokens < 1 or args.window_size < 1:
+            raise ValueError("--count must be >= 0, --max-new-tokens and --window-size >= 1")
+        problems = held_out_prompts()
+        problems = problems[: args.count] if args.count else problems
+        args.out.mkdir(parents=True, exist_ok=True)
+        base = evaluate_model(args.base, problems, args.out, s, None, device)
+        teacher = {r["id"]: r for r in base}
+        model = base if loading.base_name(args.model) == loading.base_name(args.base) else \
+            evaluate_model(args.model, problems, args.out, s, teacher, device)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    info = machine()
+    summary = {"base": summarize(base), "model": summarize(model)}
+    markdown = table(summary["base"], summary["model"], (args.base, args.model), s,
+                     f"{device}, fp32")
+    results = {"base": args.base, "model": args.model, "settings": asdict(s), "device": device,
+               "machine": info, "prompts": [p["id"] for p in problems], **summary}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(f"{markdown}\n\nmachine: {machine_line(info)}\n")
+    print(markdown)
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

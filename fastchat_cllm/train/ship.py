@@ -1,0 +1,68 @@
+"""Install a trained LoRA adapter as a packaged model: python -m fastchat_cllm.train.ship DIR
+
+Copies DIR's adapter_config.json and adapter_model.safetensors (what `distill --lora-rank R
+--save-adapter` writes) into fastchat_cllm/models/<alias>/ (default smollm2-135m-cllm), with the
+adapter's base model set to the alias of the default model, so it resolves offline on any machine
+(--dtype float16 halves a float32 adapter's size); then checks the files as the loader does.
+MADE.md, beside them, is filled in by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .. import loading
+
+
+def ship(adapter: Path, alias: str = loading.CLLM_MODEL, base: str = loading.DEFAULT_MODEL,
+         dtype: str | None = None) -> Path:
+    """Copy the adapter in `adapter` to PACKAGED/alias (replacing its files; the weights cast to
+    `dtype` when given); the folder."""
+    loading.check_adapter(adapter)
+    if not (adapter / loading.ADAPTER_WEIGHTS).exists():      # adapter_model.bin passed the check
+        raise loading.AdapterError(f"{adapter} holds adapter_model.bin: save it as safetensors")
+    target = loading.PACKAGED / alias
+    target.mkdir(parents=True, exist_ok=True)
+    config = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = base
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (target / loading.ADAPTER_CONFIG).write_text(text)
+    if dtype is None:
+        shutil.copyfile(adapter / loading.ADAPTER_WEIGHTS, target / loading.ADAPTER_WEIGHTS)
+    else:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(adapter / loading.ADAPTER_WEIGHTS)
+        save_file({name: t.to(getattr(torch, dtype)) for name, t in tensors.items()},
+                  target / loading.ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    loading.check_adapter(target)
+    return target
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.ship", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path, help="folder with adapter_config.json and "
+                                              "adapter_model.safetensors")
+    p.add_argument("--alias", default=loading.CLLM_MODEL)
+    p.add_argument("--base", default=loading.DEFAULT_MODEL, help="the adapter's base model")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="store the weights in this dtype (default: as saved)")
+    args = p.parse_args(argv)
+    try:
+        target = ship(args.adapter, args.alias, args.base, args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = (target / loading.ADAPTER_WEIGHTS).stat().st_size / 2**20
+    print(f"installed {args.adapter} as {args.alias} ({target}, {size:.1f} MiB); "
+          f"fill in {target / 'MADE.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

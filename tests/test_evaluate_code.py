@@ -1,0 +1,104 @@
+"""The code evaluation command on tiny models (2 held-out prompts, 16 tokens) and its HumanEval
+pass@1 harness on known answers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import save_adapter, tiny_folder
+from fastchat_cllm import loading
+from fastchat_cllm.train import evaluate_code
+from fastchat_cllm.train.code_prompts import held_out_prompts
+from fastchat_cllm.train.humaneval import build_program, extract_code, pass_at_1
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return {p["id"]: p for p in held_out_prompts()}
+
+
+RIGHT_ADD = "```python\ndef add(x: int, y: int):\n    return x + y\n```\nThis adds them."
+
+
+def test_pass_at_1_passes_a_right_answer_and_fails_wrong_ones(problems):
+    add = problems["HumanEval/53"]                    # add(x, y)
+    assert pass_at_1(RIGHT_ADD, add).passed
+    assert pass_at_1("    return x + y\n", add).passed                      # a completion
+    assert pass_at_1("```python\n    return x + y\n", add).passed           # a fence cut short
+    wrong = pass_at_1("```python\ndef add(x, y):\n    return x - y\n```", add)
+    assert not wrong.passed and wrong.result == "failed: AssertionError"
+    assert not pass_at_1("return x + y", add).passed                      # not indented
+    hang = pass_at_1("```python\ndef add(x, y):\n    while True:\n        pass\n```", add,
+                     timeout=1)
+    assert hang.result == "timed out"
+    online = pass_at_1("```python\nimport socket\ndef add(x, y):\n"
+                       "    socket.create_connection(('1.1.1.1', 80))\n    return x + y\n```", add)
+    assert not online.passed and "network access is disabled" in online.result
+
+
+def test_the_stub_gives_helpers_and_imports_to_a_full_answer(problems):
+    """HumanEval/38: decode_cyclic's stub defines encode_cyclic, which a reply may call."""
+    decode = problems["HumanEval/38"]
+    reply = ("```python\ndef decode_cyclic(s: str):\n"
+             "    return encode_cyclic(encode_cyclic(s))\n```")
+    code = extract_code(reply)
+    assert build_program(decode["stub"], code, "decode_cyclic").startswith(decode["stub"])
+    assert pass_at_1(reply, decode).passed
+    first = ("```python\nprint('example')\n```\n```python\nfrom typing import List\n"
+             "def f(x):\n    return x\n```")
+    assert extract_code(first).startswith("from typing import List")
+    assert extract_code("plain text") == "plain text"
+
+
+def run_evaluation(model, base, out, capsys) -> dict:
+    assert evaluate_code.main(["--model", str(model), "--base", str(base), "--count", "2",
+                               "--max-new-tokens", "16", "--out", str(out), "--threads", "1",
+                               "--device", "cpu"]) == 0
+    assert "| tokens per forward, sliding window of 16 (greedy) |" in capsys.readouterr().out
+    return json.loads((out / "results.json").read_text())
+
+
+def test_base_against_itself_then_a_cllm_against_the_cached_base(tmp_path, capsys, monkeypatch):
+    base = tiny_folder(tmp_path / "base")
+    out = tmp_path / "eval"
+    itself = run_evaluation(base, base, out, capsys)
+    summary = itself["base"]
+    assert itself["prompts"] == ["HumanEval/0", "HumanEval/1"] and summary["prompts"] == 2
+    assert summary["agreement"] == 100.0 and summary["identical_to_teacher"] == 100.0
+    assert summary["lossless_sliding"] == 100.0 and summary["lossless_adaptive"] == 100.0
+    assert summary["mean_output_tokens"] == 16.0 and summary["pass_at_1"] == 0.0
+    assert summary["tpf_sliding"] >= 1.0 and summary["tpf_sampled"] > 0
+    assert itself["model"] == summary
+    records = [json.loads(line) for line in next(out.glob("base-*.jsonl")).read_text().splitlines()]
+    assert [r["id"] for r in records] == itself["prompts"]
+    assert all(r["agreement"] == [16, 16] and len(r["greedy"]) == 16 for r in records)
+
+    loaded = []
+    real_load = loading.load
+    monkeypatch.setattr(loading, "load", lambda path, **kw: loaded.append(path) or
+                        real_load(path, **kw))
+    cllm = save_adapter(tmp_path / "cllm", str(base), seed=3)
+    versus = run_evaluation(cllm, base, out, capsys)
+    assert loaded == [str(cllm)]                      # the base's records came from its file
+    assert versus["base"] == summary
+    other = versus["model"]
+    assert 0 <= other["agreement"] < 100.0 and other["lossless_sliding"] == 100.0
+    cllm_records = next(out.glob("cllm-*.jsonl")).read_text().splitlines()
+    assert len(cllm_records) == 2
+    assert "teacher-forced agreement" in (out / "results.md").read_text()
+
+
+def test_another_tokenizer_than_the_base_is_refused(tmp_path, capsys):
+    from harness import char_tokenizer, tiny_model
+
+    base = tiny_folder(tmp_path / "base")
+    other = tmp_path / "other"
+    tiny_model("llama").save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    argv = ["--model", str(other), "--base", str(base), "--count", "1", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "eval"), "--threads", "1", "--device", "cpu"]
+    assert evaluate_code.main(argv) == 2
+    assert "has another tokenizer than the base model" in capsys.readouterr().err
