@@ -155,7 +155,6 @@ def _trim_log(path: Path, step: int) -> None:
 
 def base_logits(model, packed) -> torch.Tensor:
     """The frozen base model's logits [clean_len, V] on the clean part (the LoRA adapter off)."""
-
     from .packing import Packed
 
     clean = packed.clean_len
