@@ -102,3 +102,26 @@ def test_another_tokenizer_than_the_base_is_refused(tmp_path, capsys):
             "--out", str(tmp_path / "eval"), "--threads", "1", "--device", "cpu"]
     assert evaluate_code.main(argv) == 2
     assert "has another tokenizer than the base model" in capsys.readouterr().err
+
+
+def test_tradeoff_table_over_snapshots(tmp_path, capsys):
+    """The snapshot table: the base row agrees with itself fully; a snapshot equal to the base
+    (a zero LoRA) too; a random adapter does not; rows come in step order."""
+    from fastchat_cllm.train import tradeoff
+
+    base = tiny_folder(tmp_path / "base")
+    snapshots = tmp_path / "snapshots"
+    save_adapter(snapshots / "step-20", str(base), seed=3)
+    save_adapter(snapshots / "step-5", str(base), seed=4)
+    out = tmp_path / "tradeoff"
+    assert tradeoff.main(["--snapshots", str(snapshots), "--base", str(base), "--count", "2",
+                          "--max-new-tokens", "12", "--window-size", "4", "--out", str(out),
+                          "--threads", "1"]) == 0
+    rows = json.loads((out / "tradeoff.json").read_text())
+    assert [r["model"] for r in rows] == [f"base ({base})", "step 5", "step 20"]
+    assert rows[0]["agreement"] == 100.0 and rows[0]["identical_to_teacher"] == 100.0
+    assert all(r["tpf_sliding"] >= 1.0 for r in rows)
+    assert any(r["agreement"] < 100.0 for r in rows[1:])
+    assert "| step 20 |" in (out / "tradeoff.md").read_text()
+    assert tradeoff.main(["--snapshots", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error:")

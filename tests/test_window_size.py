@@ -97,6 +97,24 @@ def test_allocate_gives_windows_where_they_pay():
     assert allocate([plain, cllm], [8, 1], 0, cost)[0] == 8            # a due probe is kept
 
 
+def test_batch_probes_are_one_guess_and_back_off():
+    """In a batch a plain request probes with one guess (2 positions), and a probe whose guess
+    fails doubles the wait before the next, as probes alone do."""
+    from fastchat_cllm.core.window_size import BATCH_PROBE
+
+    sizer = WindowSizer(1, 16, adaptive=True, cost=None, device_type="cpu")
+    lows = []
+    for _ in range(PROBE_MIN * 7):
+        low, high = sizer.batch_bounds(1000)
+        assert high == 16
+        lows.append(low)
+        sizer.observe(low, 1)                   # a batched forward: no seconds; guess wrong
+    probes = [i for i, low in enumerate(lows) if low > 1]
+    assert all(lows[i] == BATCH_PROBE for i in probes)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == [2 * PROBE_MIN, 4 * PROBE_MIN], gaps
+
+
 def test_a_batch_of_a_predictable_model_runs_wide_windows(one_thread):
     """A model whose argmax never changes (output head zeroed: token 0 forever) has every guess
     right: in a batch the engine gives each request windows as wide as it may."""

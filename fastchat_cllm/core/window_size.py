@@ -28,6 +28,7 @@ PRIOR_SLOPE = {"cpu": 0.05}
 GPU_SLOPE = 0.005
 PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
+BATCH_PROBE = 2     # in a batch a probe is one guess: each position there is priced, not free
 
 
 class ForwardCost:
@@ -107,17 +108,17 @@ class WindowSizer:
 
     def batch_bounds(self, cap: int) -> tuple[int, int]:
         """(smallest, largest) window the engine may give this request in a batch, at most `cap`.
-        A due probe raises the smallest to the probe size, so acceptance is still learnt where
-        the batch's pricing gives window 1."""
+        A due probe raises the smallest to BATCH_PROBE (one guess), so acceptance is still learnt
+        where the batch's pricing gives window 1; probes that do not pay back off as alone."""
         high = max(1, min(self.high, cap))
         if not self.adaptive:
             return high, high
         low = min(self.low, high)
         self.since_probe += 1
-        self.probing = low < min(high, PROBE_SIZE) and self.since_probe >= self.probe_every
+        self.probing = low < min(high, BATCH_PROBE) and self.since_probe >= self.probe_every
         if self.probing:
             self.since_probe = 0
-            low = min(high, PROBE_SIZE)
+            low = min(high, BATCH_PROBE)
         if self.outgrown:       # positions past a window that was all right are still unseen
             low = max(low, min(high, self.outgrown + 1))
         return low, high
@@ -151,6 +152,8 @@ class WindowSizer:
             self.trials[i] = self.trials[i] * DECAY + 1.0
             self.hits[i] = self.hits[i] * DECAY + (1.0 if accepted > i else 0.0)
         if self.probing:   # judged once: a fixed block runs its probe over several forwards
-            paid = accepted / self.cost(window) > 1.0 / self.cost(1)
+            # alone: by its own price; in a batch (no seconds of its own): did the guess hold
+            paid = (accepted / self.cost(window) > 1.0 / self.cost(1) if seconds is not None
+                    else accepted >= 2)
             self.probe_every = PROBE_MIN if paid else min(2 * self.probe_every, PROBE_MAX)
             self.probing = False
