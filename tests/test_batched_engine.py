@@ -201,17 +201,18 @@ def test_a_fault_in_one_requests_verification_fails_it_alone(arch, model):
 
 
 def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, model):
-    """A token id past the embedding makes the whole forward raise: both requests in it fail;
-    the one waiting for a slot, and one added later, are served exactly."""
+    """A token id past the embedding makes its prompt chunk's forward raise: that request fails
+    (prompt chunks run alone, so the prompt beside it is untouched); the one waiting for a slot,
+    and one added later, are served exactly."""
     config = JacobiConfig(max_new_tokens=20, window_size=4, adaptive=False)
     good, waiting, later = prompt(6, 81), prompt(11, 82), prompt(7, 83)
     engine = Engine(model, slots=2, max_len=64, chunk=32)
     order, steps, _ = drain(engine, {0: [(good, config), ([5, 10 ** 6, 7], config),
                                          (waiting, config)], 3: [(later, config)]})
-    for request_id in order[:2]:
-        assert [type(s) for s in steps[request_id]] == [Failure]
-        assert isinstance(steps[request_id][0].error, IndexError)
-    for request_id, prompt_ids in zip(order[2:], (waiting, later)):
+    bad = order[1]
+    assert [type(s) for s in steps[bad]] == [Failure]
+    assert isinstance(steps[bad][0].error, IndexError)
+    for request_id, prompt_ids in zip([order[0], *order[2:]], (good, waiting, later)):
         assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 20, dtype=F64)
     assert not engine.has_work and engine.cache.lengths == [0, 0]
 

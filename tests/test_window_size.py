@@ -36,15 +36,12 @@ def test_a_probe_over_a_fixed_block_backs_off_once():
 
 # --- windows for a batch: one price for the whole forward (issue 13) ---------------------------
 
-import itertools
-import random
-
 import torch
 
 from harness import tiny_model
 from fastchat_cllm import JacobiConfig
 from fastchat_cllm.core.engine import Engine
-from fastchat_cllm.core.window_size import ForwardCost, allocate
+from fastchat_cllm.core.window_size import ForwardCost, choose_width
 
 
 def curve(qs: list[float]) -> list[float]:
@@ -57,62 +54,21 @@ def curve(qs: list[float]) -> list[float]:
     return out
 
 
-def rate(curves, sizes, fixed, cost) -> float:
-    return sum(c[n - 1] for c, n in zip(curves, sizes)) / cost(fixed + sum(sizes))
-
-
-def envelope(cost, start: int):
-    """The price allocate uses: measured costs made non-decreasing from `start` positions on."""
-    return lambda total: max(cost(t) for t in range(start, total + 1))
-
-
-def test_allocate_finds_the_best_split_of_every_forward():
-    """Against brute force over every combination of windows, for random acceptance curves,
-    lower bounds and measured-looking costs (with the CPU's step at 2 positions)."""
-    rng = random.Random(0)
-    for trial in range(200):
-        rows = rng.randint(1, 3)
-        curves = [curve([rng.random() ** rng.choice((0.3, 1, 3)) for _ in range(rng.randint(0, 5))])
-                  for _ in range(rows)]
-        lows = [rng.randint(1, len(c)) for c in curves]
-        fixed = rng.choice((0, 0, 7))
-        cost = ForwardCost("cpu", slope=rng.choice((0.005, 0.05, 0.3)))
-        for n in rng.sample(range(1, 20), 3):
-            cost.observe(n, cost.prior(n) * rng.uniform(0.9, 1.1))
-        got = allocate(curves, lows, fixed, cost)
-        assert all(low <= n <= len(c) for low, n, c in zip(lows, got, curves))
-        price = envelope(cost, fixed + sum(lows))
-        best = max(rate(curves, sizes, fixed, price) for sizes in itertools.product(
-            *[range(low, len(c) + 1) for low, c in zip(lows, curves)]))
-        assert rate(curves, got, fixed, price) == pytest.approx(best, rel=1e-12), trial
-
-
-def test_allocate_gives_windows_where_they_pay():
+def test_choose_width_prices_the_padded_forward():
+    """Every row is padded to the width: the width is chosen for the whole batch, by its
+    expected tokens over the price of rows x width (the CPU's prior: a step at 2 positions)."""
     cost = ForwardCost("cpu")
     plain, cllm = curve([0.05] * 15), curve([0.95] * 15)
-    assert allocate([plain] * 4, [1] * 4, 0, cost) == [1, 1, 1, 1]     # nothing to gain
-    assert min(allocate([cllm] * 4, [1] * 4, 0, cost)) >= 14            # cheap positions pay
-    sizes = allocate([plain, cllm], [1, 1], 0, cost)
-    assert sizes[0] == 1 and sizes[1] > 8
-    assert allocate([plain, cllm], [8, 1], 0, cost)[0] == 8            # a due probe is kept
-
-
-def test_batch_probes_are_one_guess_and_back_off():
-    """In a batch a plain request probes with one guess (2 positions), and a probe whose guess
-    fails doubles the wait before the next, as probes alone do."""
-    from fastchat_cllm.core.window_size import BATCH_PROBE
-
-    sizer = WindowSizer(1, 16, adaptive=True, cost=None, device_type="cpu")
-    lows = []
-    for _ in range(PROBE_MIN * 7):
-        low, high = sizer.batch_bounds(1000)
-        assert high == 16
-        lows.append(low)
-        sizer.observe(low, 1)                   # a batched forward: no seconds; guess wrong
-    probes = [i for i, low in enumerate(lows) if low > 1]
-    assert all(lows[i] == BATCH_PROBE for i in probes)
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps == [2 * PROBE_MIN, 4 * PROBE_MIN], gaps
+    assert choose_width([plain] * 8, [1] * 8, 0, 8, cost) == 1          # nothing to gain
+    assert choose_width([cllm] * 8, [1] * 8, 0, 8, cost) >= 8           # guesses that hold pay
+    assert choose_width([plain, plain], [1, 3], 0, 2, cost) == 3        # a row's smallest holds
+    # a fixed-size row already makes the forward 4 wide: plain rows take the width for free
+    assert choose_width([plain] * 3, [1] * 3, 4, 4, cost) == 1
+    # measured prices rule: when a wider forward costs no more, the width grows
+    flat = ForwardCost("cpu")
+    for positions in range(1, 200):
+        flat.observe(positions, 1.0)
+    assert choose_width([curve([0.3] * 15)] * 4, [1] * 4, 0, 4, flat) == 16
 
 
 def test_a_batch_of_a_predictable_model_runs_wide_windows(one_thread):

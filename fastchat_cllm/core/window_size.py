@@ -11,11 +11,11 @@ predictable is noticed at a bounded cost.
 c(n) is measured as the engine runs (a moving average per size, `ForwardCost`); sizes not yet run
 are priced from the nearest measured size through a prior shape.
 
-In a batch the cost driver is the forward's total positions, not one request's window: the
-engine prices whole forwards with one `ForwardCost` keyed by total positions, and `allocate`
-hands out the windows that maximise the batch's expected tokens per second, each request's
-E[k | n] coming from its own sizer (`expected_tokens`). A request whose guesses are seldom right
-gets window 1 there too: it does not pay for positions it cannot use. On CPU that shape has a step: BLAS runs a
+In a batch the cost driver is the whole forward, whose rows the runner pads to the longest: the
+engine prices forwards of windows with one `ForwardCost` keyed by padded positions (rows x
+width), and `choose_width` picks the width that maximises the batch's expected tokens per
+second, each request's E[k | n] coming from its own sizer (`expected_tokens`). A batch whose
+guesses are seldom right runs width 1: it does not pay for positions it cannot use. On CPU that shape has a step: BLAS runs a
 1-token forward as matrix-vector products and any n >= 2 as matrix-matrix products, which on the
 2-core machines here cost ~1.5x for n = 2 and ~2.3x for n = 16 (SmolLM2-135M, fp32).
 """
@@ -28,7 +28,6 @@ PRIOR_SLOPE = {"cpu": 0.05}
 GPU_SLOPE = 0.005
 PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
-BATCH_PROBE = 2     # in a batch a probe is one guess: each position there is priced, not free
 
 
 class ForwardCost:
@@ -56,30 +55,23 @@ class ForwardCost:
         self.seconds[n] = seconds if old is None else old + COST_EMA * (seconds - old)
 
 
-def allocate(curves: list[list[float]], lows: list[int], fixed: int, cost) -> list[int]:
-    """Window sizes for the rows of one forward that maximise expected final tokens per second.
+def choose_width(curves: list[list[float]], lows: list[int], fixed: int, rows: int,
+                 cost) -> int:
+    """The width of a padded forward of windows with the best expected final tokens per second.
 
-    curves[r][n - 1]: E[k | n] of row r for n = 1 .. its largest window; lows[r]: its smallest
-    window; fixed: the forward's other positions (prompt chunks, windows not ours to size);
-    cost(total positions) -> seconds. E[k | n] grows ever more slowly with n, so adding one
-    position at a time where it gains most gives the best split of every total; the best total
-    is then the best rate along that path."""
-    sizes = [max(1, min(low, len(curve))) for curve, low in zip(curves, lows)]
-    total = fixed + sum(sizes)
-    gain = sum(curve[n - 1] for curve, n in zip(curves, sizes))
-    price = cost(total)     # never falling along the path: noise must not make a position free
-    best_rate, best = gain / price, list(sizes)
-    while True:
-        growable = [r for r, curve in enumerate(curves) if sizes[r] < len(curve)]
-        if not growable:
-            return best
-        r = max(growable, key=lambda i: curves[i][sizes[i]] - curves[i][sizes[i] - 1])
-        gain += curves[r][sizes[r]] - curves[r][sizes[r] - 1]
-        sizes[r] += 1
-        total += 1
-        price = max(price, cost(total))
-        if gain / price > best_rate:
-            best_rate, best = gain / price, list(sizes)
+    curves[r][n - 1]: E[k | n] of adaptive row r for n = 1 .. its largest window; lows[r]: its
+    smallest window; fixed: the widest window of the forward's other rows (0: none); rows: all
+    its rows; cost(positions) -> seconds. Every row is padded to the width, so an adaptive row
+    runs min(width, its largest) at no extra cost."""
+    top = max(len(curve) for curve in curves)
+    start = min(top, max([1, *lows]))
+    best, best_rate = start, -1.0
+    for width in range(start, max(top, start) + 1):
+        gain = sum(curve[min(max(width, fixed), len(curve)) - 1] for curve in curves)
+        rate = gain / cost(rows * max(width, fixed))
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best
 
 
 class WindowSizer:
@@ -108,18 +100,14 @@ class WindowSizer:
 
     def batch_bounds(self, cap: int) -> tuple[int, int]:
         """(smallest, largest) window the engine may give this request in a batch, at most `cap`.
-        A due probe raises the smallest to BATCH_PROBE (one guess), so acceptance is still learnt
-        where the batch's pricing gives window 1; probes that do not pay back off as alone."""
+        There are no probes in a batch (a probe would widen every row): acceptance is learnt
+        whenever the batch's width is >= 2, and a window >= 2 that was all right raises the
+        smallest to one more (its further positions are unseen)."""
         high = max(1, min(self.high, cap))
         if not self.adaptive:
             return high, high
         low = min(self.low, high)
-        self.since_probe += 1
-        self.probing = low < min(high, BATCH_PROBE) and self.since_probe >= self.probe_every
-        if self.probing:
-            self.since_probe = 0
-            low = min(high, BATCH_PROBE)
-        if self.outgrown:       # positions past a window that was all right are still unseen
+        if self.outgrown:
             low = max(low, min(high, self.outgrown + 1))
         return low, high
 
@@ -152,8 +140,6 @@ class WindowSizer:
             self.trials[i] = self.trials[i] * DECAY + 1.0
             self.hits[i] = self.hits[i] * DECAY + (1.0 if accepted > i else 0.0)
         if self.probing:   # judged once: a fixed block runs its probe over several forwards
-            # alone: by its own price; in a batch (no seconds of its own): did the guess hold
-            paid = (accepted / self.cost(window) > 1.0 / self.cost(1) if seconds is not None
-                    else accepted >= 2)
+            paid = accepted / self.cost(window) > 1.0 / self.cost(1)
             self.probe_every = PROBE_MIN if paid else min(2 * self.probe_every, PROBE_MAX)
             self.probing = False

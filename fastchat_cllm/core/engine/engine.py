@@ -1,4 +1,5 @@
-"""The batched Jacobi engine: requests come and go; each step is one forward over all of them.
+"""The batched Jacobi engine: requests come and go; each step is one forward over all of their
+windows (and one per prompt chunk being prefilled).
 
     engine = Engine(model, slots=4, max_len=1024)
     a = engine.add(prompt_ids, JacobiConfig(max_new_tokens=64))
@@ -25,8 +26,8 @@ from ..config import JacobiConfig
 from ..stats import tokens_per_forward
 from ..step import Step
 from .request import Request
-from .runner import Row, Runner
 from ..window_size import ForwardCost
+from .runner import Row, Runner
 from .scheduler import Scheduler
 from .slot_cache import SlotCache
 
@@ -56,7 +57,7 @@ class Engine:
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache)
-        self.cost = ForwardCost(torch.device(model.device).type)   # seconds by total positions
+        self.cost = ForwardCost(torch.device(model.device).type)   # seconds by padded positions
         self.scheduler = Scheduler(self.cache, chunk, self.cost)
         self.ids = itertools.count()
         self.totals = BatchTotals()
@@ -75,24 +76,32 @@ class Engine:
         return request.id
 
     def step(self) -> list[tuple[int, Step | Failure]]:
-        """One forward over every scheduled request; by request id, the Steps it made and the
-        Failures of requests it stopped."""
-        batch = self.scheduler.schedule()       # a request whose window fails is failed there
-        results = self.run(batch) if batch else []
+        """One engine step: a forward for each scheduled prompt chunk (alone: the runner pads a
+        forward's rows to its longest, so a chunk beside 1-token windows would multiply every
+        row by the chunk's length), then one forward over every decoding request's window; by
+        request id, the Steps they made and the Failures of requests they stopped."""
+        chunks, windows = self.scheduler.schedule()     # a request whose window fails is failed
+        results = []
+        for pair in chunks:
+            results += self.run([pair])
+        if windows:
+            results += self.run(windows, priced=True)
         results += [(r.id, Failure(r.error)) for r in self.scheduler.running.values() if r.error]
         self.scheduler.release_finished()
         return results
 
-    def run(self, batch: list[tuple[Request, Row]]) -> list[tuple[int, Step]]:
+    def run(self, batch: list[tuple[Request, Row]], priced: bool = False) -> list[tuple[int, Step]]:
         """The forward over `batch` and the Steps its requests made of it; when the forward
-        raises, every request in it fails."""
+        raises, every request in it fails. A forward of windows (`priced`) is measured for the
+        scheduler's window sizing, by its padded positions (rows x the longest window)."""
         try:
             out = self.runner.run([row for _, row in batch])
         except Exception as error:
             for request, _ in batch:
                 request.fail(error)
             return []
-        self.cost.observe(sum(len(row.tokens) for _, row in batch), out.seconds)
+        if priced:
+            self.cost.observe(len(batch) * max(len(row.tokens) for _, row in batch), out.seconds)
         alone = out.seconds if len(batch) == 1 else None    # a shared forward is priced above
         made = [(request.id, self.advance(request, row, logits, alone))
                 for (request, row), logits in zip(batch, out.logits)]

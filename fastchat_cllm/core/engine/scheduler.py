@@ -5,15 +5,17 @@ every forward; prompts are prefilled in chunks, `chunk` prompt tokens per forwar
 (earliest first), so a long prompt delays the others by at most one chunk per forward. A request
 whose window cannot be made is failed here and runs in no forward.
 
-A request alone in its forward sizes its own window; when rows share a forward, the windows of
-the adaptive ones are split by `allocate` against the price of the whole forward (`cost`: its
-seconds by total positions, measured by the engine).
+A request alone in its forward sizes its own window. When several share the forward of windows,
+the runner pads every row to the longest, so the forward costs rows x width and any row may use
+the whole width at no extra cost: `choose_width` picks the width with the best expected tokens
+per second over all the rows (`cost`: seconds by padded positions, measured by the engine), and
+each adaptive row runs min(width, its own largest window).
 """
 from __future__ import annotations
 
 from collections import deque
 
-from ..window_size import ForwardCost, allocate
+from ..window_size import ForwardCost, choose_width
 from .request import Request
 from .runner import Row
 from .slot_cache import SlotCache
@@ -43,32 +45,33 @@ class Scheduler:
             self.cache.clear(request.slot)
             self.running[request.slot] = request
 
-    def schedule(self) -> list[tuple[Request, Row]]:
-        """The rows of the next forward, in slot order."""
+    def schedule(self) -> tuple[list[tuple[Request, Row]], list[tuple[Request, Row]]]:
+        """(the prompt chunks of this step, the windows of its decoding requests in slot order)."""
         self.admit()
-        batch, budget, sized = [], self.chunk, []
+        chunks, windows, budget, sized = [], [], self.chunk, []
         for slot in sorted(self.running):
             request = self.running[slot]
             if request.prefilling:
                 if budget:
                     row = request.prefill_row(budget)
                     budget -= len(row.tokens)
-                    batch.append((request, row))
+                    chunks.append((request, row))
             elif request.sized_by_batch:
                 sized.append(request)
             else:
-                self.add_window(batch, request)
-        if len(sized) == 1 and not batch:
-            self.add_window(batch, sized[0])                    # alone: it sizes its own window
+                self.add_window(windows, request)
+        if len(sized) == 1 and not windows:
+            self.add_window(windows, sized[0])                  # alone: it sizes its own window
         elif sized:
             bounds = [r.sizer.batch_bounds(r.tokens_left) for r in sized]
             curves = [r.sizer.expected_tokens(high) for r, (_, high) in zip(sized, bounds)]
-            fixed = sum(len(row.tokens) for _, row in batch)
-            sizes = allocate(curves, [low for low, _ in bounds], fixed, self.cost)
-            for request, size in zip(sized, sizes):
-                self.add_window(batch, request, size)
-        batch.sort(key=lambda pair: pair[0].slot)
-        return batch
+            fixed = max((len(row.tokens) for _, row in windows), default=0)
+            width = choose_width(curves, [low for low, _ in bounds], fixed,
+                                 len(sized) + len(windows), self.cost)
+            for request, curve in zip(sized, curves):
+                self.add_window(windows, request, min(width, len(curve)))
+        windows.sort(key=lambda pair: pair[0].slot)
+        return chunks, windows
 
     @staticmethod
     def add_window(batch: list, request: Request, size: int | None = None) -> None:

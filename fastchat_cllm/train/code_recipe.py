@@ -1,0 +1,84 @@
+"""Make a code CLLM of the default SmolLM2 end to end, the recipe of the shipped adapter.
+
+python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-minutes 42]
+    [--distill-minutes 50] [--threads 1]
+
+1. training prompts: every documented standard-library function as a HumanEval-style stub
+   (code_prompts.py; HumanEval itself is held out),
+2. Jacobi trajectories of the base model (`train.collect`: fixed blocks of 16 from random
+   guesses, 128 new tokens, one augmented copy per state),
+3. LoRA distillation with the frozen base as the teacher (`train.distill --teacher base`: rank 32,
+   lr 2e-4 constant, AR weight 2, 3 states per block), an adapter snapshot every 75 steps,
+4. the speed/quality trade-off over the snapshots (`train.tradeoff`, 8 held-out prompts),
+5. nothing is shipped by itself: pick the snapshot that keeps quality from WORK/tradeoff.md and
+   `python -m fastchat_cllm.train.ship WORK/distill/snapshots/step-N`, then measure it with
+   `python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm`.
+Every stage resumes (collect skips prompts done, distill continues from its checkpoint, the
+evaluations reuse their records), so rerunning the command after an interruption continues. The
+time limits bound each stage: on the project's 2-core CPU the defaults take about 2 h 15 min.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(module: str, *args) -> None:
+    command = [sys.executable, "-m", module, *map(str, args)]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.code_recipe",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/code-cllm"))
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--prompts", type=int, default=0, help="training prompts (0: all)")
+    p.add_argument("--collect-minutes", type=float, default=42.0)
+    p.add_argument("--distill-minutes", type=float, default=50.0)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--snapshot-every", type=int, default=75)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1 holds up best on a shared CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ..jsonl import write_jsonl
+    from .code_prompts import training_prompts
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = work / "train.jsonl"
+    if not prompts.exists():
+        write_jsonl(training_prompts(args.prompts, args.seed), prompts)
+    model = ["--model", args.model] if args.model else []
+    run("fastchat_cllm.train.collect", *model, "--prompts", prompts,
+        "--out", work / "trajectories.jsonl", "--block-size", 16, "--max-new-tokens", 128,
+        "--augment", 1, "--max-minutes", args.collect_minutes, "--threads", args.threads,
+        "--seed", args.seed)
+    distilled = work / "distill"
+    if not (distilled / "adapter_config.json").exists():
+        run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
+            "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,
+            "--schedule", "constant", "--teacher", "base", "--ar-weight", 2,
+            "--label-smoothing", 0, "--states-per-block", 3, "--steps", args.steps,
+            "--save-every", 20, "--snapshot-every", args.snapshot_every,
+            "--max-minutes", args.distill_minutes, "--save-adapter", "--threads", args.threads,
+            "--seed", args.seed)
+    base = ["--base", args.model] if args.model else []
+    run("fastchat_cllm.train.tradeoff", "--snapshots", distilled / "snapshots", *base,
+        "--out", work / "tradeoff", "--threads", args.threads)
+    print(f"pick a snapshot from {work / 'tradeoff' / 'tradeoff.md'}, then: python -m "
+          f"fastchat_cllm.train.ship {distilled / 'snapshots'}/step-N")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
