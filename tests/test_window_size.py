@@ -14,6 +14,7 @@ def test_a_probe_over_a_fixed_block_backs_off_once():
     for _ in range(30):                       # no guess is ever right: 1-token windows win
         sizer.observe(1, 1, ONE)
         sizer.observe(PROBE_SIZE, 1, PROBE)
+    sizer.shadow(True)    # the free first-guess check held once: a probe could pay, window 2 not
     blocks = Blocks(fixed=True, window_size=16)
     size, fresh = blocks.next_size(sizer, 1000)
     for _ in range(PROBE_MIN - 1):           # 1-token blocks until the probe is due
@@ -32,6 +33,26 @@ def test_a_probe_over_a_fixed_block_backs_off_once():
         assert not fresh
     assert forwards == PROBE_SIZE
     assert sizer.probe_every == 2 * PROBE_MIN and not sizer.probing   # backed off once
+
+
+def test_probes_run_only_when_the_free_first_guess_check_says_they_can_pay():
+    """While windows are 1 the first guess is checked for free (`shadow`): when it never holds,
+    no probe is paid for; when it holds, probes (and wider windows) come back."""
+    def run(hit: bool) -> list[int]:
+        sizer = WindowSizer(1, 16, adaptive=True, cost=None, device_type="cpu")
+        sizes = []
+        for _ in range(200):
+            n = sizer.next_size(1000)
+            sizes.append(n)
+            if n == 1:
+                sizer.shadow(hit)
+            sizer.observe(n, n if hit else 1, ONE if n == 1 else 0.11)  # CPU: 2.2x for n > 1
+        return sizes
+
+    missing = run(hit=False)
+    assert all(n == 1 for n in missing[5:]), missing[:20]        # after the first forwards
+    holding = run(hit=True)
+    assert sum(n > 1 for n in holding[5:]) > 150                  # guesses hold: wide windows
 
 
 # --- windows for a batch: one price for the whole forward (issue 13) ---------------------------

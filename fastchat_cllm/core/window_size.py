@@ -6,7 +6,9 @@ right), E[k | n] = sum_{i<n} prod_{j<=i} q_j. Each q_i is a forgetting average o
 that reached guess i (unseen positions take the prior), so a window that stops paying shrinks
 within a few forwards. When small windows win, a larger one is still probed now and then, with
 exponential back-off while probes do not pay, so a model (or a stretch of text) that becomes
-predictable is noticed at a bounded cost.
+predictable is noticed at a bounded cost. While windows are 1, the guess a window of 2 would have
+carried is still checked against the token that arrives (`shadow`, free), and a probe runs only
+when that first guess holds often enough for a probe to pay.
 
 c(n) is measured as the engine runs (a moving average per size, `ForwardCost`); sizes not yet run
 are priced from the nearest measured size through a prior shape.
@@ -120,11 +122,26 @@ class WindowSizer:
         rates = self.expected_rates(high)
         best = max(range(low, high + 1), key=lambda n: rates[n - 1])
         self.since_probe += 1
-        self.probing = best < min(high, PROBE_SIZE) and self.since_probe >= self.probe_every
+        self.probing = (best < min(high, PROBE_SIZE) and self.since_probe >= self.probe_every
+                        and self.probe_can_pay(min(high, PROBE_SIZE)))
         if self.probing:
             self.since_probe = 0
             return min(high, PROBE_SIZE)
         return best
+
+    def probe_can_pay(self, n: int) -> bool:
+        """Whether a probe of n positions could pay even if every guess after the first held:
+        the first guess's rate (learnt for free by `shadow` while windows are 1) must be high
+        enough. A plain model's first guess seldom holds, so it stops paying for probes."""
+        q1 = (self.hits[1] + PRIOR_Q * PRIOR_WEIGHT) / (self.trials[1] + PRIOR_WEIGHT)
+        return (1.0 + q1 * (n - 1)) / self.cost(n) > 1.0 / self.cost(1)
+
+    def shadow(self, hit: bool) -> None:
+        """Record, at no cost, whether the guess a window of 2 would have carried held (checked
+        against the token a 1-token forward then made)."""
+        if self.high >= 2:
+            self.trials[1] = self.trials[1] * DECAY + 1.0
+            self.hits[1] = self.hits[1] * DECAY + (1.0 if hit else 0.0)
 
     def cost(self, n: int) -> float:
         """c(n): measured, else the nearest measured size scaled by the prior shape."""

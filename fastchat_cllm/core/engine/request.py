@@ -39,6 +39,7 @@ class Request:
         self.ages: list[int] = []               # ages[i]: forwards guesses[i] kept its value
         self.window: list[int] = []             # the window of the forward in flight
         self.window_ages: list[int] = []
+        self.shadow_guess: int | None = None     # see window_row
         self.block_start = True                 # the first forward of a call starts a block
 
     @property
@@ -77,6 +78,12 @@ class Request:
         self.block_start = self.block_start or fresh
         self.window, self.window_ages = make_window(self.config.fill, self.context,
                                                     self.next_token, self.guesses, self.ages, size)
+        # a 1-token window: the guess a window of 2 would carry, checked for free when the token
+        # arrives (the lookup fill is deterministic; a random fill would move the seeded stream)
+        self.shadow_guess = None
+        if size == 1 and self.config.adaptive and self.config.fill == "lookup":
+            self.shadow_guess = make_window(self.config.fill, self.context, self.next_token,
+                                            self.guesses, self.ages, 2)[0][1]
         return Row(self.slot, self.window, range(size))
 
     def advance(self, row: Row, logits: torch.Tensor, seconds: float | None) -> Step | None:
@@ -107,6 +114,8 @@ class Request:
         window, ages, size = self.window, self.window_ages, len(self.window)
         verdict = self.rule.verify(window, logits)
         k, predictions = verdict.accepted, verdict.predictions
+        if self.shadow_guess is not None:
+            self.sizer.shadow(self.shadow_guess == verdict.next_token)
         self.sizer.observe(size, k, seconds)
         self.stats.record_forward(size, k, ages)
         tokens = self.made_final(window[1:k] + [verdict.next_token])
