@@ -28,7 +28,7 @@ from __future__ import annotations
 PRIOR_STEP = {"cpu": 0.5}
 PRIOR_SLOPE = {"cpu": 0.05}
 GPU_SLOPE = 0.005
-PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.6, 1.0, 0.8, 0.3
+PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.3, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
 
 
@@ -119,6 +119,8 @@ class WindowSizer:
         if not self.adaptive:
             return high
         low = min(self.low, high)
+        if self.outgrown:       # positions past a window that was all right are still unseen
+            low = max(low, min(high, self.outgrown + 1))
         rates = self.expected_rates(high)
         best = max(range(low, high + 1), key=lambda n: rates[n - 1])
         self.since_probe += 1
