@@ -197,3 +197,26 @@ def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(model_and_
         assert not torch.allclose(packed_logits(trained, packed)[: packed.clean_len], expected)
     assert distill.main(distill_args(folder, trajectories, tmp_path / "x", "--teacher",
                                      "base")) == 2
+
+
+def test_code_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
+    """The recipe of the shipped adapter on a tiny model: stdlib prompts, trajectories, a LoRA
+    run with snapshots, the trade-off table; a rerun does no stage's work again."""
+    from harness import tiny_folder
+    from fastchat_cllm.train import code_recipe
+
+    base = tiny_folder(tmp_path / "base")
+    work = tmp_path / "work"
+    args = ["--work", str(work), "--model", str(base), "--prompts", "3", "--steps", "2",
+            "--snapshot-every", "1", "--collect-minutes", "5", "--distill-minutes", "5"]
+    assert code_recipe.main(args) == 0
+    assert len((work / "train.jsonl").read_text().splitlines()) == 3
+    assert len((work / "trajectories.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (work / "distill" / "snapshots").iterdir()) == ["step-1", "step-2"]
+    assert (work / "distill" / "adapter_config.json").exists()
+    table = (work / "tradeoff" / "tradeoff.md").read_text()
+    assert "| step 1 |" in table and "| step 2 |" in table
+    log = (work / "distill" / "loss_log.jsonl").read_text()
+    assert code_recipe.main(args) == 0                       # resumes: nothing is redone
+    assert (work / "distill" / "loss_log.jsonl").read_text() == log
+    assert len((work / "trajectories.jsonl").read_text().splitlines()) == 3
