@@ -123,5 +123,6 @@ def test_tradeoff_table_over_snapshots(tmp_path, capsys):
     assert all(r["tpf_sliding"] >= 1.0 for r in rows)
     assert any(r["agreement"] < 100.0 for r in rows[1:])
     assert "| step 20 |" in (out / "tradeoff.md").read_text()
+    capsys.readouterr()
     assert tradeoff.main(["--snapshots", str(tmp_path / "none"), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.startswith("error:")
+    assert capsys.readouterr().err.startswith("error: ")

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        if not args.snapshots.is_dir():
+            raise ValueError(f"{args.snapshots} is not a folder of snapshots")
         snapshots = sorted((d for d in args.snapshots.iterdir() if d.is_dir()), key=step_of)
         if not snapshots:
             raise ValueError(f"no snapshots in {args.snapshots}")
