@@ -37,6 +37,8 @@ def test_pass_at_1_passes_a_right_answer_and_fails_wrong_ones(problems):
     online = pass_at_1("```python\nimport socket\ndef add(x, y):\n"
                        "    socket.create_connection(('1.1.1.1', 80))\n    return x + y\n```", add)
     assert not online.passed and "network access is disabled" in online.result
+    early = pass_at_1("```python\nimport sys\ndef add(x, y):\n    return 0\nsys.exit(0)\n```", add)
+    assert not early.passed                                  # exiting 0 before check() is no pass
 
 
 def test_the_stub_gives_helpers_and_imports_to_a_full_answer(problems):

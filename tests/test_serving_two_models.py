@@ -34,8 +34,10 @@ def test_the_second_worker_port_and_the_model_names_are_checked(tmp_path):
         taken.bind(("127.0.0.1", 0))
         busy = taken.getsockname()[1]
         taken.listen()
+        controller, api = free_ports(2)
         stack = Stack(*parse(["--model-path", str(base), "--model-path", str(cllm),
-                              "--worker-port", str(busy - 1)]))
+                              "--worker-port", str(busy - 1), "--controller-port",
+                              str(controller), "--api-port", str(api)]))
         assert stack.workers == [f"http://127.0.0.1:{busy - 1}", f"http://127.0.0.1:{busy}"]
         with pytest.raises(StackError, match=f"port {busy} \\(--worker-port \\+ 1\\)"):
             stack.check_ports()

@@ -182,6 +182,13 @@ def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(model_and_
         anchored = cllm_loss(logits, packed, 10.0, 0.0, reference)
     assert anchored.ar.item() == pytest.approx(0.0, abs=1e-6)
     assert anchored.consistency.item() == pytest.approx(own.consistency.item(), rel=1e-5)
+    with torch.no_grad():                 # an adapter that moves the model: the reference doesn't
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+        moved = packed_logits(model, packed)[: packed.clean_len]
+        assert not torch.allclose(moved, expected)
+        torch.testing.assert_close(base_logits(model, packed), expected)
     out = tmp_path / "run"
     assert distill.main(distill_args(folder, trajectories, out, "--lora-rank", "4", "--lr", "1e-2",
                                      "--teacher", "base", "--snapshot-every", "2",

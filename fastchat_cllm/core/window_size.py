@@ -68,7 +68,7 @@ def choose_width(curves: list[list[float]], lows: list[int], fixed: int, rows: i
     top = max(len(curve) for curve in curves)
     start = min(top, max([1, *lows]))
     best, best_rate = start, -1.0
-    for width in range(start, max(top, start) + 1):
+    for width in range(start, top + 1):
         gain = sum(curve[min(max(width, fixed), len(curve)) - 1] for curve in curves)
         rate = gain / cost(rows * max(width, fixed))
         if rate > best_rate:

@@ -55,7 +55,7 @@ DEFAULT_SLOTS = 8
 # --max-len default: the model's context, at most this. SmolLM2-135M keeps ~46 KB of keys and
 # values per position in fp32: 8 slots x 2048 positions = 720 MiB, under 1 GB.
 DEFAULT_MAX_LEN = 2048
-PREFILL_CHUNK = 256       # --prefill-chunk default: prompt tokens per forward, all prompts
+PREFILL_CHUNK = 256       # --prefill-chunk default: prompt tokens per engine step, all prompts
 NO_EMBEDDINGS = ("the Jacobi worker serves generation only; run FastChat's model_worker for "
                  "embeddings")
 
@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="positions (prompt + answer) of each slot's cache (default: the "
                              f"model's context, at most {DEFAULT_MAX_LEN})")
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
-                        help="prompt tokens prefilled per forward, all new prompts together "
-                             "(what a long prompt may add to the others' forwards)")
+                        help="prompt tokens prefilled per engine step, all new prompts together "
+                             "(each chunk in a forward of its own: what a long prompt may delay "
+                             "the others' next window by)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,

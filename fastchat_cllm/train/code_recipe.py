@@ -13,8 +13,10 @@ python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-min
 5. nothing is shipped by itself: pick the snapshot that keeps quality from WORK/tradeoff.md and
    `python -m fastchat_cllm.train.ship WORK/distill/snapshots/step-N`, then measure it with
    `python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm`.
-Every stage resumes (collect skips prompts done, distill continues from its checkpoint, the
-evaluations reuse their records), so rerunning the command after an interruption continues. The
+Every stage resumes (collect skips prompts done, distill continues from its checkpoint and does
+nothing once its steps are done, the base model's records are reused), so rerunning the command
+after an interruption continues. Collection is bounded by time: a rerun may add trajectories,
+and distillation then continues on the larger set. The
 time limits bound each stage: on the project's 2-core CPU the defaults take about 2 h 15 min.
 """
 from __future__ import annotations
@@ -63,15 +65,14 @@ def main(argv=None) -> int:
         "--out", work / "trajectories.jsonl", "--block-size", 16, "--max-new-tokens", 128,
         "--augment", 1, "--max-minutes", args.collect_minutes, "--threads", args.threads,
         "--seed", args.seed)
-    distilled = work / "distill"
-    if not (distilled / "adapter_config.json").exists():
-        run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
-            "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,
-            "--schedule", "constant", "--teacher", "base", "--ar-weight", 2,
-            "--label-smoothing", 0, "--states-per-block", 3, "--steps", args.steps,
-            "--save-every", 20, "--snapshot-every", args.snapshot_every,
-            "--max-minutes", args.distill_minutes, "--save-adapter", "--threads", args.threads,
-            "--seed", args.seed)
+    distilled = work / "distill"     # run every time: it continues from its checkpoint
+    run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
+        "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,
+        "--schedule", "constant", "--teacher", "base", "--ar-weight", 2,
+        "--label-smoothing", 0, "--states-per-block", 3, "--steps", args.steps,
+        "--save-every", 20, "--snapshot-every", args.snapshot_every,
+        "--max-minutes", args.distill_minutes, "--save-adapter", "--threads", args.threads,
+        "--seed", args.seed)
     base = ["--base", args.model] if args.model else []
     run("fastchat_cllm.train.tradeoff", "--snapshots", distilled / "snapshots", *base,
         "--out", work / "tradeoff", "--threads", args.threads)

@@ -71,25 +71,39 @@ def _limits(timeout: float) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 24, 1 << 24))
 
 
+PASSED = "HUMANEVAL-CHECK-PASSED"
+
+
+def _kill_group(process) -> bool:
+    """SIGKILL the check's process group (it and anything it started); False if already gone."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def run_check(program: str, test: str, entry_point: str, timeout: float = 10.0) -> Check:
     """Run `program`, the problem's `test` and `check(entry_point)` in a subprocess."""
-    source = f"{NO_NETWORK}\n{program}\n\n{test}\n\ncheck({entry_point})\n"
+    # passing is the marker printed after check(): an answer that exits 0 early does not pass
+    source = (f"{NO_NETWORK}\n{program}\n\n{test}\n\ncheck({entry_point})\n"
+              f"print({PASSED!r}, flush=True)\n")
     with tempfile.TemporaryDirectory(prefix="humaneval-") as folder:
         path = Path(folder) / "check.py"
         path.write_text(source, encoding="utf-8")
         argv = [*network_namespace(), sys.executable, "-I", str(path)]
         process = subprocess.Popen(argv, cwd=folder, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={"PATH": os.environ.get("PATH", "")},
                                    start_new_session=True,
                                    preexec_fn=functools.partial(_limits, timeout))
         try:
-            _, err = process.communicate(timeout=timeout)
+            out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)     # the check and anything it started
-            process.communicate()
+            process.communicate() if _kill_group(process) else None
             return Check(False, "timed out")
-    if process.returncode == 0:
+        _kill_group(process)                           # anything the answer left running
+    if process.returncode == 0 and out.rstrip().endswith(PASSED):
         return Check(True, "passed")
     last = (err.strip().splitlines() or [f"exit status {process.returncode}"])[-1]
     return Check(False, f"failed: {last[:200]}")

@@ -18,7 +18,7 @@ import torch
 
 from ..jsonl import jsonl_writer, read_jsonl, write_jsonl
 from .losses import cllm_loss
-from .packing import Segment, pack, packed_logits
+from .packing import Packed, Segment, pack, packed_logits
 from .trajectory import Trajectory
 
 LOSSES = ("global", "local")
@@ -51,6 +51,9 @@ class DistillConfig:
     def __post_init__(self):
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.teacher == "base" and self.loss != "global":
+            raise ValueError("teacher 'base' needs the global loss (the local loss's targets are "
+                             "the next noisy state, which only the model being trained sees)")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.loss not in LOSSES:
@@ -155,8 +158,6 @@ def _trim_log(path: Path, step: int) -> None:
 
 def base_logits(model, packed) -> torch.Tensor:
     """The frozen base model's logits [clean_len, V] on the clean part (the LoRA adapter off)."""
-    from .packing import Packed
-
     clean = packed.clean_len
     plain = Packed(packed.input_ids[:clean], packed.position_ids[:clean],
                    packed.allowed[:clean, :clean], packed.prompt_len, clean,
@@ -191,6 +192,8 @@ def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir:
 
     if not trajectories:
         raise ValueError("no trajectories to train on")
+    if config.teacher == "base" and not hasattr(model, "disable_adapter"):
+        raise ValueError("teacher 'base' needs a LoRA model (its adapter off is the base)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = total_steps(config, len(trajectories))

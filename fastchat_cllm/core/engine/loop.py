@@ -57,6 +57,8 @@ class EngineLoop:
     def submit(self, prompt_ids, config: JacobiConfig) -> Iterator[Step]:
         """The request's Steps as the engine makes them. It is handed over when the first is
         asked for; closing the iterator before the last cancels it; a Failure raises its error."""
+        if self.stopped:
+            raise RuntimeError("the engine loop was stopped")
         submission = Submission(list(prompt_ids), config)
         self.order("add", submission)
         done = False
@@ -83,7 +85,9 @@ class EngineLoop:
             self.wake.notify()
         self.thread.join()
         stopped = Failure(RuntimeError("the engine loop was stopped"))
-        for submission in [*self.live.values(), *(s for _, s in self.orders)]:
+        with self.wake:
+            pending, self.orders = self.orders, []
+        for submission in [*self.live.values(), *(s for _, s in pending)]:
             submission.results.put(stopped)
 
     def order(self, kind: str, submission: Submission) -> None:
@@ -95,13 +99,31 @@ class EngineLoop:
 
     def run(self) -> None:
         while self.wait_for_work():
-            with self.wake:
-                orders, self.orders = self.orders, []
-            for kind, submission in orders:
-                (self.add if kind == "add" else self.cancel)(submission)
-            if self.engine.has_work:
-                self.deliver(self.step())
-            self.snapshot = self.describe()
+            try:
+                self.serve_once()
+            except Exception as error:    # a bug outside any request: none may wait forever
+                self.fail_live(error)
+
+    def serve_once(self) -> None:
+        with self.wake:
+            orders, self.orders = self.orders, []
+        for kind, submission in orders:
+            (self.add if kind == "add" else self.cancel)(submission)
+        if self.engine.has_work:
+            self.deliver(self.step())
+        self.snapshot = self.describe()
+
+    def fail_live(self, error: BaseException) -> None:
+        """Fail every live request with `error` and free its slot; the loop serves on."""
+        failure = Failure(error)
+        for request_id, submission in list(self.live.items()):
+            try:
+                self.engine.cancel(request_id)
+            except Exception:
+                pass                      # its slot is lost with the engine's state; others go on
+            submission.results.put(failure)
+        self.counts["failed"] += len(self.live)
+        self.live.clear()
 
     def wait_for_work(self) -> bool:
         """Sleep until an order arrives or the engine has work; False once stopped."""

@@ -1,9 +1,10 @@
-"""Which requests run in the next forward, and in which slot.
+"""Which requests run in the next engine step, and in which slot.
 
 Waiting requests take free slots in arrival order. Every decoding request runs its window in
-every forward; prompts are prefilled in chunks, `chunk` prompt tokens per forward in all
-(earliest first), so a long prompt delays the others by at most one chunk per forward. A request
-whose window cannot be made is failed here and runs in no forward.
+every step's forward of windows; prompts are prefilled in chunks, `chunk` prompt tokens per step
+in all (earliest first), each chunk in a forward of its own, so a long prompt delays the others
+by at most one chunk per step. A request whose window cannot be made is failed here and runs in
+no forward.
 
 A request alone in its forward sizes its own window. When several share the forward of windows,
 the runner pads every row to the longest, so the forward costs rows x width and any row may use
@@ -68,8 +69,8 @@ class Scheduler:
             fixed = max((len(row.tokens) for _, row in windows), default=0)
             width = choose_width(curves, [low for low, _ in bounds], fixed,
                                  len(sized) + len(windows), self.cost)
-            for request, curve in zip(sized, curves):
-                self.add_window(windows, request, min(width, len(curve)))
+            for request, curve in zip(sized, curves):     # the padding is free: use it
+                self.add_window(windows, request, min(max(width, fixed), len(curve)))
         windows.sort(key=lambda pair: pair[0].slot)
         return chunks, windows
 
