@@ -145,3 +145,28 @@ def test_a_refused_or_failed_request_raises_in_its_own_thread(model, tokenizer, 
     assert len(stream(model, tokenizer, loop, "still here", 5)) >= 1
     status = loop.status()
     assert (status["refused"], status["failed"], status["finished"]) == (1, 1, 1)
+
+
+def test_a_bug_in_the_loop_fails_its_requests_and_the_loop_serves_on(arch, model, tokenizer,
+                                                                    loop, monkeypatch):
+    """An exception outside any request and any forward (here: the loop's status snapshot)
+    fails the live requests instead of killing the thread and leaving callers waiting forever;
+    the next request is served exactly. After close(), submitting raises."""
+    real, calls = loop.describe, []
+
+    def describe_once_broken():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a bug in the loop")
+        return real()
+
+    monkeypatch.setattr(loop, "describe", describe_once_broken)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        stream(model, tokenizer, loop, "Count to a hundred.", 200)
+    monkeypatch.setattr(loop, "describe", real)
+    prompt, max_new = REQUESTS[0]
+    assert stream(model, tokenizer, loop, prompt, max_new)[-1]["text"] == \
+        solo_text(arch, tokenizer, prompt, max_new)[0]
+    loop.close()
+    with pytest.raises(RuntimeError, match="stopped"):
+        next(loop.submit([1, 2, 3], JacobiConfig(max_new_tokens=4)))
