@@ -1,7 +1,7 @@
 """The `batch[-wN][-pool]` methods: every prompt decoded together on one batched engine.
 
-All N prompts go into one `core.engine.Engine` with N slots (their prefills share the first
-forward), and the engine steps until every request has finished. Its one-by-one counterpart
+All N prompts go into one `core.engine.Engine` with N slots (each prompt's prefill in a
+forward of its own, in the first step), and the engine steps until every request has finished. Its one-by-one counterpart
 is the `jacobi[-wN][-pool]` method of the same options, which runs each prompt alone on an
 engine of one slot; the offline benchmark runs both (adding the counterpart when it was not
 asked for) and reports aggregate tokens/s, forwards, tokens per forward of the batch and how
@@ -35,7 +35,7 @@ def solo_method(name: str) -> str:
 @dataclass(frozen=True)
 class BatchRun:
     """One timed batch: the outputs in prompt order; `model_calls` counts every forward of the
-    engine (the shared prefill is the first)."""
+    engine (the N prefills are the first N)."""
 
     outputs: list[list[int]]
     seconds: float
@@ -51,7 +51,7 @@ def batch_decode(name: str, model, targets: list[Target]) -> BatchRun:
 
     def run() -> None:
         engine = Engine(model, slots=len(targets), max_len=length,
-                        chunk=sum(len(t.ids) for t in targets))   # all prefills in one forward
+                        chunk=sum(len(t.ids) for t in targets))   # every prefill in step 1
         for t in targets:
             outputs[engine.add(t.ids, config.with_(max_new_tokens=t.max_new_tokens,
                                                    eos_token_id=t.eos_token_id))] = []
@@ -88,7 +88,7 @@ def batch_record(name: str, run: BatchRun, solo: list[Run], ar: list[Run], repea
         "method": name, "one_by_one": solo_method(name), "repeat": repeat, "prompts": n,
         "slots": n, "tokens": tokens, "seconds": round(run.seconds, 5),
         "tokens_per_second": rate, "model_calls": run.model_calls,
-        "tokens_per_forward": _per_forward(tokens, run.model_calls, 1),
+        "tokens_per_forward": _per_forward(tokens, run.model_calls, n),
         "one_by_one_tokens": solo_tokens, "one_by_one_seconds": round(solo_seconds, 5),
         "one_by_one_tokens_per_second": solo_rate, "one_by_one_model_calls": solo_calls,
         "one_by_one_tokens_per_forward": _per_forward(solo_tokens, solo_calls, n),
