@@ -30,17 +30,33 @@ def test_the_second_worker_port_and_the_model_names_are_checked(tmp_path):
     with pytest.raises(StackError, match="--model-names names one model"):
         Stack(*parse(["--model-path", str(base), "--model-path", str(cllm),
                       "--model-names", "x"])).check_models()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        busy = taken.getsockname()[1]
-        taken.listen()
-        controller, api = free_ports(2)
+    first, taken = free_then_taken()
+    with taken:
+        busy = first + 1
+        controller, api = next(p for p in iter(lambda: free_ports(2), None)
+                               if not {first, busy} & set(p))
         stack = Stack(*parse(["--model-path", str(base), "--model-path", str(cllm),
                               "--worker-port", str(busy - 1), "--controller-port",
                               str(controller), "--api-port", str(api)]))
         assert stack.workers == [f"http://127.0.0.1:{busy - 1}", f"http://127.0.0.1:{busy}"]
         with pytest.raises(StackError, match=f"port {busy} \\(--worker-port \\+ 1\\)"):
             stack.check_ports()
+
+
+def free_then_taken() -> tuple[int, socket.socket]:
+    """A free port and a listening socket on the port after it (the second worker's)."""
+    while True:
+        first = free_ports(1)[0]
+        taken = socket.socket()
+        try:
+            taken.bind(("127.0.0.1", first + 1))
+        except OSError:
+            taken.close()
+            continue
+        taken.listen()
+        if port_free("127.0.0.1", first):
+            return first, taken
+        taken.close()
 
 
 def two_worker_ports() -> tuple[int, int, int]:
