@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from harness import ROOT, Serve, char_tokenizer, random_prompts, save_tiny_model, tiny_folder
+from harness import (ARCHITECTURES, ROOT, Serve, char_tokenizer, random_prompts, save_tiny_model,
+                     tiny_folder, tiny_model)
 
 
 def pytest_configure(config):
@@ -34,6 +35,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    """Each tiny architecture in turn (a module may override it)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_f64(arch, one_thread):
+    """The tiny model of `arch` in float64, one torch thread."""
+    return tiny_model(arch, dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-from harness import ARCHITECTURES, ROOT, ar_greedy, tiny_greedy, tiny_model
+from harness import ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine, Failure
 from fastchat_cllm.core.step import Step
@@ -55,14 +55,9 @@ def tokens_of(steps) -> list[int]:
     return [tok for step in steps for tok in step.tokens]
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def arch(request):
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def model(arch, one_thread):
-    return tiny_model(arch, dtype=F64)
+def model(tiny_f64):
+    return tiny_f64
 
 
 @pytest.mark.parametrize("window", WINDOWS)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from harness import ARCHITECTURES, char_tokenizer, tiny_greedy, tiny_model
+from harness import char_tokenizer, tiny_greedy
 from fastchat_cllm import JacobiConfig
 from fastchat_cllm.core.engine import Engine, EngineLoop
 from fastchat_cllm.serving.stream import generate_stream
@@ -31,14 +31,9 @@ def tokenizer():
     return char_tokenizer()
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def arch(request):
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def model(arch, one_thread):
-    return tiny_model(arch, dtype=F64)
+def model(tiny_f64):
+    return tiny_f64
 
 
 @pytest.fixture
