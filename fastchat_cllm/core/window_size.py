@@ -14,12 +14,13 @@ c(n) is measured as the engine runs (a moving average per size, `ForwardCost`); 
 are priced from the nearest measured size through a prior shape.
 
 In a batch the cost driver is the whole forward, whose rows the runner pads to the longest: the
-engine prices forwards of windows with one `ForwardCost` keyed by padded positions (rows x
-width), and `choose_width` picks the width that maximises the batch's expected tokens per
-second, each request's E[k | n] coming from its own sizer (`expected_tokens`). A batch whose
-guesses are seldom right runs width 1: it does not pay for positions it cannot use. On CPU that shape has a step: BLAS runs a
-1-token forward as matrix-vector products and any n >= 2 as matrix-matrix products, which on the
-2-core machines here cost ~1.5x for n = 2 and ~2.3x for n = 16 (SmolLM2-135M, fp32).
+engine prices forwards of windows with a `BatchCost` (seconds by rows and padded width), and
+`choose_width` picks the width that maximises the batch's expected tokens per second, each
+request's E[k | n] coming from its own sizer (`batch_curve`). A batch whose guesses are seldom
+right runs width 1: it does not pay for positions it cannot use. On CPU the cost has a step:
+BLAS runs a 1-token forward as matrix-vector products and any n >= 2 as matrix-matrix products,
+which on the 2-core machines here cost ~2x for one row of 2 tokens and ~1.45x for 8 rows of 2
+against 8 rows of 1 (SmolLM2-135M, fp32).
 """
 from __future__ import annotations
 
@@ -57,20 +58,49 @@ class ForwardCost:
         self.seconds[n] = seconds if old is None else old + COST_EMA * (seconds - old)
 
 
+class BatchCost:
+    """Seconds of a forward of `rows` windows padded to `width`, as c(rows) x g(width): c is the
+    cost of 1-token windows by row count, g(width) the factor a wider window multiplies it by
+    (g(1) = 1). Both are moving averages of what forwards took (g of width w: seconds over
+    c(rows) of the forward's row count); unmeasured values are scaled from the nearest measured
+    one through ForwardCost's prior shape. Rows and width are kept apart because the cost is not
+    a function of rows x width alone: on CPU 8 rows of 1 token cost ~1.4x one row of 1, 8 rows
+    of 2 another ~1.45x, one row of 2 ~2x one row of 1. Forwards of one row (a request sizing
+    its own window) are not observed here."""
+
+    def __init__(self, device_type: str):
+        self.narrow = ForwardCost(device_type)      # rows -> seconds of 1-token windows
+        self.factor = ForwardCost(device_type)      # width -> g(width)
+        self.factor.observe(1, 1.0)
+
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        if rows < 2:
+            return
+        if width == 1:
+            self.narrow.observe(rows, seconds)
+        elif not self.narrow.seconds:       # no scale yet: this forward sets it
+            self.narrow.observe(rows, seconds / self.factor(width))
+        else:
+            self.factor.observe(width, seconds / self.narrow(rows))
+
+    def __call__(self, rows: int, width: int) -> float:
+        return self.narrow(rows) * (1.0 if width == 1 else self.factor(width))
+
+
 def choose_width(curves: list[list[float]], lows: list[int], fixed: int, rows: int,
                  cost) -> int:
     """The width of a padded forward of windows with the best expected final tokens per second.
 
     curves[r][n - 1]: E[k | n] of adaptive row r for n = 1 .. its largest window; lows[r]: its
     smallest window; fixed: the widest window of the forward's other rows (0: none); rows: all
-    its rows; cost(positions) -> seconds. Every row is padded to the width, so an adaptive row
-    runs min(width, its largest) at no extra cost."""
+    its rows; cost(rows, width) -> seconds (a BatchCost). Every row is padded to the width, so
+    an adaptive row runs min(width, its largest) at no extra cost."""
     top = max(len(curve) for curve in curves)
     start = min(top, max([1, *lows]))
     best, best_rate = start, -1.0
     for width in range(start, top + 1):
         gain = sum(curve[min(max(width, fixed), len(curve)) - 1] for curve in curves)
-        rate = gain / cost(rows * max(width, fixed))
+        rate = gain / cost(rows, max(width, fixed))
         if rate > best_rate:
             best, best_rate = width, rate
     return best
@@ -85,12 +115,13 @@ class WindowSizer:
         self.probe_every, self.since_probe, self.probing = PROBE_MIN, 0, False
         self.outgrown = 0      # a window >= 2 whose every guess was right: try one more next
 
-    def expected_tokens(self, high: int) -> list[float]:
-        """E[k | n] for n = 1..high (index n - 1)."""
+    def expected_tokens(self, high: int, unseen_from: int | None = None) -> list[float]:
+        """E[k | n] for n = 1..high (index n - 1); guesses from `unseen_from` on take the
+        acceptance of guess unseen_from - 1 (see batch_curve)."""
         out, expected, survive = [], 0.0, 1.0
         for n in range(1, high + 1):
             if n > 1:
-                i = n - 1
+                i = n - 1 if unseen_from is None else min(n - 1, unseen_from - 1)
                 survive *= (self.hits[i] + PRIOR_Q * PRIOR_WEIGHT) / (self.trials[i] + PRIOR_WEIGHT)
             expected += survive
             out.append(expected)
@@ -103,15 +134,21 @@ class WindowSizer:
     def batch_bounds(self, cap: int) -> tuple[int, int]:
         """(smallest, largest) window the engine may give this request in a batch, at most `cap`.
         There are no probes in a batch (a probe would widen every row): acceptance is learnt
-        whenever the batch's width is >= 2, and a window >= 2 that was all right raises the
-        smallest to one more (its further positions are unseen)."""
+        whenever the batch's width is >= 2. A window that was all right does not raise the
+        smallest (every row would pay for one row's luck); it extends `batch_curve` instead."""
         high = max(1, min(self.high, cap))
         if not self.adaptive:
             return high, high
-        low = min(self.low, high)
-        if self.outgrown:
-            low = max(low, min(high, self.outgrown + 1))
-        return low, high
+        return min(self.low, high), high
+
+    def batch_curve(self, high: int) -> list[float]:
+        """E[k | n] for n = 1..high as a batch prices it: positions past a window whose every
+        guess held are unseen, so they take the acceptance of the last one seen instead of the
+        prior. Guesses that keep holding widen the batch; a plain model's lucky window (its
+        first guess right one time in ten) adds a tenth of a token and widens nothing."""
+        if not self.outgrown:
+            return self.expected_tokens(high)
+        return self.expected_tokens(high, unseen_from=self.outgrown)
 
     def next_size(self, cap: int) -> int:
         """The window for the next forward, at most `cap` (tokens left to generate)."""

@@ -26,7 +26,7 @@ from ..config import JacobiConfig
 from ..stats import tokens_per_forward
 from ..step import Step
 from .request import Request
-from ..window_size import ForwardCost
+from ..window_size import BatchCost
 from .runner import Row, Runner
 from .scheduler import Scheduler
 from .slot_cache import SlotCache
@@ -57,7 +57,7 @@ class Engine:
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache)
-        self.cost = ForwardCost(torch.device(model.device).type)   # seconds by padded positions
+        self.cost = BatchCost(torch.device(model.device).type)    # seconds by rows and width
         self.scheduler = Scheduler(self.cache, chunk, self.cost)
         self.ids = itertools.count()
         self.totals = BatchTotals()
@@ -93,7 +93,7 @@ class Engine:
     def run(self, batch: list[tuple[Request, Row]], priced: bool = False) -> list[tuple[int, Step]]:
         """The forward over `batch` and the Steps its requests made of it; when the forward
         raises, every request in it fails. A forward of windows (`priced`) is measured for the
-        scheduler's window sizing, by its padded positions (rows x the longest window)."""
+        scheduler's window sizing, by its rows and padded width (the longest window)."""
         try:
             out = self.runner.run([row for _, row in batch])
         except Exception as error:
@@ -101,7 +101,7 @@ class Engine:
                 request.fail(error)
             return []
         if priced:
-            self.cost.observe(len(batch) * max(len(row.tokens) for _, row in batch), out.seconds)
+            self.cost.observe(len(batch), max(len(row.tokens) for _, row in batch), out.seconds)
         alone = out.seconds if len(batch) == 1 else None    # a shared forward is priced above
         made = [(request.id, self.advance(request, row, logits, alone))
                 for (request, row), logits in zip(batch, out.logits)]

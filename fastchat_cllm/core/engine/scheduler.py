@@ -9,21 +9,21 @@ no forward.
 A request alone in its forward sizes its own window. When several share the forward of windows,
 the runner pads every row to the longest, so the forward costs rows x width and any row may use
 the whole width at no extra cost: `choose_width` picks the width with the best expected tokens
-per second over all the rows (`cost`: seconds by padded positions, measured by the engine), and
+per second over all the rows (`cost`: seconds by rows and width, measured by the engine), and
 each adaptive row runs min(width, its own largest window).
 """
 from __future__ import annotations
 
 from collections import deque
 
-from ..window_size import ForwardCost, choose_width
+from ..window_size import BatchCost, choose_width
 from .request import Request
 from .runner import Row
 from .slot_cache import SlotCache
 
 
 class Scheduler:
-    def __init__(self, cache: SlotCache, chunk: int, cost: ForwardCost):
+    def __init__(self, cache: SlotCache, chunk: int, cost: BatchCost):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.cache, self.chunk, self.cost = cache, chunk, cost
@@ -65,7 +65,7 @@ class Scheduler:
             self.add_window(windows, sized[0])                  # alone: it sizes its own window
         elif sized:
             bounds = [r.sizer.batch_bounds(r.tokens_left) for r in sized]
-            curves = [r.sizer.expected_tokens(high) for r, (_, high) in zip(sized, bounds)]
+            curves = [r.sizer.batch_curve(high) for r, (_, high) in zip(sized, bounds)]
             fixed = max((len(row.tokens) for _, row in windows), default=0)
             width = choose_width(curves, [low for low, _ in bounds], fixed,
                                  len(sized) + len(windows), self.cost)
