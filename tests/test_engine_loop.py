@@ -165,3 +165,35 @@ def test_a_bug_in_the_loop_fails_its_requests_and_the_loop_serves_on(arch, model
     loop.close()
     with pytest.raises(RuntimeError, match="stopped"):
         next(loop.submit([1, 2, 3], JacobiConfig(max_new_tokens=4)))
+
+
+def test_an_engine_built_by_the_loop_is_built_on_its_thread(model, tokenizer, arch):
+    """EngineLoop(build) runs build() on the loop's own thread (the worker loads its model
+    there, so no other thread leaves an OpenMP team that slows every forward), returns when it
+    has, and serves as usual."""
+    threads = []
+
+    def build() -> Engine:
+        threads.append(threading.current_thread())
+        return Engine(model, slots=2, max_len=256, chunk=8)
+
+    loop = EngineLoop(build)
+    try:
+        assert threads == [loop.thread] and threads[0] is not threading.current_thread()
+        prompt, budget = REQUESTS[0]
+        assert stream(model, tokenizer, loop, prompt, budget)[-1]["text"] == \
+            solo_text(arch, tokenizer, prompt, budget)[0]
+    finally:
+        loop.close()
+
+
+def test_a_build_that_fails_raises_in_the_caller():
+    """What the build raises, the constructor raises (the worker turns it into its start-up
+    error); the loop's thread has ended."""
+    def build() -> Engine:
+        raise ValueError("no such model")
+
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="no such model"):
+        EngineLoop(build)
+    assert threading.active_count() == before

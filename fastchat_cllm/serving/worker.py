@@ -107,12 +107,16 @@ class JacobiWorker(BaseModelWorker):
         half = args.device.startswith("cuda")      # FastChat's default: fp16 on GPU, fp32 else
         dtype = str_to_torch_dtype(args.dtype) or (torch.float16 if half else torch.float32)
         revision = args.revision if args.revision != "main" else None
-        try:
-            model, tokenizer = loading.load(args.model_path, dtype, args.device, args.num_gpus,
-                                            args.max_gpu_memory, revision)
-        except Exception as e:   # whatever the loaders raise: one line at start-up
-            raise StartupError(f"cannot load --model-path {args.model_path}: "
-                               f"{type(e).__name__}: {e}") from e
+        loaded = {}
+
+        def build() -> Engine:       # on the engine's own thread: see EngineLoop
+            model, tokenizer = load(args, dtype, revision)
+            max_len = args.max_len or min(context_length(model.config), DEFAULT_MAX_LEN)
+            loaded.update(model=model, tokenizer=tokenizer, max_len=max_len)
+            return build_engine(model, args.limit_worker_concurrency, max_len, args.prefill_chunk)
+
+        self.engine = EngineLoop(build)
+        model, tokenizer, max_len = loaded["model"], loaded["tokenizer"], loaded["max_len"]
         CllmAdapter.claim(args.model_path)
         CllmAdapter.tokenizers[args.model_path] = tokenizer
         super().__init__(args.controller_address, args.worker_address, str(uuid.uuid4())[:8],
@@ -122,10 +126,7 @@ class JacobiWorker(BaseModelWorker):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model_context = context_length(model.config)     # the prompt is cut to this
-        max_len = args.max_len or min(self.model_context, DEFAULT_MAX_LEN)
         self.context_len = min(self.model_context, max_len)   # what the API server sees
-        self.engine = start_engine(model, args.limit_worker_concurrency, max_len,
-                                   args.prefill_chunk)
         max_chars_per_token(tokenizer)      # computed now, not inside the first request
         self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
         log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
@@ -179,10 +180,20 @@ class JacobiWorker(BaseModelWorker):
         return {"text": NO_EMBEDDINGS, "error_code": ErrorCode.PARAM_OUT_OF_RANGE}
 
 
-def start_engine(model, slots: int, max_len: int, chunk: int) -> EngineLoop:
-    """The worker's one engine, its slot cache allocated, on its own thread."""
+def load(args: argparse.Namespace, dtype, revision):
+    """(model, tokenizer) of --model-path; StartupError when it cannot be loaded."""
     try:
-        return EngineLoop(Engine(model, slots, max_len, chunk))
+        return loading.load(args.model_path, dtype, args.device, args.num_gpus,
+                            args.max_gpu_memory, revision)
+    except Exception as e:   # whatever the loaders raise: one line at start-up
+        raise StartupError(f"cannot load --model-path {args.model_path}: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def build_engine(model, slots: int, max_len: int, chunk: int) -> Engine:
+    """The worker's one engine, its slot cache allocated."""
+    try:
+        return Engine(model, slots, max_len, chunk)
     except (ValueError, RuntimeError) as e:       # unsupported attention, no memory for it
         raise StartupError(f"cannot build the engine ({slots} slots x {max_len} positions): "
                            f"{e}") from e
