@@ -193,7 +193,10 @@ def test_a_build_that_fails_raises_in_the_caller():
     def build() -> Engine:
         raise ValueError("no such model")
 
-    before = threading.active_count()
+    def loops() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "engine-loop"]
+
+    before = loops()
     with pytest.raises(ValueError, match="no such model"):
         EngineLoop(build)
-    assert threading.active_count() == before
+    assert loops() == before

@@ -3,7 +3,8 @@
 Model: a forward over n positions costs c(n) seconds and finalises k tokens, where k - 1 is the
 number of leading guesses that turn out right. With q_i = P(guess i right | guesses 1..i-1
 right), E[k | n] = sum_{i<n} prod_{j<=i} q_j. Each q_i is a forgetting average over the forwards
-that reached guess i (unseen positions take the prior), so a window that stops paying shrinks
+that reached guess i (unseen positions take the prior; in a batch, those past a window that was
+all right take the last one seen), so a window that stops paying shrinks
 within a few forwards. When small windows win, a larger one is still probed now and then, with
 exponential back-off while probes do not pay, so a model (or a stretch of text) that becomes
 predictable is noticed at a bounded cost. While windows are 1, the guess a window of 2 would have
@@ -31,6 +32,8 @@ PRIOR_SLOPE = {"cpu": 0.05}
 GPU_SLOPE = 0.005
 PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.3, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8
+G_CAP, MIN_SECONDS = 3.0, 1e-6
+UNSEEN = 0.5          # batch_curve: a guess with fewer (forgetting) trials counts as unseen      # BatchCost: a sample's cap over its estimate; a time's floor
 
 
 class ForwardCost:
@@ -60,11 +63,13 @@ class ForwardCost:
 
 class BatchCost:
     """Seconds of a forward of `rows` windows padded to `width`, as c(rows) x g(width): c is the
-    cost of 1-token windows by row count, g(width) the factor a wider window multiplies it by
-    (g(1) = 1). Both are moving averages of what forwards took (g of width w: seconds over
-    c(rows) of the forward's row count); unmeasured values are scaled from the nearest measured
-    one through ForwardCost's prior shape. Rows and width are kept apart because the cost is not
-    a function of rows x width alone: on CPU 8 rows of 1 token cost ~1.4x one row of 1, 8 rows
+    cost of 1-token windows by row count, g(width) >= 1 the factor a wider window multiplies it
+    by. c is a moving average per row count (an unmeasured count: the nearest measured one
+    through ForwardCost's prior shape). g(w) is learnt only from forwards whose row count has
+    a measured c, starting from its estimate (the prior's step where nothing wider was seen)
+    and moving by COST_EMA, each sample capped at G_CAP x that estimate, so one slow forward
+    cannot price a width out for good. Rows and width are kept apart because the cost is not a
+    function of rows x width alone: on CPU 8 rows of 1 token cost ~1.4x one row of 1, 8 rows
     of 2 another ~1.45x, one row of 2 ~2x one row of 1. Forwards of one row (a request sizing
     its own window) are not observed here."""
 
@@ -74,14 +79,17 @@ class BatchCost:
         self.factor.observe(1, 1.0)
 
     def observe(self, rows: int, width: int, seconds: float) -> None:
+        seconds = max(seconds, MIN_SECONDS)
         if rows < 2:
             return
         if width == 1:
             self.narrow.observe(rows, seconds)
         elif not self.narrow.seconds:       # no scale yet: this forward sets it
             self.narrow.observe(rows, seconds / self.factor(width))
-        else:
-            self.factor.observe(width, seconds / self.narrow(rows))
+        elif rows in self.narrow.seconds:
+            estimate = self.factor(width)
+            sample = min(max(seconds / self.narrow(rows), 1.0), G_CAP * estimate)
+            self.factor.seconds[width] = estimate + COST_EMA * (sample - estimate)
 
     def __call__(self, rows: int, width: int) -> float:
         return self.narrow(rows) * (1.0 if width == 1 else self.factor(width))
@@ -113,15 +121,17 @@ class WindowSizer:
         self.hits = [0.0] * high    # hits[i]: forgetting count of forwards where guess i was right
         self.trials = [0.0] * high  # trials[i]: ... of forwards that reached guess i
         self.probe_every, self.since_probe, self.probing = PROBE_MIN, 0, False
-        self.outgrown = 0      # a window >= 2 whose every guess was right: try one more next
+        self.outgrown = 0      # a window >= 2 all right: alone, try one more; in a batch, batch_curve
 
     def expected_tokens(self, high: int, unseen_from: int | None = None) -> list[float]:
-        """E[k | n] for n = 1..high (index n - 1); guesses from `unseen_from` on take the
-        acceptance of guess unseen_from - 1 (see batch_curve)."""
+        """E[k | n] for n = 1..high (index n - 1); with `unseen_from`, a guess from there on that
+        no forward has reached takes the acceptance of guess unseen_from - 1 (see batch_curve)."""
         out, expected, survive = [], 0.0, 1.0
         for n in range(1, high + 1):
             if n > 1:
-                i = n - 1 if unseen_from is None else min(n - 1, unseen_from - 1)
+                i = n - 1
+                if unseen_from is not None and i >= unseen_from and self.trials[i] < UNSEEN:
+                    i = unseen_from - 1
                 survive *= (self.hits[i] + PRIOR_Q * PRIOR_WEIGHT) / (self.trials[i] + PRIOR_WEIGHT)
             expected += survive
             out.append(expected)
@@ -143,8 +153,8 @@ class WindowSizer:
 
     def batch_curve(self, high: int) -> list[float]:
         """E[k | n] for n = 1..high as a batch prices it: positions past a window whose every
-        guess held are unseen, so they take the acceptance of the last one seen instead of the
-        prior. Guesses that keep holding widen the batch; a plain model's lucky window (its
+        guess held, where no forward has reached, take the acceptance of the last one seen
+        instead of the prior. Guesses that keep holding widen the batch; a plain model's lucky window (its
         first guess right one time in ten) adds a tenth of a token and widens nothing."""
         if not self.outgrown:
             return self.expected_tokens(high)

@@ -116,7 +116,15 @@ class JacobiWorker(BaseModelWorker):
             return build_engine(model, args.limit_worker_concurrency, max_len, args.prefill_chunk)
 
         self.engine = EngineLoop(build)
-        model, tokenizer, max_len = loaded["model"], loaded["tokenizer"], loaded["max_len"]
+        try:
+            self.finish_start_up(args, loaded["model"], loaded["tokenizer"], loaded["max_len"],
+                                 jacobi)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    def finish_start_up(self, args: argparse.Namespace, model, tokenizer, max_len: int,
+                        jacobi) -> None:
         CllmAdapter.claim(args.model_path)
         CllmAdapter.tokenizers[args.model_path] = tokenizer
         super().__init__(args.controller_address, args.worker_address, str(uuid.uuid4())[:8],

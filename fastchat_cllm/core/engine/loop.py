@@ -6,7 +6,7 @@ applies the orders that arrived, runs one forward while any request is queued or
 sleeps when there is none. A caller that stops reading (closes its iterator) cancels its request
 before the next forward, and the slot is free for the next request.
 
-    loop = EngineLoop(Engine(model, slots=8, max_len=2048))
+    loop = EngineLoop(lambda: Engine(load_model(), slots=8, max_len=2048))   # built on its thread
     for step in loop.submit(prompt_ids, config):      # from any thread
         ...
 """
@@ -57,14 +57,19 @@ class EngineLoop:
         self.thread = threading.Thread(target=self.run, args=(engine, built), name="engine-loop",
                                        daemon=True)
         self.thread.start()
-        result = built.get()
-        if isinstance(result, BaseException):
-            self.thread.join()
-            raise result
-        self.engine = result
-        self.cache_mib = round(result.cache.nbytes() / 2 ** 20, 1)
-        self.snapshot = self.describe()
-        self.ready.set()
+        try:
+            result = built.get()
+            if isinstance(result, BaseException):
+                self.thread.join()           # it returned after handing the error over
+                raise result
+            self.engine = result
+            self.cache_mib = round(result.cache.nbytes() / 2 ** 20, 1)
+            self.snapshot = self.describe()
+        except BaseException:        # the build failed, or Ctrl-C while it ran: no loop is left
+            self.stopped = True
+            raise
+        finally:
+            self.ready.set()
 
     @property
     def max_len(self) -> int:
@@ -120,7 +125,7 @@ class EngineLoop:
             built.put(error)
             return
         self.ready.wait()
-        while self.wait_for_work():
+        while not self.stopped and self.wait_for_work():
             try:
                 self.serve_once()
             except Exception as error:    # a bug outside any request: none may wait forever

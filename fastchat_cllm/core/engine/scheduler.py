@@ -7,10 +7,10 @@ by at most one chunk per step. A request whose window cannot be made is failed h
 no forward.
 
 A request alone in its forward sizes its own window. When several share the forward of windows,
-the runner pads every row to the longest, so the forward costs rows x width and any row may use
-the whole width at no extra cost: `choose_width` picks the width with the best expected tokens
-per second over all the rows (`cost`: seconds by rows and width, measured by the engine), and
-each adaptive row runs min(width, its own largest window).
+the runner pads every row to the longest, so the forward costs c(rows) x g(width) and any row
+may use the whole width at no extra cost: `choose_width` picks the width with the best expected
+tokens per second over all the rows (`cost`: a BatchCost, measured by the engine), and each
+adaptive row runs min(width, its own largest window).
 """
 from __future__ import annotations
 
