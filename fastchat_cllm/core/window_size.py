@@ -154,11 +154,9 @@ class WindowSizer:
     def batch_curve(self, high: int) -> list[float]:
         """E[k | n] for n = 1..high as a batch prices it: positions past a window whose every
         guess held, where no forward has reached, take the acceptance of the last one seen
-        instead of the prior. Guesses that keep holding widen the batch; a plain model's lucky window (its
-        first guess right one time in ten) adds a tenth of a token and widens nothing."""
-        if not self.outgrown:
-            return self.expected_tokens(high)
-        return self.expected_tokens(high, unseen_from=self.outgrown)
+        instead of the prior. Guesses that keep holding widen the batch; a plain model's lucky
+        window (its first guess right one time in ten) adds a tenth of a token, widening nothing."""
+        return self.expected_tokens(high, unseen_from=self.outgrown or None)
 
     def next_size(self, cap: int) -> int:
         """The window for the next forward, at most `cap` (tokens left to generate)."""

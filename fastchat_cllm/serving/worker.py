@@ -111,20 +111,19 @@ class JacobiWorker(BaseModelWorker):
 
         def build() -> Engine:       # on the engine's own thread: see EngineLoop
             model, tokenizer = load(args, dtype, revision)
+            loaded.update(model=model, tokenizer=tokenizer)
             max_len = args.max_len or min(context_length(model.config), DEFAULT_MAX_LEN)
-            loaded.update(model=model, tokenizer=tokenizer, max_len=max_len)
             return build_engine(model, args.limit_worker_concurrency, max_len, args.prefill_chunk)
 
         self.engine = EngineLoop(build)
         try:
-            self.finish_start_up(args, loaded["model"], loaded["tokenizer"], loaded["max_len"],
-                                 jacobi)
+            self.finish_start_up(args, loaded["model"], loaded["tokenizer"], jacobi)
         except BaseException:
             self.engine.close()
             raise
 
-    def finish_start_up(self, args: argparse.Namespace, model, tokenizer, max_len: int,
-                        jacobi) -> None:
+    def finish_start_up(self, args: argparse.Namespace, model, tokenizer, jacobi) -> None:
+        max_len = self.engine.max_len
         CllmAdapter.claim(args.model_path)
         CllmAdapter.tokenizers[args.model_path] = tokenizer
         super().__init__(args.controller_address, args.worker_address, str(uuid.uuid4())[:8],
