@@ -17,6 +17,7 @@ import torch
 from harness import ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine, Failure
+from fastchat_cllm.core.engine.request import Request
 from fastchat_cllm.core.step import Step
 
 F64 = torch.float64
@@ -86,7 +87,7 @@ def test_every_request_equals_its_solo_greedy(arch, model, window):
     assert stopped.finish_reason == "stop" and len(expected[1]) < ARRIVALS[1][1]
     if WINDOWS[window]["window_size"] > 1 and not WINDOWS[window].get("adaptive", True):
         assert len(stopped.window) > len(stopped.tokens)    # guesses after the EOS dropped
-    assert not engine.has_work and engine.cache.lengths == [0, 0, 0]
+    assert not engine.has_work and not engine.scheduler.running
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_another_decodes(arch, model, one_thread):
@@ -138,6 +139,72 @@ def test_prompt_logprobs_across_chunks(model, one_thread):
     assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in want], abs=1e-9)
 
 
+class Prefills:
+    """Records the size of every prompt chunk the engine schedules."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        original = Request.prefill_row
+
+        def spy(request, budget):
+            row = original(request, budget)
+            self.sizes.append(len(row.tokens))
+            return row
+        self.patch = mock.patch.object(Request, "prefill_row", spy)
+
+    def __enter__(self):
+        self.patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.patch.__exit__(*exc)
+
+
+def test_a_prompt_starts_from_the_prefix_a_slot_holds(arch, model):
+    """Prefix caching: a finished request's slot keeps what it holds; the next turn of its chat
+    prefills only what is new, a request sharing a system prompt copies that prefix from a
+    running request's slot, and every answer stays exactly its solo greedy one."""
+    engine = Engine(model, slots=3, max_len=200, chunk=16)
+    config = JacobiConfig(max_new_tokens=20, window_size=4, adaptive=False)
+    system = prompt(30, 61)
+    first = system + prompt(5, 62)
+    order, steps, _ = drain(engine, {0: [(first, config)]})
+    answer = tokens_of(steps[order[0]])
+    assert answer == tiny_greedy(arch, first, 20, dtype=F64)
+    held = len(first) + len(answer) - 1        # the last token was made, never run
+    turn = first + answer + prompt(6, 63)       # the chat's next turn
+    other, third = system + prompt(8, 64), system + prompt(3, 65)
+    before = (engine.totals.prompt_tokens, engine.totals.cached_tokens)
+    with Prefills() as chunks:
+        order, steps, _ = drain(engine, {0: [(turn, config), (other, config)], 3: [(third, config)]})
+    for request_id, ids in zip(order, (turn, other, third)):
+        assert tokens_of(steps[request_id]) == tiny_greedy(arch, ids, 20, dtype=F64)
+    # the turn finds its whole history in slot 0; `other` copies the system prompt from it;
+    # `third` (arriving as both decode) copies it from a running slot
+    assert chunks.sizes == [len(turn) - held, len(other) - 30, len(third) - 30]
+    assert engine.totals.prompt_tokens - before[0] == len(turn) + len(other) + len(third)
+    assert engine.totals.cached_tokens - before[1] == held + 30 + 30
+
+
+def test_prefix_caching_off_and_prompt_logprobs_prefill_the_whole_prompt(arch, model):
+    config = JacobiConfig(max_new_tokens=8, window_size=4, adaptive=False)
+    ids = prompt(20, 71)
+    for engine, asks in ((Engine(model, slots=2, max_len=96, prefix_cache=False), config),
+                         (Engine(model, slots=2, max_len=96), config.with_(logprobs=1,
+                                                                             prompt_logprobs=True))):
+        with Prefills() as chunks:
+            for _ in range(2):
+                order, steps, _ = drain(engine, {0: [(ids, asks)]})
+                assert tokens_of(steps[order[0]]) == tiny_greedy(arch, ids, 8, dtype=F64)
+        assert chunks.sizes == [20, 20] and engine.totals.cached_tokens == 0
+    engine = Engine(model, slots=2, max_len=96)     # on: the same prompt again runs its last
+    with Prefills() as chunks:                      # token only
+        for _ in range(2):
+            order, steps, _ = drain(engine, {0: [(ids, config)]})
+            assert tokens_of(steps[order[0]]) == tiny_greedy(arch, ids, 8, dtype=F64)
+    assert chunks.sizes == [20, 1] and engine.totals.cached_tokens == 19
+
+
 def test_rollback_moves_lengths_not_storage(arch, model):
     engine = Engine(model, slots=2, max_len=128, chunk=16)
     before = engine.cache.storage_pointers()
@@ -161,7 +228,7 @@ def test_cancel_frees_a_slot_and_the_rest_stay_exact(arch, model):
     made = engine.step()
     assert [request_id for request_id, _ in made] == [a, b, c]
     assert engine.cancel(b) and not engine.cancel(b)
-    assert engine.cache.lengths[1] == 0
+    assert sorted(engine.scheduler.running) == [0, 2]
     out = {a: [made[0][1]], c: [made[2][1]]}
     for request_id, step in engine.step() + engine.step():      # slots 0 and 2 only
         out[request_id].append(step)
@@ -188,7 +255,7 @@ def test_a_fault_in_one_requests_verification_fails_it_alone(arch, model):
     assert "outside the vocabulary" in str(steps[order[1]][0].error)
     for request_id, prompt_ids in zip(order[::2], ids[::2]):
         assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 30, dtype=F64)
-    assert not engine.has_work and engine.cache.lengths == [0, 0, 0]
+    assert not engine.has_work and not engine.scheduler.running
     assert engine.totals.tokens == sum(s.accepted for got in steps.values() for s in got
                                        if isinstance(s, Step) and s.window)
     with pytest.raises(ValueError, match="outside the vocabulary"):    # the one-request API
@@ -209,7 +276,7 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, mode
     assert isinstance(steps[bad][0].error, IndexError)
     for request_id, prompt_ids in zip([order[0], *order[2:]], (good, waiting, later)):
         assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 20, dtype=F64)
-    assert not engine.has_work and engine.cache.lengths == [0, 0]
+    assert not engine.has_work and not engine.scheduler.running
 
 
 def test_eager_attention_takes_the_same_mask(one_thread):

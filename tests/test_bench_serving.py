@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -35,6 +37,7 @@ class TinyChatServer(ThreadingHTTPServer):
         self.send_usage, self.lock = send_usage, threading.Lock()
         self.completion_tokens: list[int] = []   # per finished request
         self.authorization: str | None = None    # the last request's Authorization header
+        self.asked: list[str] = []               # every request's last message, as received
 
     @property
     def url(self) -> str:
@@ -69,6 +72,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         server: TinyChatServer = self.server
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server.authorization = self.headers.get("Authorization")
+        server.asked.append(request["messages"][-1]["content"])
         if "FAIL" in request["messages"][-1]["content"]:
             self.send_error(500, "asked to fail")
             return
@@ -135,6 +139,20 @@ def test_serving_cli_measures_each_concurrency_level(chat_server, tmp_path):
         assert level["requests_per_second"] == pytest.approx(level["requests"] / level["wall_s"],
                                                              rel=1e-2)
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    # each request's prompt is its own: "Request N: " with N counting from the warm-up's 0
+    questions = [p.messages[-1]["content"] for p in builtin_prompts()[:3]]
+    asked = [re.fullmatch(r"Request (\d+): (.*)", q, re.S).groups() for q in chat_server.asked]
+    assert sorted(int(n) for n, _ in asked) == list(range(11))
+    assert Counter(questions.index(q) for _, q in asked) == {0: 5, 1: 4, 2: 2}
+
+
+@pytest.mark.parametrize("chat_server", [True], indirect=True)
+def test_repeat_prompts_sends_the_prompts_as_they_are(chat_server, tmp_path):
+    run = main(["--serve-url", chat_server.url, "--concurrency", "2", "--num-prompts", "2",
+                "--max-new-tokens", "3", "--repeat-prompts", "--out", str(tmp_path / "r.json")])
+    questions = [p.messages[-1]["content"] for p in builtin_prompts()[:2]]
+    assert sorted(chat_server.asked) == sorted([questions[0], *questions])   # warm-up, 2 streams
+    assert run["config"]["distinct"] is False
 
 
 @pytest.mark.parametrize("chat_server", [True], indirect=True)

@@ -4,7 +4,8 @@ FastChat's controller dispatches each request of a model to one of its workers (
 `--dispatch-method shortest_queue`: the shortest queue as the worker's last heartbeat reported
 it, plus one for each request handed to it since); the API server asks it once per request.
 Sixteen concurrent requests through the API server: both workers serve some, as each worker's
-own count of finished requests (/worker_get_status, "jacobi") shows.
+own count of finished requests (/worker_get_status, "jacobi") shows. The second worker runs
+with --no-prefix-cache: it prefills every prompt in full.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_two_workers_behind_one_controller_both_serve(tiny_served, tmp_path):
     second = f"http://127.0.0.1:{port}"
     process = spawn(tmp_path / "second-worker.log", "fastchat_cllm.worker", "--model-path",
                     str(tiny_served), "--device", "cpu", "--port", str(port),
-                    "--worker-address", second, "--controller-address", stack.controller)
+                    "--worker-address", second, "--controller-address", stack.controller,
+                    "--no-prefix-cache")
     try:
         def alive() -> None:
             stack.check_alive()
@@ -52,6 +54,9 @@ def test_two_workers_behind_one_controller_both_serve(tiny_served, tmp_path):
         served = [worker_status(w)["jacobi"]["requests"] - b for w, b in zip(workers, before)]
         assert sum(served) == REQUESTS and min(served) > 0, served
         assert all(worker_status(w)["queue_length"] == 0 for w in workers)
+        full = worker_status(second)["batch"]
+        assert full["prompt_tokens"] > 0 and full["cached_prompt_tokens"] == 0
+        assert "prefix caching off" in (tmp_path / "second-worker.log").read_text()
     finally:
         stop(process)
         stack.down()

@@ -73,6 +73,23 @@ def test_status_reports_the_batch(stack):
     assert "slot cache: 8 slots x 1024 positions" in worker.tail(200)
 
 
+def test_the_next_turn_prefills_only_what_is_new(stack):
+    """Prefix caching (the worker's default): a prompt that extends an earlier request's prompt
+    and answer starts from what that request's slot still holds."""
+    worker = next(child for child in stack.children if child.name == "worker")
+    assert "prefix caching on" in worker.tail(200)
+    first = "The quick brown fox jumps over the lazy dog, " * 3
+    answer, _ = stream(stack, first)
+    before = batch(stack)
+    follow_up = first + answer + " And then?"
+    text, reason = stream(stack, follow_up)
+    after = batch(stack)
+    assert reason in ("length", "stop") and text
+    prompt = after["prompt_tokens"] - before["prompt_tokens"]
+    cached = after["cached_prompt_tokens"] - before["cached_prompt_tokens"]
+    assert prompt >= len(follow_up) > cached >= len(first)      # char tokenizer: >= 1 per char
+
+
 def test_64_concurrent_streams_equal_each_alone(stack, alone):
     assert all(reason in ("length", "stop") for _, reason in alone.values()), alone
     before, busiest, done = batch(stack), [], threading.Event()

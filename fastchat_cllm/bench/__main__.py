@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logdir", help="--compare-stock-worker: each side's processes log to "
                    "LOGDIR/<side>/ (default: $TMPDIR/fastchat-cllm-compare-logs)")
     p.add_argument("--concurrency", default="1,4,16", help="serving: concurrency levels")
+    p.add_argument("--repeat-prompts", action="store_true",
+                   help="serving: send the prompts as they are at every level (by default "
+                   "each request's is its own, 'Request N: ' before it, so a server's prefix "
+                   "cache finds only what requests really share)")
     p.add_argument("--tokenizer", help="serving: count tokens with this tokenizer (model path or "
                    "alias) when the stream carries no usage")
     p.add_argument("--api-key", help="serving: sent as 'Authorization: Bearer KEY' (not saved)")
@@ -98,7 +102,8 @@ def serving(args, info: dict) -> dict:
 
     need("openai", "--serve-url")
     config = ServingConfig(args.serve_url, args.model, _levels(args.concurrency),
-                           args.max_new_tokens, args.repeats, args.timeout, args.api_key)
+                           args.max_new_tokens, args.repeats, args.timeout, args.api_key,
+                           distinct=not args.repeat_prompts)
     tokenizer = load_tokenizer(resolve(args.tokenizer)) if args.tokenizer else None
     results = run_serving(config, select_prompts(args.prompts, args.num_prompts), tokenizer)
     run = {"mode": "serving", "machine": info, "config": config.as_dict(), **results}
@@ -125,7 +130,8 @@ def compare(args, info: dict) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = CompareConfig(args.model, _levels(args.concurrency), args.max_new_tokens,
                            args.repeats, args.timeout, device, args.dtype,
-                           args.limit_worker_concurrency, args.logdir or str(LOGDIR))
+                           args.limit_worker_concurrency, args.logdir or str(LOGDIR),
+                           distinct=not args.repeat_prompts)
     try:
         results = run_compare(config, select_prompts(args.prompts, args.num_prompts))
     except StackError as e:         # a stack that did not start: which process, its log's tail

@@ -39,6 +39,7 @@ class CompareConfig:
     dtype: str = "float32"
     worker_concurrency: int | None = None  # both workers' --limit-worker-concurrency (None: own)
     logdir: str = str(LOGDIR)              # each side logs to logdir/<side>/
+    distinct: bool = True                  # ServingConfig.distinct
 
     def __post_init__(self):
         self.serving("http://127.0.0.1/v1", "x")          # its checks
@@ -47,7 +48,8 @@ class CompareConfig:
 
     def serving(self, url: str, name: str) -> ServingConfig:
         return ServingConfig(url, name, self.concurrency, self.max_new_tokens,
-                             self.requests_per_stream, self.timeout, usage=False)
+                             self.requests_per_stream, self.timeout, usage=False,
+                             distinct=self.distinct)
 
     def worker_flags(self, name: str) -> list[str]:
         flags = ["--model-names", name, "--device", self.device, "--dtype", self.dtype]

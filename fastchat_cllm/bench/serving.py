@@ -8,10 +8,16 @@ second. A request that fails (an HTTP error, a timeout, or an error chunk in the
 FastChat sends when a worker fails) is counted and its error kept. Completion tokens come from
 the stream's usage when the server sends it (and `usage` is on), else from a tokenizer when one
 is given, else from the number of content chunks (see `token_source`).
+
+Every request's prompt is made its own ("Request N: " before its last user message; `distinct`)
+so that no request repeats an earlier one's: a server that caches prompt prefixes then finds only
+what real traffic shares (the system prompt and chat template), not whole prompts it has seen at
+an earlier level or in the warm-up. `distinct=False` sends the prompts as they are.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +37,7 @@ class ServingConfig:
     timeout: float = 600.0                # seconds per request
     api_key: str | None = field(default=None, repr=False)   # sent as a Bearer token, not saved
     usage: bool = True                    # count tokens from the stream's usage when it has one
+    distinct: bool = True                 # each request's prompt its own (see the module doc)
 
     def __post_init__(self):
         if not self.concurrency or min(self.concurrency) < 1:
@@ -66,12 +73,23 @@ class Timing:
         return (self.tokens - 1) / after if self.tokens > 1 and after > 0 else 0.0
 
 
+def numbered(messages, number: int) -> list[dict]:
+    """The messages with "Request {number}: " before the last user message's content."""
+    out = [dict(message) for message in messages]
+    last = max((i for i, m in enumerate(out) if m["role"] == "user"), default=None)
+    if last is not None:
+        out[last]["content"] = f"Request {number}: {out[last]['content']}"
+    return out
+
+
 async def stream_once(client, config: ServingConfig, model: str, prompt: Prompt,
-                      tokenizer=None) -> Timing:
-    """Send one streaming chat completion (greedy) and time it."""
+                      tokenizer=None, number: int | None = None) -> Timing:
+    """Send one streaming chat completion (greedy) and time it; `number`: make the prompt the
+    request's own (`numbered`)."""
+    messages = list(prompt.messages) if number is None else numbered(prompt.messages, number)
     started = time.perf_counter()
     stream = await client.chat.completions.create(
-        model=model, messages=list(prompt.messages), max_tokens=config.max_new_tokens,
+        model=model, messages=messages, max_tokens=config.max_new_tokens,
         temperature=0.0, stream=True, stream_options={"include_usage": True})
     async with stream:
         first, pieces, usage = await _read(stream, started)
@@ -137,7 +155,7 @@ def level_summary(concurrency: int, timings: list[Timing], wall: float,
 
 
 async def _level(client, config: ServingConfig, model: str, prompts: list[Prompt],
-                 concurrency: int, tokenizer, bar) -> dict:
+                 concurrency: int, tokenizer, bar, numbers) -> dict:
     from httpx import HTTPError
     from openai import APIError
 
@@ -148,7 +166,8 @@ async def _level(client, config: ServingConfig, model: str, prompts: list[Prompt
         for r in range(config.requests_per_stream):
             prompt = prompts[(stream * config.requests_per_stream + r) % len(prompts)]
             try:
-                out.append(await stream_once(client, config, model, prompt, tokenizer))
+                number = next(numbers) if config.distinct else None
+                out.append(await stream_once(client, config, model, prompt, tokenizer, number))
             except (APIError, HTTPError, StreamError) as err:   # a failed request: a result
                 errors.append(f"{type(err).__name__}: {err}")
             bar.update()
@@ -167,13 +186,16 @@ async def _run(config: ServingConfig, prompts: list[Prompt], tokenizer) -> dict:
     async with AsyncOpenAI(base_url=config.url, api_key=config.api_key or "EMPTY",
                            timeout=config.timeout, max_retries=0) as client:
         model = config.model or (await client.models.list()).data[0].id
-        await stream_once(client, config, model, prompts[0], tokenizer)   # warm-up
+        numbers = itertools.count()
+        await stream_once(client, config, model, prompts[0], tokenizer,   # warm-up
+                          next(numbers) if config.distinct else None)
         total = sum(config.concurrency) * config.requests_per_stream
         levels = []
         with tqdm(total=total, file=sys.stderr, desc="serve", unit="req") as bar:
             for c in config.concurrency:
                 bar.set_postfix_str(f"concurrency {c}")
-                levels.append(await _level(client, config, model, prompts, c, tokenizer, bar))
+                levels.append(await _level(client, config, model, prompts, c, tokenizer, bar,
+                                           numbers))
     return {"model": model, "levels": levels}
 
 

@@ -113,7 +113,8 @@ class JacobiWorker(BaseModelWorker):
             model, tokenizer = load(args, dtype, revision)
             loaded.update(model=model, tokenizer=tokenizer)
             max_len = args.max_len or min(context_length(model.config), DEFAULT_MAX_LEN)
-            return build_engine(model, args.limit_worker_concurrency, max_len, args.prefill_chunk)
+            return build_engine(model, args.limit_worker_concurrency, max_len, args.prefill_chunk,
+                                not args.no_prefix_cache)
 
         self.engine = EngineLoop(build)
         try:
@@ -138,8 +139,8 @@ class JacobiWorker(BaseModelWorker):
         self.generate_stream_func = partial(generate_stream, jacobi=jacobi)
         log.info("serving %s as %s with %s", args.model_path, self.model_names, jacobi)
         log.info("slot cache: %d slots x %d positions = %.1f MiB (--limit-worker-concurrency x "
-                 "--max-len)", args.limit_worker_concurrency, max_len,
-                 self.engine.status()["cache_mib"])
+                 "--max-len), prefix caching %s", args.limit_worker_concurrency, max_len,
+                 self.engine.status()["cache_mib"], "off" if args.no_prefix_cache else "on")
 
     def count_token(self, params: dict) -> dict:
         """The prompt's token count for the API server's length check, tokenizing no more of a
@@ -197,10 +198,10 @@ def load(args: argparse.Namespace, dtype, revision):
                            f"{type(e).__name__}: {e}") from e
 
 
-def build_engine(model, slots: int, max_len: int, chunk: int) -> Engine:
+def build_engine(model, slots: int, max_len: int, chunk: int, prefix_cache: bool = True) -> Engine:
     """The worker's one engine, its slot cache allocated."""
     try:
-        return Engine(model, slots, max_len, chunk)
+        return Engine(model, slots, max_len, chunk, prefix_cache)
     except (ValueError, RuntimeError) as e:       # unsupported attention, no memory for it
         raise StartupError(f"cannot build the engine ({slots} slots x {max_len} positions): "
                            f"{e}") from e
@@ -231,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens prefilled per engine step, all new prompts together "
                              "(each chunk in a forward of its own: what a long prompt may delay "
                              "the others' next window by)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="prefill every prompt in full (by default a request starts from the "
+                             "longest prefix of its prompt the slots hold: a shared system "
+                             "prompt, the earlier turns of a chat; in fp32 the reused keys/values "
+                             "may round differently, so a near-tie can change)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,

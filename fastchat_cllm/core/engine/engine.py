@@ -11,6 +11,11 @@ Memory is explicit: the slot cache holds slots x max_len positions of keys/value
 layer, allocated up front (SmolLM2-135M: ~46 KB per position in fp32). The model must use an
 attention implementation that takes a 4D mask (eager, SDPA); full-attention layers only.
 
+Prefix caching (on unless `prefix_cache=False`): a request starts from the longest prefix of
+its prompt that a slot holds, left by an earlier request or copied from a running one, and only
+the rest is prefilled; the keys/values are the same function of the same ids, computed in other
+forwards (in fp32 a different batch shape may round differently: only near-ties can change).
+
 Faults stay where they happen: an exception while making one request's window or verifying its
 logits fails that request alone; an exception from the forward fails every request in it. Either
 way the failed requests leave their slots and the engine serves the rest.
@@ -46,6 +51,8 @@ class BatchTotals:
 
     forwards: int = 0
     tokens: int = 0
+    prompt_tokens: int = 0      # of the requests admitted to a slot
+    cached_tokens: int = 0      # of those, found in the cache (not prefilled)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -53,12 +60,13 @@ class BatchTotals:
 
 
 class Engine:
-    def __init__(self, model, slots: int = 4, max_len: int = 2048, chunk: int = 64):
+    def __init__(self, model, slots: int = 4, max_len: int = 2048, chunk: int = 64,
+                 prefix_cache: bool = True):
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache)
         self.cost = BatchCost(torch.device(model.device).type)    # seconds by rows and width
-        self.scheduler = Scheduler(self.cache, chunk, self.cost)
+        self.scheduler = Scheduler(self.cache, chunk, self.cost, prefix_cache)
         self.ids = itertools.count()
         self.totals = BatchTotals()
 
@@ -80,6 +88,9 @@ class Engine:
         forward's rows to its longest, so a chunk beside 1-token windows would multiply every
         row by the chunk's length), then one forward over every decoding request's window; by
         request id, the Steps they made and the Failures of requests they stopped."""
+        admitted = self.scheduler.admit()
+        self.totals.prompt_tokens += sum(len(r.prompt) for r in admitted)
+        self.totals.cached_tokens += sum(r.cached for r in admitted)
         chunks, windows = self.scheduler.schedule()     # a request whose window fails is failed
         results = []
         for pair in chunks:

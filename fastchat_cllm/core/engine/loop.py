@@ -198,4 +198,5 @@ class EngineLoop:
                 "waiting": len(scheduler.waiting), "max_len": self.max_len,
                 "cache_mib": self.cache_mib, **{name: self.counts[name] for name in COUNTS},
                 "forwards": totals.forwards, "tokens": totals.tokens,
-                "tokens_per_forward": round(totals.tokens_per_forward, 4)}
+                "tokens_per_forward": round(totals.tokens_per_forward, 4),
+                "prompt_tokens": totals.prompt_tokens, "cached_prompt_tokens": totals.cached_tokens}

@@ -24,6 +24,7 @@ class Request:
         self.id, self.prompt, self.config = request_id, prompt, config
         self.slot: int | None = None
         self.prefilled = 0                      # prompt tokens in the slot
+        self.cached = 0                         # of them, found there (prefix caching)
         self.output: list[int] = []             # final tokens
         self.finish_reason: str | None = None
         self.error: BaseException | None = None   # what stopped it, when decoding it raised
@@ -41,6 +42,12 @@ class Request:
         self.window_ages: list[int] = []
         self.shadow_guess: int | None = None     # see window_row
         self.block_start = True                 # the first forward of a call starts a block
+
+    def start_from(self, cached: int) -> None:
+        """The slot already holds the first `cached` prompt tokens: prefill the rest."""
+        if not 0 <= cached < len(self.prompt) or self.prefilled:
+            raise ValueError(f"cannot start from {cached} of {len(self.prompt)} prompt tokens")
+        self.prefilled = self.cached = cached
 
     @property
     def prefilling(self) -> bool:

@@ -86,7 +86,7 @@ class Runner:
         starts = torch.tensor([self.cache.length(row.slot) for row in rows])
         ids = input_ids(rows, self.model.device)                                # [B, n]
         width = ids.shape[1]
-        where = self.cache.place([row.slot for row in rows], sizes)
+        where = self.cache.place([row.slot for row in rows], [row.tokens for row in rows])
         limit = last_seen(starts, torch.tensor(sizes), width)                   # [B, n]
         positions = starts[:, None] + torch.arange(width)[None, :]             # [B, n]
         columns = kept_columns(rows)

@@ -1,6 +1,11 @@
 """Which requests run in the next engine step, and in which slot.
 
-Waiting requests take free slots in arrival order. Every decoding request runs its window in
+Waiting requests take free slots in arrival order. With prefix caching (the default), a request
+starts from the longest prefix of its prompt that a slot holds: a free slot keeps what its last
+request left until it is reused (the least recently freed is reused first), and a prefix held by
+a slot in use is copied. Only the rest of the prompt is prefilled; at least its last token runs,
+for the first token's logits. A request that asks for prompt logprobs prefills all of it. Every
+decoding request runs its window in
 every step's forward of windows; prompts are prefilled in chunks, `chunk` prompt tokens per step
 in all (earliest first), each chunk in a forward of its own, so a long prompt delays the others
 by at most one chunk per step. A request whose window cannot be made is failed here and runs in
@@ -14,6 +19,7 @@ adaptive row runs min(width, its own largest window).
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from ..window_size import BatchCost, choose_width
@@ -23,12 +29,15 @@ from .slot_cache import SlotCache
 
 
 class Scheduler:
-    def __init__(self, cache: SlotCache, chunk: int, cost: BatchCost):
+    def __init__(self, cache: SlotCache, chunk: int, cost: BatchCost, prefix_cache: bool = True):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.cache, self.chunk, self.cost = cache, chunk, cost
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}        # slot -> request
+        self.freed = [0] * cache.slots                # when each slot was last freed (a tick)
+        self.ticks = itertools.count(1)
 
     @property
     def has_work(self) -> bool:
@@ -37,18 +46,50 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def admit(self) -> None:
-        """Move waiting requests into free slots (lowest first)."""
+    def admit(self) -> list[Request]:
+        """Move waiting requests into free slots, each starting from the longest prefix of its
+        prompt a slot holds (without prefix caching: the least recently freed, emptied); the
+        requests admitted."""
         free = [s for s in range(self.cache.slots) if s not in self.running]
+        admitted = []
         while self.waiting and free:
             request = self.waiting.popleft()
-            request.slot = free.pop(0)
-            self.cache.clear(request.slot)
+            request.slot = self.take(request, free)
+            free.remove(request.slot)
             self.running[request.slot] = request
+            admitted.append(request)
+        return admitted
+
+    def take(self, request: Request, free: list[int]) -> int:
+        """The free slot `request` goes in, holding the prefix it starts from. A free slot whose
+        whole contents are that prefix is taken as it is; otherwise the prefix (held by any slot)
+        is copied into the least recently freed slot, and the slot it came from keeps the rest
+        of what it holds for a later request (the next turn of its chat)."""
+        oldest = min(free, key=lambda s: (self.freed[s], s))
+        if not self.prefix_cache or request.config.prompt_logprobs:
+            self.cache.clear(oldest)
+            return oldest
+        usable = len(request.prompt) - 1                 # the last prompt token always runs
+        shared = {s: min(self.cache.shared_prefix(s, request.prompt), usable)
+                  for s in range(self.cache.slots)}
+        whole = [s for s in free if shared[s] == self.cache.length(s) > 0]
+        if whole:                                         # all it holds is this prompt's
+            target = max(whole, key=lambda s: shared[s])
+            count = shared[target]
+        else:
+            target = oldest
+            source = max(range(self.cache.slots), key=lambda s: (shared[s], s == target))
+            count = shared[source]
+            if source == target or count == 0:
+                self.cache.keep(target, count)
+            else:
+                self.cache.copy_prefix(source, target, count)
+        request.start_from(count)
+        return target
 
     def schedule(self) -> tuple[list[tuple[Request, Row]], list[tuple[Request, Row]]]:
-        """(the prompt chunks of this step, the windows of its decoding requests in slot order)."""
-        self.admit()
+        """(the prompt chunks of this step, the windows of its decoding requests in slot order)
+        of the running requests (`admit` first)."""
         chunks, windows, budget, sized = [], [], self.chunk, []
         for slot in sorted(self.running):
             request = self.running[slot]
@@ -88,8 +129,9 @@ class Scheduler:
             self.release(slot)
 
     def release(self, slot: int) -> None:
+        """Free a slot; what it holds stays for a later request's prefix."""
         del self.running[slot]
-        self.cache.clear(slot)
+        self.freed[slot] = next(self.ticks)
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request wherever it is; False when it is not here (finished or unknown)."""

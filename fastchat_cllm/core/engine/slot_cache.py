@@ -7,6 +7,11 @@ A forward's rows write their new keys/values at their own slot's positions; reje
 only moves the slot's length back, and the next forward overwrites what lies beyond it.
 Storage never moves: no concatenation, no copy on rollback.
 
+The cache also knows which token ids its positions hold (every position's keys/values are those
+of the ids up to it, guesses included), so a new request can start from another sequence's
+prefix: a freed slot keeps its contents until it is reused, and `copy_prefix` copies a prefix
+from a slot still in use (prefix caching: a shared system prompt, the earlier turns of a chat).
+
 It plugs into transformers as a `Cache` (the public `update(keys, values, layer_idx)` each
 attention layer calls); the runner supplies the position ids and a 4D mask, which the models'
 mask builders pass through untouched.
@@ -98,8 +103,9 @@ class SlotCache(Cache):
                                  for _ in range(config.num_hidden_layers)])
         self.slots, self.max_len = slots, max_len
         self.lengths = [0] * slots
+        self.ids: list[list[int]] = [[] for _ in range(slots)]   # the ids at 0 .. length - 1
         self.where: Placement | None = None     # the forward in flight
-        self.sizes: dict[int, int] = {}          # its tokens per slot
+        self.planned: dict[int, list[int]] = {}  # its token ids per slot
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self.where)
@@ -108,19 +114,44 @@ class SlotCache(Cache):
         return self.lengths[slot]
 
     def clear(self, slot: int) -> None:
-        """Free a slot for a new sequence (its storage is overwritten as it is filled)."""
-        self.lengths[slot] = 0
+        """Empty a slot for a new sequence (its storage is overwritten as it is filled)."""
+        self.keep(slot, 0)
 
     def trim(self, slot: int, count: int) -> None:
         """Drop the last `count` positions of a slot (rejected guesses): only its length moves."""
         if count < 0 or count > self.lengths[slot]:
             raise ValueError(f"cannot drop {count} of {self.lengths[slot]} cached positions")
-        self.lengths[slot] -= count
+        self.keep(slot, self.lengths[slot] - count)
 
-    def place(self, slots: list[int], sizes: list[int]) -> Placement:
-        """Plan a forward whose row r writes sizes[r] tokens after the cached prefix of
-        slots[r]; `written()` then adds them to the slots' lengths. Raises when a slot would
-        overflow."""
+    def keep(self, slot: int, count: int) -> None:
+        """Keep only the first `count` positions of a slot."""
+        if count < 0 or count > self.lengths[slot]:
+            raise ValueError(f"cannot keep {count} of {self.lengths[slot]} cached positions")
+        self.lengths[slot] = count
+        del self.ids[slot][count:]
+
+    def shared_prefix(self, slot: int, ids: list[int]) -> int:
+        """How many leading ids of `ids` the slot already holds."""
+        held, count = self.ids[slot], 0
+        for a, b in zip(held, ids):
+            if a != b:
+                break
+            count += 1
+        return count
+
+    def copy_prefix(self, source: int, target: int, count: int) -> None:
+        """Make `target` hold the first `count` positions of `source` (one copy per layer)."""
+        if count > self.lengths[source]:
+            raise ValueError(f"slot {source} holds {self.lengths[source]} positions, not {count}")
+        for layer in self.layers:
+            for store in (layer.keys, layer.values):
+                store[target, :, :count] = store[source, :, :count]
+        self.lengths[target], self.ids[target] = count, self.ids[source][:count]
+
+    def place(self, slots: list[int], tokens: list[list[int]]) -> Placement:
+        """Plan a forward whose row r writes the ids tokens[r] after the cached prefix of
+        slots[r]; `written()` then adds them to the slots. Raises when a slot would overflow."""
+        sizes = [len(ids) for ids in tokens]
         starts = [self.lengths[s] for s in slots]
         for slot, start, size in zip(slots, starts, sizes):
             if start + size > self.max_len:
@@ -136,14 +167,15 @@ class SlotCache(Cache):
                                max(s + n for s, n in zip(starts, sizes)),
                                *(t.to(device) for t in (row, col, slot, position)),
                                slots[0] if consecutive else None)
-        self.sizes = dict(zip(slots, sizes))
+        self.planned = dict(zip(slots, tokens))
         return self.where
 
     def written(self) -> None:
         """The planned forward ran: its rows' tokens are now part of their slots."""
-        for slot, size in self.sizes.items():
-            self.lengths[slot] += size
-        self.where, self.sizes = None, {}
+        for slot, ids in self.planned.items():
+            self.lengths[slot] += len(ids)
+            self.ids[slot] += ids
+        self.where, self.planned = None, {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The longest slot's length (a forward hook's view; each slot has its own)."""
