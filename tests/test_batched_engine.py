@@ -186,6 +186,32 @@ def test_a_prompt_starts_from_the_prefix_a_slot_holds(arch, model):
     assert engine.totals.cached_tokens - before[1] == held + 30 + 30
 
 
+def test_a_slot_is_cut_back_to_a_shared_prefix_and_the_least_recently_freed_is_evicted(arch,
+                                                                                       model):
+    engine = Engine(model, slots=2, max_len=96)
+    config = JacobiConfig(max_new_tokens=8, window_size=4, adaptive=False)
+    a, b, c = prompt(20, 81), prompt(12, 82), prompt(9, 83)
+    cut = a[:10] + prompt(5, 84)                  # shares a's first 10 tokens, then differs
+    sizes = []
+    for ids in (a, b, a, c, a, cut):
+        with Prefills() as chunks:
+            order, steps, _ = drain(engine, {0: [(ids, config)]})
+        assert tokens_of(steps[order[0]]) == tiny_greedy(arch, ids, 8, dtype=F64)
+        sizes += chunks.sizes
+    # a: slot 0; b: slot 1; a again: its last token only; c evicts b (freed before a), so a
+    # is still held; `cut` copies their 10 shared tokens into c's slot, now the least recent
+    assert sizes == [20, 12, 1, 9, 1, 5]
+    assert engine.cache.ids[1] == cut + tokens_of(steps[order[0]])[:-1]
+    assert engine.cache.ids[0][:20] == a
+    alone = Engine(model, slots=1, max_len=96)    # one slot: cut back where it is
+    for ids, size in ((a, 20), (cut, 5)):
+        with Prefills() as chunks:
+            order, steps, _ = drain(alone, {0: [(ids, config)]})
+        assert tokens_of(steps[order[0]]) == tiny_greedy(arch, ids, 8, dtype=F64)
+        assert chunks.sizes == [size]
+    assert alone.cache.ids[0] == cut + tokens_of(steps[order[0]])[:-1]
+
+
 def test_prefix_caching_off_and_prompt_logprobs_prefill_the_whole_prompt(arch, model):
     config = JacobiConfig(max_new_tokens=8, window_size=4, adaptive=False)
     ids = prompt(20, 71)

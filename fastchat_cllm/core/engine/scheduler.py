@@ -1,15 +1,22 @@
 """Which requests run in the next engine step, and in which slot.
 
 Waiting requests take free slots in arrival order. With prefix caching (the default), a request
-starts from the longest prefix of its prompt that a slot holds: a free slot keeps what its last
-request left until it is reused (the least recently freed is reused first), and a prefix held by
-a slot in use is copied. Only the rest of the prompt is prefilled; at least its last token runs,
-for the first token's logits. A request that asks for prompt logprobs prefills all of it. Every
-decoding request runs its window in
-every step's forward of windows; prompts are prefilled in chunks, `chunk` prompt tokens per step
-in all (earliest first), each chunk in a forward of its own, so a long prompt delays the others
-by at most one chunk per step. A request whose window cannot be made is failed here and runs in
-no forward.
+starts from the longest prefix of its prompt that the slots hold, and only the rest of its prompt
+is prefilled (at least its last token runs, for the first token's logits):
+- a finished request's slot keeps its prompt and answer until it is reused; a free slot whose
+  whole contents are that longest prefix (the chat's earlier turns) is taken as it is;
+- otherwise the prefix (a shared system prompt, say) is copied from the slot holding it, in use
+  or not, into the least recently freed slot, which is what the cache evicts;
+- a request that asks for prompt logprobs prefills all of its prompt.
+Free slots are then taken out of order, so a batch's slots are often not consecutive and the
+attention reads their keys/values gathered rather than as a view (a few % of a forward on the
+CPU here): the price of keeping what was recently used. Without prefix caching the lowest free
+slot is taken and emptied, which keeps the batch's slots consecutive.
+
+Every decoding request runs its window in every step's forward of windows; prompts are prefilled
+in chunks, `chunk` prompt tokens per step in all (earliest first), each chunk in a forward of its
+own, so a long prompt delays the others by at most one chunk per step. A request whose window
+cannot be made is failed here and runs in no forward.
 
 A request alone in its forward sizes its own window. When several share the forward of windows,
 the runner pads every row to the longest, so the forward costs c(rows) x g(width) and any row
@@ -61,18 +68,20 @@ class Scheduler:
         return admitted
 
     def take(self, request: Request, free: list[int]) -> int:
-        """The free slot `request` goes in, holding the prefix it starts from. A free slot whose
-        whole contents are that prefix is taken as it is; otherwise the prefix (held by any slot)
-        is copied into the least recently freed slot, and the slot it came from keeps the rest
-        of what it holds for a later request (the next turn of its chat)."""
+        """The free slot `request` goes in, holding the prefix it starts from (see the module
+        docstring)."""
+        if not self.prefix_cache:                  # the lowest: the batch's slots stay
+            self.cache.clear(min(free))            # consecutive (its keys/values a view)
+            return min(free)
         oldest = min(free, key=lambda s: (self.freed[s], s))
-        if not self.prefix_cache or request.config.prompt_logprobs:
+        if request.config.prompt_logprobs:
             self.cache.clear(oldest)
             return oldest
         usable = len(request.prompt) - 1                 # the last prompt token always runs
         shared = {s: min(self.cache.shared_prefix(s, request.prompt), usable)
                   for s in range(self.cache.slots)}
-        whole = [s for s in free if shared[s] == self.cache.length(s) > 0]
+        longest = max(shared.values())
+        whole = [s for s in free if shared[s] == self.cache.length(s) == longest > 0]
         if whole:                                         # all it holds is this prompt's
             target = max(whole, key=lambda s: shared[s])
             count = shared[target]
