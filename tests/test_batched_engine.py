@@ -101,7 +101,10 @@ def test_long_prompt_is_prefilled_in_chunks_while_another_decodes(arch, model, o
     assert first_b == 2 + 100 // 8 + (100 % 8 > 0) - 1      # 13 chunks, the last gives a token
     assert all(a in served[i] for i in range(2, first_b + 1))  # never stalled by the prefill
     widths = [max(len(row.tokens) for row in call.args[0]) for call in run.call_args_list]
-    assert max(widths) == 8                                   # no forward wider than a chunk
+    assert max(widths) == 8                                   # no row longer than a chunk
+    assert run.call_count == len(served)                      # one forward a step: the chunk
+    packed = [len(call.args[0]) for call in run.call_args_list[2: first_b + 1]]  # and a's
+    assert packed == [2] * (first_b - 1)                                          # window
     assert tokens_of(steps[a]) == tiny_greedy(arch, short, 40, dtype=F64)
     assert tokens_of(steps[b]) == tiny_greedy(arch, long, 40, dtype=F64)
 
@@ -289,9 +292,9 @@ def test_a_fault_in_one_requests_verification_fails_it_alone(arch, model):
 
 
 def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, model):
-    """A token id past the embedding makes its prompt chunk's forward raise: that request fails
-    (prompt chunks run alone, so the prompt beside it is untouched); the one waiting for a slot,
-    and one added later, are served exactly."""
+    """A token id past the embedding makes the forward of its prompt chunk raise, with the other
+    prompt's chunk packed beside it: the rows run again one by one, and only the bad one fails;
+    the one waiting for a slot, and one added later, are served exactly."""
     config = JacobiConfig(max_new_tokens=20, window_size=4, adaptive=False)
     good, waiting, later = prompt(6, 81), prompt(11, 82), prompt(7, 83)
     engine = Engine(model, slots=2, max_len=64, chunk=32)
@@ -305,8 +308,9 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, mode
     assert not engine.has_work and not engine.scheduler.running
 
 
-def test_eager_attention_takes_the_same_mask(one_thread):
-    """The additive 4D mask works for the eager implementation as for SDPA."""
+def test_an_eager_model_is_served_and_left_eager(one_thread):
+    """The engine's forwards use its packed attention whatever the model's implementation, and
+    leave the model as it was (its own calls still run eager attention)."""
     model = tiny_model("qwen2", dtype=F64)
     model.set_attn_implementation("eager")
     config = JacobiConfig(max_new_tokens=25, window_size=4, adaptive=False)
@@ -315,6 +319,8 @@ def test_eager_attention_takes_the_same_mask(one_thread):
                             {0: [(i, config) for i in ids]})
     for request_id, prompt_ids in zip(order, ids):
         assert tokens_of(steps[request_id]) == tiny_greedy("qwen2", prompt_ids, 25, dtype=F64)
+    assert model.config._attn_implementation == "eager"
+    assert ar_greedy(model, ids[0], 25) == tiny_greedy("qwen2", ids[0], 25, dtype=F64)
 
 
 def test_engine_imports_no_fastchat():

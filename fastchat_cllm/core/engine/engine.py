@@ -1,5 +1,5 @@
 """The batched Jacobi engine: requests come and go; each step is one forward over all of their
-windows (and one per prompt chunk being prefilled).
+windows and the prompt chunks being prefilled, packed without padding (runner.py).
 
     engine = Engine(model, slots=4, max_len=1024)
     a = engine.add(prompt_ids, JacobiConfig(max_new_tokens=64))
@@ -8,8 +8,8 @@ windows (and one per prompt chunk being prefilled).
             ...          # a Step, or a Failure: that request stopped on an error
 
 Memory is explicit: the slot cache holds slots x max_len positions of keys/values for every
-layer, allocated up front (SmolLM2-135M: ~46 KB per position in fp32). The model must use an
-attention implementation that takes a 4D mask (eager, SDPA); full-attention layers only.
+layer, allocated up front (SmolLM2-135M: ~46 KB per position in fp32). The model's attention
+must go through transformers' AttentionInterface (eager, SDPA); full-attention layers only.
 
 Prefix caching (on unless `prefix_cache=False`): a request starts from the longest prefix of
 its prompt that a slot holds, left by an earlier request or copied from a running one, and only
@@ -17,8 +17,9 @@ the rest is prefilled; the keys/values are the same function of the same ids, co
 forwards (in fp32 a different batch shape may round differently: only near-ties can change).
 
 Faults stay where they happen: an exception while making one request's window or verifying its
-logits fails that request alone; an exception from the forward fails every request in it. Either
-way the failed requests leave their slots and the engine serves the rest.
+logits fails that request alone; when a forward raises, its rows run again one by one and a
+request whose row raises alone fails. Either way the failed requests leave their slots and the
+engine serves the rest.
 """
 from __future__ import annotations
 
@@ -84,32 +85,29 @@ class Engine:
         return request.id
 
     def step(self) -> list[tuple[int, Step | Failure]]:
-        """One engine step: a forward for each scheduled prompt chunk (alone: the runner pads a
-        forward's rows to its longest, so a chunk beside 1-token windows would multiply every
-        row by the chunk's length), then one forward over every decoding request's window; by
-        request id, the Steps they made and the Failures of requests they stopped."""
+        """One engine step: one forward over the scheduled prompt chunks and every decoding
+        request's window (packed: no padding); by request id, the Steps they made and the
+        Failures of requests they stopped."""
         admitted = self.scheduler.admit()
         self.totals.prompt_tokens += sum(len(r.prompt) for r in admitted)
         self.totals.cached_tokens += sum(r.cached for r in admitted)
         chunks, windows = self.scheduler.schedule()     # a request whose window fails is failed
-        results = []
-        for pair in chunks:
-            results += self.run([pair])
-        if windows:
-            results += self.run(windows, priced=True)
+        results = self.run(chunks + windows, priced=not chunks) if chunks or windows else []
         results += [(r.id, Failure(r.error)) for r in self.scheduler.running.values() if r.error]
         self.scheduler.release_finished()
         return results
 
     def run(self, batch: list[tuple[Request, Row]], priced: bool = False) -> list[tuple[int, Step]]:
-        """The forward over `batch` and the Steps its requests made of it; when the forward
-        raises, every request in it fails. A forward of windows (`priced`) is measured for the
-        scheduler's window sizing, by its rows and padded width (the longest window)."""
+        """The forward over `batch` and the Steps its requests made of it. When the forward
+        raises, each row runs again alone, and a request whose row raises alone fails. A forward
+        of windows only (`priced`) is measured for the scheduler's window sizing, by its rows
+        and its widest window."""
         try:
             out = self.runner.run([row for _, row in batch])
         except Exception as error:
-            for request, _ in batch:
-                request.fail(error)
+            if len(batch) > 1:
+                return [made for pair in batch for made in self.run([pair])]
+            batch[0][0].fail(error)
             return []
         if priced:
             self.cost.observe(len(batch), max(len(row.tokens) for _, row in batch), out.seconds)

@@ -1,23 +1,31 @@
-"""The one place the engine calls the model: every row of a forward in one padded batch.
+"""The one place the engine calls the model: every row of a step in one packed forward.
 
-Row r runs its tokens [n_r] after the cached prefix of its slot (length s_r). Inputs are padded
-to n = max n_r; position ids are s_r + column; the 4D mask lets column c of row r see its slot's
-positions 0 .. s_r + min(c, n_r - 1): the whole cached prefix, causally within its own tokens,
-nothing of other slots, nothing of padding (a padding column repeats its row's last real
-column, so no row of the mask is empty). Logits are projected only for the columns some row
-asks for (one column list for all rows: a 1D `logits_to_keep`, which every 5.x model takes).
+A step's rows (prompt chunks and Jacobi windows; row r runs its tokens [n_r] after the cached
+prefix of its slot, length s_r) go into the model as one sequence of sum(n_r) tokens, with no
+padding: the projections and MLPs see each token once, so a prompt chunk and the windows share
+one read of the weights. Position ids are s_r + column. Attention is the one part that differs
+by row, and it runs in `packed_attention`, an attention function registered with transformers'
+public AttentionInterface and selected (`set_attn_implementation`) only for the engine's own
+forward: rows of the same length form a group (adjacent in the packed sequence), and each group
+is one SDPA call over its slots' cached keys/values (a view when the slots are consecutive,
+else gathered), with a mask that lets column c of row r see its slot's positions
+0 .. s_r + c: the whole cached prefix, causally within its own tokens, nothing of other slots.
+Logits are projected only for the columns some row asks for (a 1D `logits_to_keep`).
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from ..kv_cache import cache_kwarg
 from .slot_cache import SlotCache
 
-PAD = 0     # any id in the vocabulary: padding columns are never read
+PACKED = "fastchat_cllm_packed"      # the attention implementation of the engine's forwards
 
 
 @dataclass(frozen=True)
@@ -36,35 +44,74 @@ class Output:
     seconds: float                # wall time of the forward (logits read back included)
 
 
-def input_ids(rows: list[Row], device) -> torch.Tensor:
-    """[B, n] token ids, padded with PAD."""
-    width = max(len(row.tokens) for row in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row.tokens)] = torch.tensor(row.tokens)
-    return ids.to(device)
+@dataclass(frozen=True)
+class Group:
+    """Rows of one length `width`, adjacent in the packed sequence from token `start`: their
+    slots, the key positions they read (kv_len), and the mask (True: attended) [B, 1, n, kv_len]."""
+
+    start: int
+    width: int
+    slots: torch.Tensor
+    first: int | None             # the slots are first .. first + B - 1 (a view), else None
+    kv_len: int
+    mask: torch.Tensor
+
+    def keys(self, store: torch.Tensor) -> torch.Tensor:
+        """This group's slots of a layer's store [slots, kv_heads, max_len, head_dim], up to
+        kv_len: a view when they are consecutive, else a gather."""
+        if self.first is not None:
+            return store[self.first: self.first + len(self.slots), :, : self.kv_len]
+        return store[:, :, : self.kv_len].index_select(0, self.slots)
 
 
-def last_seen(starts: torch.Tensor, sizes: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, n]: the last slot position each column may see (its own; padding: its row's last)."""
-    cols = torch.arange(width)
-    return starts[:, None] + torch.minimum(cols[None, :], sizes[:, None] - 1)
+def group_mask(starts: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
+    """[B, 1, width, kv_len]: key j is seen by column c of row b when j <= starts[b] + c."""
+    limit = starts[:, None] + torch.arange(width)[None, :]                  # [B, n]
+    return (torch.arange(kv_len)[None, None, :] <= limit[:, :, None])[:, None]
 
 
-def attention_mask(limit: torch.Tensor, kv_len: int, dtype, device) -> torch.Tensor:
-    """Additive mask [B, 1, n, kv_len]: 0 where key j <= limit[b, c], else the dtype's minimum."""
-    seen = torch.arange(kv_len)[None, None, :] <= limit[:, :, None]            # [B, n, kv_len]
-    mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
-    return mask[:, None].to(device)
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     packing: list[Group] | None = None, **kwargs):
+    """AttentionInterface function: query [1, H, T, D] of the packed sequence; key/value: the
+    layer's whole stores (SlotLayer.update, already holding this forward's tokens). Returns
+    [1, T, H, D]."""
+    if packing is None:
+        raise RuntimeError(f"the {PACKED!r} attention runs only inside the engine's forward")
+    heads, total, dim = query.shape[1:]
+    out = query.new_empty(total, heads, dim)
+    for group in packing:
+        count = len(group.slots) * group.width
+        q = query[0, :, group.start: group.start + count]                   # [H, B*n, D]
+        q = q.unflatten(1, (len(group.slots), group.width)).transpose(0, 1)  # [B, H, n, D]
+        k, v = group.keys(key), group.keys(value)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
+                                           enable_gqa=k.shape[1] != heads)  # [B, H, n, D]
+        out[group.start: group.start + count] = o.transpose(1, 2).reshape(count, heads, dim)
+    return out[None], None
 
 
-def kept_columns(rows: list[Row]) -> list[int]:
-    """The columns projected for every row (a model keeps the same ones in each row): the
-    union of the rows' `keep`, or column 0 when none asks (the model projects at least one)."""
-    return sorted({c for row in rows for c in row.keep}) or [0]
+AttentionInterface.register(PACKED, packed_attention)
 
 
-MASKED_ATTENTION = ("eager", "sdpa")     # attention implementations that take a 4D mask
+def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Group]]:
+    """The rows' packing order (by length, then slot: each group adjacent) and its groups."""
+    order = sorted(range(len(rows)), key=lambda r: (len(rows[r].tokens), rows[r].slot))
+    groups, at, i = [], 0, 0
+    while i < len(order):
+        width = len(rows[order[i]].tokens)
+        members = [r for r in order[i:] if len(rows[r].tokens) == width]
+        slots = [rows[r].slot for r in members]
+        first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        begin = torch.tensor([starts[r] for r in members])
+        kv_len = int(begin.max()) + width
+        groups.append(Group(at, width, torch.tensor(slots, device=device), first, kv_len,
+                            group_mask(begin, width, kv_len).to(device)))
+        at += len(members) * width
+        i += len(members)
+    return order, groups
+
+
+MASKED_ATTENTION = ("eager", "sdpa")     # implementations whose models call the interface
 
 
 class Runner:
@@ -73,34 +120,50 @@ class Runner:
     def __init__(self, model, cache: SlotCache):
         attention = getattr(model.config, "_attn_implementation", None) or "eager"
         if attention not in MASKED_ATTENTION:
-            raise ValueError(f"the engine needs attention that takes a 4D mask {MASKED_ATTENTION}"
-                             f", not {attention!r}: load the model with attn_implementation='sdpa'")
+            raise ValueError(f"the engine needs a model whose attention goes through "
+                             f"transformers' AttentionInterface {MASKED_ATTENTION}, not "
+                             f"{attention!r}: load the model with attn_implementation='sdpa'")
         self.model, self.cache = model, cache
-        self.dtype = next(model.parameters()).dtype
         self.cache_kwarg = cache_kwarg(type(model))
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> Output:
         started = time.perf_counter()
-        sizes = [len(row.tokens) for row in rows]
-        starts = torch.tensor([self.cache.length(row.slot) for row in rows])
-        ids = input_ids(rows, self.model.device)                                # [B, n]
-        width = ids.shape[1]
-        where = self.cache.place([row.slot for row in rows], [row.tokens for row in rows])
-        limit = last_seen(starts, torch.tensor(sizes), width)                   # [B, n]
-        positions = starts[:, None] + torch.arange(width)[None, :]             # [B, n]
-        columns = kept_columns(rows)
-        mask = attention_mask(limit, where.kv_len, self.dtype, ids.device)
-        kept = self.forward(ids, positions, mask, torch.tensor(columns, device=ids.device))
+        device = self.model.device
+        starts = [self.cache.length(row.slot) for row in rows]
+        order, groups = pack(rows, starts, device)
+        tokens = [rows[r].tokens for r in order]
+        offset, offsets = 0, {}
+        for r in order:
+            offsets[r] = offset
+            offset += len(rows[r].tokens)
+        ids = torch.tensor([[t for piece in tokens for t in piece]], device=device)     # [1, T]
+        positions = torch.cat([starts[r] + torch.arange(len(rows[r].tokens)) for r in order])
+        columns = sorted(offsets[r] + c for r, row in enumerate(rows) for c in row.keep) or [0]
+        self.cache.place([rows[r].slot for r in order], tokens)
+        kept = self.forward(ids, positions[None].to(device), groups,
+                            torch.tensor(columns, device=device))[0]               # [U, V]
         self.cache.written()
-        at = {c: i for i, c in enumerate(columns)}                             # [B, U, V]
-        logits = [kept[r, [at[c] for c in row.keep]].float() for r, row in enumerate(rows)]
+        at = {c: i for i, c in enumerate(columns)}
+        logits = [kept[[at[offsets[r] + c] for c in row.keep]].float()
+                  for r, row in enumerate(rows)]
         return Output(logits, time.perf_counter() - started)
 
-    def forward(self, ids, positions, mask, columns) -> torch.Tensor:
-        """The model call: ids, positions [B, n], mask [B, 1, n, kv_len], columns [U] ->
-        logits [B, U, V]; keys/values written where the cache's placement says."""
-        out = self.model(input_ids=ids, position_ids=positions.to(ids.device),
-                         attention_mask=mask, logits_to_keep=columns, use_cache=True,
-                         **{self.cache_kwarg: self.cache})
+    def forward(self, ids, positions, groups: list[Group], columns) -> torch.Tensor:
+        """The model call: ids, positions [1, T], columns [U] -> logits [1, U, V]; keys/values
+        written where the cache's placement says; attention by `groups`."""
+        with packed_attention_of(self.model):
+            out = self.model(input_ids=ids, position_ids=positions, logits_to_keep=columns,
+                             use_cache=True, packing=groups, **{self.cache_kwarg: self.cache})
         return out.logits
+
+
+@contextmanager
+def packed_attention_of(model):
+    """The model's attention is `packed_attention` inside, and what it was again after."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(PACKED)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

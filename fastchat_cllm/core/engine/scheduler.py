@@ -13,16 +13,17 @@ attention reads their keys/values gathered rather than as a view (a few % of a f
 CPU here): the price of keeping what was recently used. Without prefix caching the lowest free
 slot is taken and emptied, which keeps the batch's slots consecutive.
 
-Every decoding request runs its window in every step's forward of windows; prompts are prefilled
-in chunks, `chunk` prompt tokens per step in all (earliest first), each chunk in a forward of its
-own, so a long prompt delays the others by at most one chunk per step. A request whose window
-cannot be made is failed here and runs in no forward.
+Every decoding request runs its window in every step's forward; prompts are prefilled in
+chunks, `chunk` prompt tokens per step in all (earliest first), packed into the same forward, so
+a long prompt delays the others by at most one chunk per step. A request whose window cannot be
+made is failed here and runs in no forward.
 
-A request alone in its forward sizes its own window. When several share the forward of windows,
-the runner pads every row to the longest, so the forward costs c(rows) x g(width) and any row
-may use the whole width at no extra cost: `choose_width` picks the width with the best expected
-tokens per second over all the rows (`cost`: a BatchCost, measured by the engine), and each
-adaptive row runs min(width, its own largest window).
+A request alone sizes its own window. When several decode together, `choose_width` picks one
+width for the adaptive rows, the one with the best expected tokens per second over all of them
+(`cost`: a BatchCost, c(rows) x g(width), measured by the engine on forwards of windows only);
+each adaptive row runs min(width, its own largest window), or the widest fixed window beside it
+when that is wider (on a CPU, where a forward's weight reads dominate, a few more tokens cost
+little).
 """
 from __future__ import annotations
 

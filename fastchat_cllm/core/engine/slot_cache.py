@@ -13,8 +13,8 @@ prefix: a freed slot keeps its contents until it is reused, and `copy_prefix` co
 from a slot still in use (prefix caching: a shared system prompt, the earlier turns of a chat).
 
 It plugs into transformers as a `Cache` (the public `update(keys, values, layer_idx)` each
-attention layer calls); the runner supplies the position ids and a 4D mask, which the models'
-mask builders pass through untouched.
+attention layer calls), which returns the layer's whole stores; the runner supplies the position
+ids and the attention that reads each row's slot from them (runner.py).
 """
 from __future__ import annotations
 
@@ -27,19 +27,11 @@ from transformers.cache_utils import CacheLayerMixin
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the rows of one forward write, and which slots they read.
+    """Where the tokens of one packed forward write: input token i (of the sequence [1, T]) goes
+    to (slot[i], position[i])."""
 
-    slots: [B] the slot of each row; kv_len: key positions the attention sees (the longest
-    row's end); row, col, slot, position: [N] one entry per real (not padding) input token:
-    input (row, col) goes to (slot, position)."""
-
-    slots: torch.Tensor
-    kv_len: int
-    row: torch.Tensor
-    col: torch.Tensor
     slot: torch.Tensor
     position: torch.Tensor
-    first: int | None      # the rows read slots first..first+B-1 in order (a view), else None
 
 
 class SlotLayer(CacheLayerMixin):
@@ -62,20 +54,13 @@ class SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                where: Placement | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_states, value_states: [B, kv_heads, n, head_dim] of this forward's rows.
-        Returns keys, values [B, kv_heads, kv_len, head_dim]: each row's slot, new ones included."""
+        """key_states, value_states: [1, kv_heads, T, head_dim] of this forward's packed tokens.
+        Returns the whole stores (the engine's attention reads each row's slot from them)."""
         if where is None:
             raise RuntimeError("a SlotCache is written only by the engine's runner")
         for store, new in ((self.keys, key_states), (self.values, value_states)):
-            store[where.slot, :, where.position] = new.transpose(1, 2)[where.row, where.col]
-        return self.rows(self.keys, where), self.rows(self.values, where)
-
-    @staticmethod
-    def rows(store: torch.Tensor, where: Placement) -> torch.Tensor:
-        """The rows' slots up to kv_len: a view when they are consecutive, else a gather."""
-        if where.first is not None:
-            return store[where.first: where.first + len(where.slots), :, : where.kv_len]
-        return store[:, :, : where.kv_len].index_select(0, where.slots)
+            store[where.slot, :, where.position] = new[0].transpose(0, 1)
+        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_len, 0
@@ -149,24 +134,23 @@ class SlotCache(Cache):
         self.lengths[target], self.ids[target] = count, self.ids[source][:count]
 
     def place(self, slots: list[int], tokens: list[list[int]]) -> Placement:
-        """Plan a forward whose row r writes the ids tokens[r] after the cached prefix of
-        slots[r]; `written()` then adds them to the slots. Raises when a slot would overflow."""
+        """Plan a packed forward whose rows, in order, write the ids tokens[r] after the cached
+        prefix of slots[r]; `written()` then adds them to the slots. Raises when a slot would
+        overflow."""
         sizes = [len(ids) for ids in tokens]
         starts = [self.lengths[s] for s in slots]
         for slot, start, size in zip(slots, starts, sizes):
             if start + size > self.max_len:
                 raise ValueError(f"slot {slot}: {start} + {size} positions exceed max_len "
                                  f"{self.max_len}")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot may have one row in a forward, got {slots}")
         device = self.layers[0].keys.device
-        row = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(sizes))
-        col = torch.cat([torch.arange(size) for size in sizes])
-        slot = torch.tensor(slots)[row]
-        position = torch.tensor(starts)[row] + col
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.where = Placement(torch.tensor(slots, device=device),
-                               max(s + n for s, n in zip(starts, sizes)),
-                               *(t.to(device) for t in (row, col, slot, position)),
-                               slots[0] if consecutive else None)
+        sizes_t = torch.tensor(sizes)
+        slot = torch.repeat_interleave(torch.tensor(slots), sizes_t)
+        position = torch.repeat_interleave(torch.tensor(starts), sizes_t) + torch.cat(
+            [torch.arange(size) for size in sizes])
+        self.where = Placement(slot.to(device), position.to(device))
         self.planned = dict(zip(slots, tokens))
         return self.where
 
