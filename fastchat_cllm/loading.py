@@ -172,8 +172,8 @@ def placement(device: str, num_gpus: int = 1, max_gpu_memory: str | None = None)
 
 
 def attention_implementation(device: str, dtype) -> str:
-    """PyTorch SDPA on every device and dtype: the decoding engine passes a 4D attention mask
-    (per-row positions over a slot cache), which flash-attn 2's kernels do not take."""
+    """PyTorch SDPA on every device and dtype (the model's own calls; the decoding engine's
+    forwards run its packed attention, per-row masks over a slot cache, on SDPA too)."""
     return "sdpa"
 
 

@@ -18,6 +18,7 @@ from harness import ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine, Failure
 from fastchat_cllm.core.engine.request import Request
+from fastchat_cllm.core.engine.runner import Row
 from fastchat_cllm.core.step import Step
 
 F64 = torch.float64
@@ -297,6 +298,7 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, mode
     the one waiting for a slot, and one added later, are served exactly."""
     config = JacobiConfig(max_new_tokens=20, window_size=4, adaptive=False)
     good, waiting, later = prompt(6, 81), prompt(11, 82), prompt(7, 83)
+    before = model.config._attn_implementation
     engine = Engine(model, slots=2, max_len=64, chunk=32)
     order, steps, _ = drain(engine, {0: [(good, config), ([5, 10 ** 6, 7], config),
                                          (waiting, config)], 3: [(later, config)]})
@@ -306,6 +308,60 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(arch, mode
     for request_id, prompt_ids in zip([order[0], *order[2:]], (good, waiting, later)):
         assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 20, dtype=F64)
     assert not engine.has_work and not engine.scheduler.running
+    assert model.config._attn_implementation == before      # restored after the failures
+
+
+def test_packed_rows_give_each_row_its_own_logits(model):
+    """Rows of mixed lengths, in shuffled order, over slots that are not consecutive: each row's
+    logits equal a plain forward of its slot's ids and its own tokens."""
+    engine = Engine(model, slots=5, max_len=64)
+    for slot, length in ((0, 7), (1, 12), (3, 4), (4, 9)):
+        engine.runner.run([Row(slot, prompt(length, 100 + slot), range(0))])
+    rows = [Row(4, prompt(3, 110), range(3)), Row(0, prompt(1, 111), range(1)),
+            Row(3, prompt(3, 112), range(1, 3)), Row(1, prompt(5, 113), range(0)),
+            Row(2, prompt(2, 114), range(2))]                # slot 2 starts empty
+    held = {row.slot: list(engine.cache.ids[row.slot]) for row in rows}
+    out = engine.runner.run(rows)
+    for row, logits in zip(rows, out.logits):
+        ids = held[row.slot] + row.tokens
+        with torch.inference_mode():
+            want = model(input_ids=torch.tensor([ids])).logits[0, len(held[row.slot]):]
+        assert logits.shape[0] == len(row.keep)
+        assert torch.allclose(logits, want[list(row.keep)].float(), atol=1e-6)
+        assert engine.cache.ids[row.slot] == ids
+
+
+def test_a_forward_that_fails_after_the_model_call_commits_nothing(arch, model):
+    """A packed forward whose logits cannot be read back (as a device out of memory for their
+    copy could) after the model wrote the cache: nothing was committed, its rows run again one
+    by one from the same cache, and every answer stays exact."""
+    engine = Engine(model, slots=3, max_len=96, chunk=8)
+    config = JacobiConfig(max_new_tokens=12, window_size=4, adaptive=False)
+    ids = [prompt(n, 120 + n) for n in (5, 9, 14)]
+    real, calls = engine.runner.forward, []
+
+    class Unreadable:
+        def __getitem__(self, index):
+            if index == 0:
+                return self
+            raise RuntimeError("lost the logits")
+
+    def flaky(*args):
+        logits = real(*args)
+        calls.append(len(calls))
+        return Unreadable() if len(calls) == 3 else logits
+    engine.runner.forward = flaky
+    order, steps, _ = drain(engine, {0: [(i, config) for i in ids]})
+    for request_id, prompt_ids in zip(order, ids):
+        assert tokens_of(steps[request_id]) == tiny_greedy(arch, prompt_ids, 12, dtype=F64)
+    assert len(calls) > 3
+
+
+def test_a_model_whose_attention_cannot_be_set_is_refused(model):
+    broken = tiny_model("llama", F64)
+    broken.set_attn_implementation = lambda *args, **kwargs: None   # as a class that cannot
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        Engine(broken, slots=1, max_len=16)
 
 
 def test_an_eager_model_is_served_and_left_eager(one_thread):

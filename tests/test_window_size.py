@@ -77,9 +77,9 @@ def curve(qs: list[float]) -> list[float]:
     return out
 
 
-def test_choose_width_prices_the_padded_forward():
-    """Every row is padded to the width: the width is chosen for the whole batch, by its
-    expected tokens over the price of its rows at that width (the CPU's prior: a step at 2)."""
+def test_choose_width_prices_the_whole_forward():
+    """One width for the batch's adaptive rows, chosen by their expected tokens over the price
+    of the forward's rows at that width (the CPU's prior: a step at 2)."""
     cost = BatchCost("cpu")
     plain, cllm = curve([0.05] * 15), curve([0.95] * 15)
     assert choose_width([plain] * 8, [1] * 8, 0, 8, cost) == 1          # nothing to gain

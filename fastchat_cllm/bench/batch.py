@@ -1,9 +1,9 @@
 """The `batch[-wN][-pool]` methods: every prompt decoded together on one batched engine.
 
-All N prompts go into one `core.engine.Engine` with N slots (each prompt's prefill in a
-forward of its own, in the first step), and the engine steps until every request has finished. Its one-by-one counterpart
-is the `jacobi[-wN][-pool]` method of the same options, which runs each prompt alone on an
-engine of one slot; the offline benchmark runs both (adding the counterpart when it was not
+All N prompts go into one `core.engine.Engine` with N slots (every prompt prefilled in the
+first step's forward), and the engine steps until every request has finished. Its one-by-one
+counterpart is the `jacobi[-wN][-pool]` method of the same options, which runs each prompt alone
+on an engine of one slot; the offline benchmark runs both (adding the counterpart when it was not
 asked for) and reports aggregate tokens/s, forwards, tokens per forward of the batch and how
 many batched outputs equal their solo ones.
 """

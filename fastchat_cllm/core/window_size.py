@@ -14,8 +14,8 @@ when that first guess holds often enough for a probe to pay.
 c(n) is measured as the engine runs (a moving average per size, `ForwardCost`); sizes not yet run
 are priced from the nearest measured size through a prior shape.
 
-In a batch the cost driver is the whole forward, whose rows the runner pads to the longest: the
-engine prices forwards of windows with a `BatchCost` (seconds by rows and padded width), and
+In a batch the cost driver is the whole forward: the engine prices forwards of windows with a
+`BatchCost` (seconds by rows and widest window), and
 `choose_width` picks the width that maximises the batch's expected tokens per second, each
 request's E[k | n] coming from its own sizer (`batch_curve`). A batch whose guesses are seldom
 right runs width 1: it does not pay for positions it cannot use. On CPU the cost has a step:
@@ -62,7 +62,7 @@ class ForwardCost:
 
 
 class BatchCost:
-    """Seconds of a forward of `rows` windows padded to `width`, as c(rows) x g(width): c is the
+    """Seconds of a forward of `rows` windows up to `width` wide, as c(rows) x g(width): c is the
     cost of 1-token windows by row count, g(width) >= 1 the factor a wider window multiplies it
     by. c is a moving average per row count (an unmeasured count: the nearest measured one
     through ForwardCost's prior shape). g(w) is learnt only from forwards whose row count has
@@ -97,12 +97,12 @@ class BatchCost:
 
 def choose_width(curves: list[list[float]], lows: list[int], fixed: int, rows: int,
                  cost) -> int:
-    """The width of a padded forward of windows with the best expected final tokens per second.
+    """The width of a forward of windows with the best expected final tokens per second.
 
     curves[r][n - 1]: E[k | n] of adaptive row r for n = 1 .. its largest window; lows[r]: its
     smallest window; fixed: the widest window of the forward's other rows (0: none); rows: all
-    its rows; cost(rows, width) -> seconds (a BatchCost). Every row is padded to the width, so
-    an adaptive row runs min(width, its largest) at no extra cost."""
+    its rows; cost(rows, width) -> seconds (a BatchCost, priced by rows and widest window).
+    An adaptive row runs min(max(width, fixed), its largest)."""
     top = max(len(curve) for curve in curves)
     start = min(top, max([1, *lows]))
     best, best_rate = start, -1.0

@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"model's context, at most {DEFAULT_MAX_LEN})")
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                         help="prompt tokens prefilled per engine step, all new prompts together "
-                             "(each chunk in a forward of its own: what a long prompt may delay "
-                             "the others' next window by)")
+                             "(in the step's one forward, beside the windows: what a long prompt "
+                             "may slow the others' next window by)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt in full (by default a request starts from the "
                              "longest prefix of its prompt the slots hold: a shared system "

@@ -77,6 +77,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     [1, T, H, D]."""
     if packing is None:
         raise RuntimeError(f"the {PACKED!r} attention runs only inside the engine's forward")
+    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"the engine's attention does not support {unsupported}")
     heads, total, dim = query.shape[1:]
     out = query.new_empty(total, heads, dim)
     for group in packing:
@@ -84,10 +87,24 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         q = query[0, :, group.start: group.start + count]                   # [H, B*n, D]
         q = q.unflatten(1, (len(group.slots), group.width)).transpose(0, 1)  # [B, H, n, D]
         k, v = group.keys(key), group.keys(value)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
-                                           enable_gqa=k.shape[1] != heads)  # [B, H, n, D]
+        if k.shape[1] == heads or query.device.type == "cpu":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
+                                               enable_gqa=k.shape[1] != heads)
+        else:
+            o = F.scaled_dot_product_attention(q, expand_heads(k, heads), expand_heads(v, heads),
+                                               attn_mask=group.mask, scale=scaling)
         out[group.start: group.start + count] = o.transpose(1, 2).reshape(count, heads, dim)
     return out[None], None
+
+
+def expand_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, kv_heads, S, D] -> [B, heads, S, D], each key/value head repeated for its query heads
+    (grouped-query attention on CUDA, where SDPA's own GQA has no kernel that takes a mask; on
+    the CPU its GQA is used: a forward of 8 one-token rows of SmolLM2 spent ~8 ms copying)."""
+    groups = heads // kv.shape[1]
+    if groups == 1:
+        return kv
+    return kv[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
 
 
 AttentionInterface.register(PACKED, packed_attention)
@@ -111,18 +128,18 @@ def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Gr
     return order, groups
 
 
-MASKED_ATTENTION = ("eager", "sdpa")     # implementations whose models call the interface
-
-
 class Runner:
-    """Runs a list of Rows through `model`, writing their keys/values into `cache`."""
+    """Runs a list of Rows through `model`, writing their keys/values into `cache`. The model
+    belongs to the runner's thread while a forward runs (its attention implementation is
+    switched for the forward)."""
 
     def __init__(self, model, cache: SlotCache):
-        attention = getattr(model.config, "_attn_implementation", None) or "eager"
-        if attention not in MASKED_ATTENTION:
-            raise ValueError(f"the engine needs a model whose attention goes through "
-                             f"transformers' AttentionInterface {MASKED_ATTENTION}, not "
-                             f"{attention!r}: load the model with attn_implementation='sdpa'")
+        with packed_attention_of(model):
+            switched = model.config._attn_implementation == PACKED
+        if not switched:
+            raise ValueError(f"the engine needs a model whose attention can be set through "
+                             f"transformers' AttentionInterface; {type(model).__name__} "
+                             f"cannot (set_attn_implementation)")
         self.model, self.cache = model, cache
         self.cache_kwarg = cache_kwarg(type(model))
 
@@ -143,10 +160,10 @@ class Runner:
         self.cache.place([rows[r].slot for r in order], tokens)
         kept = self.forward(ids, positions[None].to(device), groups,
                             torch.tensor(columns, device=device))[0]               # [U, V]
-        self.cache.written()
         at = {c: i for i, c in enumerate(columns)}
         logits = [kept[[at[offsets[r] + c] for c in row.keep]].float()
                   for r, row in enumerate(rows)]
+        self.cache.written()                 # last: a forward that raised committed nothing
         return Output(logits, time.perf_counter() - started)
 
     def forward(self, ids, positions, groups: list[Group], columns) -> torch.Tensor:

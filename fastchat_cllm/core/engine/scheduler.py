@@ -120,7 +120,7 @@ class Scheduler:
             fixed = max((len(row.tokens) for _, row in windows), default=0)
             width = choose_width(curves, [low for low, _ in bounds], fixed,
                                  len(sized) + len(windows), self.cost)
-            for request, curve in zip(sized, curves):     # the padding is free: use it
+            for request, curve in zip(sized, curves):     # as wide as a fixed row beside it
                 self.add_window(windows, request, min(max(width, fixed), len(curve)))
         windows.sort(key=lambda pair: pair[0].slot)
         return chunks, windows
