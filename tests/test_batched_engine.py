@@ -357,6 +357,20 @@ def test_a_forward_that_fails_after_the_model_call_commits_nothing(arch, model):
     assert len(calls) > 3
 
 
+def test_expanded_key_heads_attend_as_grouped_query_attention():
+    """CUDA's path (keys/values repeated per query head) equals SDPA's own GQA (the CPU's)."""
+    from fastchat_cllm.core.engine.runner import expand_heads
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g, dtype=F64) for shape in
+               ((2, 6, 3, 8), (2, 2, 11, 8), (2, 2, 11, 8)))
+    mask = torch.rand(2, 1, 3, 11, generator=g) < 0.7
+    mask[..., 0] = True
+    attend = torch.nn.functional.scaled_dot_product_attention
+    assert torch.allclose(attend(q, expand_heads(k, 6), expand_heads(v, 6), attn_mask=mask),
+                          attend(q, k, v, attn_mask=mask, enable_gqa=True), atol=1e-12)
+
+
 def test_a_model_whose_attention_cannot_be_set_is_refused(model):
     broken = tiny_model("llama", F64)
     broken.set_attn_implementation = lambda *args, **kwargs: None   # as a class that cannot
