@@ -14,6 +14,7 @@ Logits are projected only for the columns some row asks for (a 1D `logits_to_kee
 """
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,10 +114,9 @@ AttentionInterface.register(PACKED, packed_attention)
 def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Group]]:
     """The rows' packing order (by length, then slot: each group adjacent) and its groups."""
     order = sorted(range(len(rows)), key=lambda r: (len(rows[r].tokens), rows[r].slot))
-    groups, at, i = [], 0, 0
-    while i < len(order):
-        width = len(rows[order[i]].tokens)
-        members = [r for r in order[i:] if len(rows[r].tokens) == width]
+    groups, at = [], 0
+    for width, members in itertools.groupby(order, key=lambda r: len(rows[r].tokens)):
+        members = list(members)
         slots = [rows[r].slot for r in members]
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         begin = torch.tensor([starts[r] for r in members])
@@ -124,7 +124,6 @@ def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Gr
         groups.append(Group(at, width, torch.tensor(slots, device=device), first, kv_len,
                             group_mask(begin, width, kv_len).to(device)))
         at += len(members) * width
-        i += len(members)
     return order, groups
 
 
@@ -155,10 +154,9 @@ class Runner:
             offsets[r] = offset
             offset += len(rows[r].tokens)
         ids = torch.tensor([[t for piece in tokens for t in piece]], device=device)     # [1, T]
-        positions = torch.cat([starts[r] + torch.arange(len(rows[r].tokens)) for r in order])
         columns = sorted(offsets[r] + c for r, row in enumerate(rows) for c in row.keep) or [0]
-        self.cache.place([rows[r].slot for r in order], tokens)
-        kept = self.forward(ids, positions[None].to(device), groups,
+        where = self.cache.place([rows[r].slot for r in order], tokens)
+        kept = self.forward(ids, where.position[None], groups,
                             torch.tensor(columns, device=device))[0]               # [U, V]
         at = {c: i for i, c in enumerate(columns)}
         logits = [kept[[at[offsets[r] + c] for c in row.keep]].float()

@@ -84,8 +84,7 @@ class Scheduler:
         longest = max(shared.values())
         whole = [s for s in free if shared[s] == self.cache.length(s) == longest > 0]
         if whole:                                         # all it holds is this prompt's
-            target = max(whole, key=lambda s: shared[s])
-            count = shared[target]
+            target, count = whole[0], longest
         else:
             target = oldest
             source = max(range(self.cache.slots), key=lambda s: (shared[s], s == target))

@@ -87,8 +87,7 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotLayer(slots, kv_heads, max_len, head_dim, dtype, device)
                                  for _ in range(config.num_hidden_layers)])
         self.slots, self.max_len = slots, max_len
-        self.lengths = [0] * slots
-        self.ids: list[list[int]] = [[] for _ in range(slots)]   # the ids at 0 .. length - 1
+        self.ids: list[list[int]] = [[] for _ in range(slots)]   # each slot's ids, by position
         self.where: Placement | None = None     # the forward in flight
         self.planned: dict[int, list[int]] = {}  # its token ids per slot
 
@@ -96,7 +95,7 @@ class SlotCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states, self.where)
 
     def length(self, slot: int) -> int:
-        return self.lengths[slot]
+        return len(self.ids[slot])
 
     def clear(self, slot: int) -> None:
         """Empty a slot for a new sequence (its storage is overwritten as it is filled)."""
@@ -104,15 +103,14 @@ class SlotCache(Cache):
 
     def trim(self, slot: int, count: int) -> None:
         """Drop the last `count` positions of a slot (rejected guesses): only its length moves."""
-        if count < 0 or count > self.lengths[slot]:
-            raise ValueError(f"cannot drop {count} of {self.lengths[slot]} cached positions")
-        self.keep(slot, self.lengths[slot] - count)
+        if count < 0 or count > self.length(slot):
+            raise ValueError(f"cannot drop {count} of {self.length(slot)} cached positions")
+        self.keep(slot, self.length(slot) - count)
 
     def keep(self, slot: int, count: int) -> None:
         """Keep only the first `count` positions of a slot."""
-        if count < 0 or count > self.lengths[slot]:
-            raise ValueError(f"cannot keep {count} of {self.lengths[slot]} cached positions")
-        self.lengths[slot] = count
+        if count < 0 or count > self.length(slot):
+            raise ValueError(f"cannot keep {count} of {self.length(slot)} cached positions")
         del self.ids[slot][count:]
 
     def shared_prefix(self, slot: int, ids: list[int]) -> int:
@@ -126,19 +124,19 @@ class SlotCache(Cache):
 
     def copy_prefix(self, source: int, target: int, count: int) -> None:
         """Make `target` hold the first `count` positions of `source` (one copy per layer)."""
-        if count > self.lengths[source]:
-            raise ValueError(f"slot {source} holds {self.lengths[source]} positions, not {count}")
+        if count > self.length(source):
+            raise ValueError(f"slot {source} holds {self.length(source)} positions, not {count}")
         for layer in self.layers:
             for store in (layer.keys, layer.values):
                 store[target, :, :count] = store[source, :, :count]
-        self.lengths[target], self.ids[target] = count, self.ids[source][:count]
+        self.ids[target] = self.ids[source][:count]
 
     def place(self, slots: list[int], tokens: list[list[int]]) -> Placement:
         """Plan a packed forward whose rows, in order, write the ids tokens[r] after the cached
         prefix of slots[r]; `written()` then adds them to the slots. Raises when a slot would
         overflow."""
         sizes = [len(ids) for ids in tokens]
-        starts = [self.lengths[s] for s in slots]
+        starts = [self.length(s) for s in slots]
         for slot, start, size in zip(slots, starts, sizes):
             if start + size > self.max_len:
                 raise ValueError(f"slot {slot}: {start} + {size} positions exceed max_len "
@@ -157,13 +155,12 @@ class SlotCache(Cache):
     def written(self) -> None:
         """The planned forward ran: its rows' tokens are now part of their slots."""
         for slot, ids in self.planned.items():
-            self.lengths[slot] += len(ids)
             self.ids[slot] += ids
         self.where, self.planned = None, {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The longest slot's length (a forward hook's view; each slot has its own)."""
-        return max(self.lengths)
+        return max(self.length(s) for s in range(self.slots))
 
     def nbytes(self) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
