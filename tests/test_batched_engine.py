@@ -331,6 +331,36 @@ def test_packed_rows_give_each_row_its_own_logits(model):
         assert engine.cache.ids[row.slot] == ids
 
 
+def test_the_compiled_step_equals_the_eager_one(arch, model):
+    """compile=True (the worker's --compile): the step is compiled when the engine is built, and
+    then no step may compile again (one graph runs them all); every request gets its solo
+    greedy output with windows of 1 (alone, a step of one token: run as two), 4 and adaptive,
+    requests joining and leaving; a one-token step with no room for its copy runs eagerly."""
+    engine = Engine(model, slots=3, max_len=160, chunk=16, compile=True)
+    assert engine.runner.compile_seconds > 0 and not any(engine.cache.ids)
+    engine.runner.stance = "fail_on_recompile"
+    one = mock.patch.object(engine.runner, "run_one_token", wraps=engine.runner.run_one_token)
+    with one as run_one_token:
+        for window in ("w1", "w4", "adaptive"):
+            expected, arrivals = [], {}
+            for seed, (length, max_new, at) in enumerate(ARRIVALS):
+                ids = prompt(length, seed)
+                expected.append(tiny_greedy(arch, ids, max_new, dtype=F64))
+                config = JacobiConfig(max_new_tokens=max_new, **WINDOWS[window])
+                arrivals.setdefault(at, []).append((ids, config))
+            order, steps, _ = drain(engine, arrivals)
+            assert [tokens_of(steps[i]) for i in order] == expected, window
+        assert run_one_token.call_count > 10
+        engine.cache.clear(0)
+        held = prompt(159, 7)
+        engine.runner.run([Row(0, held, range(0))])
+        last = engine.runner.run([Row(0, [5], range(1))]).logits[0]     # position 159 of 160
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([held + [5]])).logits[0, -1:]
+    assert torch.allclose(last, want.float(), atol=1e-6)
+    assert engine.cache.ids[0] == held + [5] and engine.runner.compiled is not None
+
+
 def test_a_forward_that_fails_after_the_model_call_commits_nothing(arch, model):
     """A packed forward whose logits cannot be read back (as a device out of memory for their
     copy could) after the model wrote the cache: nothing was committed, its rows run again one

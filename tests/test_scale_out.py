@@ -31,7 +31,7 @@ def test_two_workers_behind_one_controller_both_serve(tiny_served, tmp_path):
     process = spawn(tmp_path / "second-worker.log", "fastchat_cllm.worker", "--model-path",
                     str(tiny_served), "--device", "cpu", "--port", str(port),
                     "--worker-address", second, "--controller-address", stack.controller,
-                    "--no-prefix-cache")
+                    "--no-prefix-cache", "--compile", "off")
     try:
         def alive() -> None:
             stack.check_alive()
@@ -56,7 +56,9 @@ def test_two_workers_behind_one_controller_both_serve(tiny_served, tmp_path):
         assert all(worker_status(w)["queue_length"] == 0 for w in workers)
         full = worker_status(second)["batch"]
         assert full["prompt_tokens"] > 0 and full["cached_prompt_tokens"] == 0
-        assert "prefix caching off" in (tmp_path / "second-worker.log").read_text()
+        log = (tmp_path / "second-worker.log").read_text()
+        assert "prefix caching off" in log and "engine step: eager" in log
+        assert full["compiled"] is False and worker_status(stack.worker)["batch"]["compiled"]
     finally:
         stop(process)
         stack.down()

@@ -7,6 +7,7 @@ worker's memory where 20 left it."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,8 +70,10 @@ def test_status_reports_the_batch(stack):
     assert {"model_names", "speed", "queue_length", "jacobi"} <= set(status)
     assert status["batch"]["slots"] == SLOTS and status["batch"]["max_len"] == MAX_LEN
     assert status["batch"]["active_slots"] == 0 and status["batch"]["cache_mib"] > 0
+    assert status["batch"]["compiled"] is True           # --compile auto: on the CPU
     worker = next(child for child in stack.children if child.name == "worker")
     assert "slot cache: 8 slots x 1024 positions" in worker.tail(200)
+    assert re.search(r"engine step: compiled in \d+ s", worker.tail(200))
 
 
 def test_the_next_turn_prefills_only_what_is_new(stack):

@@ -16,6 +16,9 @@ its prompt that a slot holds, left by an earlier request or copied from a runnin
 the rest is prefilled; the keys/values are the same function of the same ids, computed in other
 forwards (in fp32 a different batch shape may round differently: only near-ties can change).
 
+`compile=True` compiles the step (torch.compile) before the constructor returns: on this
+project's 2-core CPU it takes minutes once and then makes each forward ~1.9x faster (the README).
+
 Faults stay where they happen: an exception while making one request's window or verifying its
 logits fails that request alone; when a forward raises, its rows run again one by one and a
 request whose row raises alone fails. Either way the failed requests leave their slots and the
@@ -62,10 +65,10 @@ class BatchTotals:
 
 class Engine:
     def __init__(self, model, slots: int = 4, max_len: int = 2048, chunk: int = 64,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, compile: bool = False):
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
-        self.runner = Runner(model, self.cache)
+        self.runner = Runner(model, self.cache, compile)
         self.cost = BatchCost(torch.device(model.device).type)    # seconds by rows and width
         self.scheduler = Scheduler(self.cache, chunk, self.cost, prefix_cache)
         self.ids = itertools.count()

@@ -196,7 +196,8 @@ class EngineLoop:
         scheduler, totals = self.engine.scheduler, self.engine.totals
         return {"slots": self.engine.cache.slots, "active_slots": len(scheduler.running),
                 "waiting": len(scheduler.waiting), "max_len": self.max_len,
-                "cache_mib": self.cache_mib, **{name: self.counts[name] for name in COUNTS},
+                "cache_mib": self.cache_mib, "compiled": self.engine.runner.compiled is not None,
+                **{name: self.counts[name] for name in COUNTS},
                 "forwards": totals.forwards, "tokens": totals.tokens,
                 "tokens_per_forward": round(totals.tokens_per_forward, 4),
                 "prompt_tokens": totals.prompt_tokens, "cached_prompt_tokens": totals.cached_tokens}

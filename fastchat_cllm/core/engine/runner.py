@@ -52,17 +52,23 @@ class Group:
 
     start: int
     width: int
-    slots: torch.Tensor
-    first: int | None             # the slots are first .. first + B - 1 (a view), else None
+    slots: tuple[int, ...]
     kv_len: int
     mask: torch.Tensor
+    index: torch.Tensor | None = None   # the slots on the device, when not consecutive
+
+    @staticmethod
+    def of(start: int, width: int, slots: tuple[int, ...], kv_len: int, mask: torch.Tensor):
+        consecutive = slots == tuple(range(slots[0], slots[0] + len(slots)))
+        index = None if consecutive else torch.tensor(slots, device=mask.device)
+        return Group(start, width, slots, kv_len, mask, index)
 
     def keys(self, store: torch.Tensor) -> torch.Tensor:
         """This group's slots of a layer's store [slots, kv_heads, max_len, head_dim], up to
         kv_len: a view when they are consecutive, else a gather."""
-        if self.first is not None:
-            return store[self.first: self.first + len(self.slots), :, : self.kv_len]
-        return store[:, :, : self.kv_len].index_select(0, self.slots)
+        if self.index is None:
+            return store[self.slots[0]: self.slots[0] + len(self.slots), :, : self.kv_len]
+        return store[:, :, : self.kv_len].index_select(0, self.index)
 
 
 def group_mask(starts: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
@@ -72,30 +78,77 @@ def group_mask(starts: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     packing: list[Group] | None = None, **kwargs):
+                     packing: list[Group] | tuple[torch.Tensor, torch.Tensor] | None = None,
+                     **kwargs):
     """AttentionInterface function: query [1, H, T, D] of the packed sequence; key/value: the
     layer's whole stores (SlotLayer.update, already holding this forward's tokens). Returns
-    [1, T, H, D]."""
+    [1, T, H, D]. `packing`: the groups, or in a compiled step their encoding (`encode`), which
+    goes through the custom op `fastchat_cllm::packed_attention`: opaque to the compiler, so the
+    step is one graph whatever the groups are."""
     if packing is None:
         raise RuntimeError(f"the {PACKED!r} attention runs only inside the engine's forward")
     unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
     if unsupported:
         raise ValueError(f"the engine's attention does not support {unsupported}")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(packing, tuple):
+        return packed_attention_op(query, key, value, *packing, scale), None
+    return attend(query, key, value, packing, scale), None
+
+
+def attend(query, key, value, groups: list[Group], scale: float) -> torch.Tensor:
+    """Every group's rows attending to their slots: query [1, H, T, D] -> [1, T, H, D]."""
     heads, total, dim = query.shape[1:]
     out = query.new_empty(total, heads, dim)
-    for group in packing:
+    for group in groups:
         count = len(group.slots) * group.width
         q = query[0, :, group.start: group.start + count]                   # [H, B*n, D]
         q = q.unflatten(1, (len(group.slots), group.width)).transpose(0, 1)  # [B, H, n, D]
         k, v = group.keys(key), group.keys(value)
         if k.shape[1] == heads or query.device.type == "cpu":
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling,
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scale,
                                                enable_gqa=k.shape[1] != heads)
         else:
             o = F.scaled_dot_product_attention(q, expand_heads(k, heads), expand_heads(v, heads),
-                                               attn_mask=group.mask, scale=scaling)
+                                               attn_mask=group.mask, scale=scale)
         out[group.start: group.start + count] = o.transpose(1, 2).reshape(count, heads, dim)
-    return out[None], None
+    return out[None]
+
+
+@torch.library.custom_op("fastchat_cllm::packed_attention", mutates_args=())
+def packed_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        meta: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """`attend` over the groups `encode` wrote into meta and mask."""
+    return attend(query, key, value, decode(meta, mask), scale)
+
+
+@packed_attention_op.register_fake
+def _(query, key, value, meta, mask, scale):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
+def encode(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups as two tensors whose sizes are all a compiled step sees of them: meta (int64,
+    on the CPU) [G, then start, width, rows, kv_len of each group, then every group's slots],
+    and every group's mask flattened, one last element added (never read) so that no size is 1
+    (a size 1 would make a graph of its own)."""
+    meta = [len(groups)] + [n for g in groups for n in (g.start, g.width, len(g.slots), g.kv_len)]
+    meta += [slot for g in groups for slot in g.slots]
+    masks = [g.mask.flatten() for g in groups]
+    return torch.tensor(meta), torch.cat(masks + [masks[0][:1]])
+
+
+def decode(meta: torch.Tensor, mask: torch.Tensor) -> list[Group]:
+    values = meta.tolist()
+    fields, slots = values[1: 1 + 4 * values[0]], values[1 + 4 * values[0]:]
+    groups, at_slot, at_mask = [], 0, 0
+    for i in range(0, len(fields), 4):
+        start, width, rows, kv_len = fields[i: i + 4]
+        size = rows * width * kv_len
+        groups.append(Group.of(start, width, tuple(slots[at_slot: at_slot + rows]), kv_len,
+                               mask[at_mask: at_mask + size].view(rows, 1, width, kv_len)))
+        at_slot, at_mask = at_slot + rows, at_mask + size
+    return groups
 
 
 def expand_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -117,12 +170,11 @@ def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Gr
     groups, at = [], 0
     for width, members in itertools.groupby(order, key=lambda r: len(rows[r].tokens)):
         members = list(members)
-        slots = [rows[r].slot for r in members]
-        first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        slots = tuple(rows[r].slot for r in members)
         begin = torch.tensor([starts[r] for r in members])
         kv_len = int(begin.max()) + width
-        groups.append(Group(at, width, torch.tensor(slots, device=device), first, kv_len,
-                            group_mask(begin, width, kv_len).to(device)))
+        groups.append(Group.of(at, width, slots, kv_len,
+                               group_mask(begin, width, kv_len).to(device)))
         at += len(members) * width
     return order, groups
 
@@ -130,9 +182,18 @@ def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Gr
 class Runner:
     """Runs a list of Rows through `model`, writing their keys/values into `cache`. The model
     belongs to the runner's thread while a forward runs (its attention implementation is
-    switched for the forward)."""
+    switched for the forward).
 
-    def __init__(self, model, cache: SlotCache):
+    `compile=True` compiles the step (torch.compile, shapes dynamic, one graph with no break,
+    weights frozen into it: on the CPU inductor then keeps each linear layer's weight prepacked
+    for oneDNN, which is where the time goes, see the README) and compiles it here, at
+    construction, for both kinds of step (one token, more): no request waits on a compile. A step
+    the warm-up did not cover (a guard fails) runs eagerly rather than compiling again
+    (`stance`)."""
+
+    stance = "eager_on_recompile"      # torch.compiler.set_stance of a served step
+
+    def __init__(self, model, cache: SlotCache, compile: bool = False):
         with packed_attention_of(model):
             switched = model.config._attn_implementation == PACKED
         if not switched:
@@ -141,9 +202,15 @@ class Runner:
                              f"cannot (set_attn_implementation)")
         self.model, self.cache = model, cache
         self.cache_kwarg = cache_kwarg(type(model))
+        self.compiled, self.compile_seconds = None, 0.0
+        if compile:
+            self.compiled = torch.compile(model, dynamic=True, fullgraph=True)
+            self.compile_seconds = self.warm_up()
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> Output:
+        if self.compiled is not None and sum(len(row.tokens) for row in rows) == 1:
+            return self.run_one_token(rows[0])
         started = time.perf_counter()
         device = self.model.device
         starts = [self.cache.length(row.slot) for row in rows]
@@ -165,12 +232,67 @@ class Runner:
         return Output(logits, time.perf_counter() - started)
 
     def forward(self, ids, positions, groups: list[Group], columns) -> torch.Tensor:
-        """The model call: ids, positions [1, T], columns [U] -> logits [1, U, V]; keys/values
-        written where the cache's placement says; attention by `groups`."""
+        """The model call: ids, positions [1, T], columns [U] -> logits [1, U, V] (compiled:
+        at least 2 columns, the last repeated); keys/values written where the cache's
+        placement says; attention by `groups`."""
         with packed_attention_of(self.model):
-            out = self.model(input_ids=ids, position_ids=positions, logits_to_keep=columns,
-                             use_cache=True, packing=groups, **{self.cache_kwarg: self.cache})
+            if self.compiled is None:
+                out = self.model(input_ids=ids, position_ids=positions, logits_to_keep=columns,
+                                 use_cache=True, packing=groups,
+                                 **{self.cache_kwarg: self.cache})
+            else:
+                if len(columns) == 1:                  # no size 1: see encode
+                    columns = columns.repeat(2)
+                with torch.compiler.set_stance(self.stance):
+                    out = self.compiled(input_ids=ids, position_ids=positions,
+                                        logits_to_keep=columns, use_cache=True,
+                                        packing=encode(groups),
+                                        **{self.cache_kwarg: self.cache})
         return out.logits
+
+    def run_one_token(self, row: Row) -> Output:
+        """A compiled step of one token runs it twice, the copy one position on, written and
+        then dropped: a size of 1 would need a graph of its own (torch.compile makes it a
+        constant), and that graph is slower (SmolLM2 here: 33 ms, two tokens 24)."""
+        if self.cache.length(row.slot) + 2 > self.cache.max_len:    # no room: runs eagerly
+            with self.eagerly():
+                return self.run([row])
+        out = self.run([Row(row.slot, row.tokens * 2, row.keep)])
+        self.cache.trim(row.slot, 1)
+        return out
+
+    @contextmanager
+    def eagerly(self):
+        compiled, self.compiled = self.compiled, None
+        try:
+            yield
+        finally:
+            self.compiled = compiled
+
+    def warm_up(self) -> float:
+        """Compile the step on slot 0 (left empty after), weights frozen into the graph; seconds.
+
+        torch.compile gives sizes that are equal when it compiles one symbol, and the graph
+        would then run only where they are equal again; so the warm-up's sizes differ: tokens
+        5, kept columns 3, meta 6, mask 26. The cache's stores are marked static (their sizes
+        never change), so no size is shared with them either. No size is 1 in any step (see
+        encode, forward, run_one_token): one graph runs them all."""
+        import torch._inductor.config     # (imported when used: it takes a while)
+
+        if self.cache.max_len < 6:
+            raise ValueError(f"max_len {self.cache.max_len} is too short to compile the step")
+        for layer in self.cache.layers:
+            torch._dynamo.mark_static(layer.keys)
+            torch._dynamo.mark_static(layer.values)
+        started, stance = time.perf_counter(), self.stance
+        self.stance = "default"
+        try:
+            with torch._inductor.config.patch(freezing=True):   # (not read from options=)
+                self.run([Row(0, [0] * 5, range(2, 5))])
+        finally:
+            self.stance = stance
+            self.cache.clear(0)
+        return time.perf_counter() - started
 
 
 @contextmanager
