@@ -68,15 +68,18 @@ def test_cuda_half_precision_equals_ar_up_to_near_ties(dtype, arch, window_size)
             f"token {first} differs from AR, where AR's top-2 gap is {gap:.3g} of its largest logit")
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_cuda_batched_engine_equals_ar_greedy_per_request(arch):
-    """The packed forward on CUDA (grouped-query heads expanded there): requests of different
-    prompt lengths join at different steps, share forwards with prompt chunks, and leave a gap
-    in the slots; each answer equals its own greedy generate (fp64: no rounding in the way)."""
+def test_cuda_batched_engine_equals_ar_greedy_per_request(arch, compile):
+    """The packed forward on CUDA (grouped-query heads expanded there), eager and compiled (the
+    worker's --compile on; no step may compile after the warm-up): requests of different prompt
+    lengths join at different steps, share forwards with prompt chunks, and leave a gap in the
+    slots; each answer equals its own greedy generate (fp64: no rounding in the way)."""
     from fastchat_cllm.core.engine import Engine
 
     model = tiny_model(arch, dtype=torch.float64).to("cuda")
-    engine = Engine(model, slots=3, max_len=128, chunk=16)
+    engine = Engine(model, slots=3, max_len=128, chunk=16, compile=compile)
+    engine.runner.stance = "fail_on_recompile"
     prompts = [list(range(3, 3 + n)) for n in (5, 40, 9, 23)]
     arrivals = {0: prompts[:2], 2: prompts[2:3], 6: prompts[3:]}
     steps, order, number = {}, [], 0
