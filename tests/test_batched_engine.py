@@ -336,8 +336,10 @@ def test_the_compiled_step_equals_the_eager_one(arch, model):
     then no step may compile again (one graph runs them all); every request gets its solo
     greedy output with windows of 1 (alone, a step of one token: run as two), 4 and adaptive,
     requests joining and leaving; a one-token step with no room for its copy runs eagerly."""
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine = Engine(model, slots=3, max_len=160, chunk=16, compile=True)
-    assert engine.runner.compile_seconds > 0 and not any(engine.cache.ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert not any(engine.cache.ids)
     engine.runner.stance = "fail_on_recompile"
     one = mock.patch.object(engine.runner, "run_one_token", wraps=engine.runner.run_one_token)
     with one as run_one_token:
@@ -359,6 +361,7 @@ def test_the_compiled_step_equals_the_eager_one(arch, model):
         want = model(input_ids=torch.tensor([held + [5]])).logits[0, -1:]
     assert torch.allclose(last, want.float(), atol=1e-6)
     assert engine.cache.ids[0] == held + [5] and engine.runner.compiled is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_a_forward_that_fails_after_the_model_call_commits_nothing(arch, model):

@@ -128,3 +128,25 @@ def test_terminal_chat_help_lists_the_jacobi_flags_and_not_the_refused_one():
     assert done.returncode == 0
     assert "--window-size" in done.stdout and "--model-path" in done.stdout
     assert "--judge-sent-end" not in done.stdout
+
+
+def test_a_step_that_cannot_compile_runs_eagerly_under_auto_and_stops_start_up_under_on():
+    """--compile auto (the CPU's default) must not cost a worker that ran before its start: a
+    model whose forward breaks the graph is served eagerly, with a warning; --compile on stops
+    start-up with the reason and the way out."""
+    import torch
+
+    from harness import tiny_greedy, tiny_model
+    from fastchat_cllm.serving.worker import StartupError, build_engine
+
+    model = tiny_model("llama", dtype=torch.float64)
+    model.model.embed_tokens.register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    engine = build_engine(model, 2, 64, 16, compile=True, required=False)
+    assert engine.runner.compiled is None
+    engine.add([5, 6, 7], max_new_tokens=4)
+    tokens = []
+    while engine.has_work:
+        tokens += [t for _, step in engine.step() for t in step.tokens]
+    assert tokens == tiny_greedy("llama", [5, 6, 7], 4, dtype=torch.float64)
+    with pytest.raises(StartupError, match=r"cannot compile the step.*--compile off"):
+        build_engine(model, 2, 64, 16, compile=True, required=True)

@@ -31,7 +31,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import str_to_torch_dtype
 
 from .. import loading
-from ..core.engine import Engine, EngineLoop
+from ..core.engine import CompileError, Engine, EngineLoop
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
@@ -118,7 +118,7 @@ class JacobiWorker(BaseModelWorker):
                 log.info("compiling the engine's step (torch.compile; on a 2-core CPU about a "
                          "minute; --compile off skips it)")
             return build_engine(model, args.limit_worker_concurrency, max_len, args.prefill_chunk,
-                                not args.no_prefix_cache, compile)
+                                not args.no_prefix_cache, compile, args.compile == "on")
 
         self.engine = EngineLoop(build)
         try:
@@ -211,14 +211,20 @@ def compile_step(choice: str, device) -> bool:
 
 
 def build_engine(model, slots: int, max_len: int, chunk: int, prefix_cache: bool = True,
-                 compile: bool = False) -> Engine:
-    """The worker's one engine, its slot cache allocated (its step compiled)."""
+                 compile: bool = False, required: bool = True) -> Engine:
+    """The worker's one engine, its slot cache allocated, its step compiled if `compile`; a step
+    that cannot be compiled stops start-up when `required` (--compile on), else (auto) the
+    engine runs it eagerly, with a warning."""
     try:
         return Engine(model, slots, max_len, chunk, prefix_cache, compile)
+    except CompileError as e:
+        if required:
+            raise StartupError(f"{e} (--compile off runs the step eagerly)") from e
+        log.warning("%s; the engine runs its step eagerly (--compile off skips trying)", e)
+        return build_engine(model, slots, max_len, chunk, prefix_cache)
     except (ValueError, RuntimeError) as e:       # unsupported attention, no memory for it
-        hint = " (--compile off runs the step eagerly)" if compile else ""
-        raise StartupError(f"cannot build the engine ({slots} slots x {max_len} positions"
-                           f"{', compiled' if compile else ''}): {e}{hint}") from e
+        raise StartupError(f"cannot build the engine ({slots} slots x {max_len} positions): "
+                           f"{e}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ and the loop that drives one engine on a thread of its own for concurrent caller
 from .engine import BatchTotals, Engine, Failure
 from .loop import EngineLoop
 from .request import Request
+from .runner import CompileError
 from .slot_cache import SlotCache
 
-__all__ = ["BatchTotals", "Engine", "EngineLoop", "Failure", "Request", "SlotCache"]
+__all__ = ["BatchTotals", "CompileError", "Engine", "EngineLoop", "Failure", "Request", "SlotCache"]

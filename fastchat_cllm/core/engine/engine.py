@@ -16,8 +16,9 @@ its prompt that a slot holds, left by an earlier request or copied from a runnin
 the rest is prefilled; the keys/values are the same function of the same ids, computed in other
 forwards (in fp32 a different batch shape may round differently: only near-ties can change).
 
-`compile=True` compiles the step (torch.compile) before the constructor returns: on this
-project's 2-core CPU it takes minutes once and then makes each forward ~1.9x faster (the README).
+`compile=True` compiles the step (torch.compile) before the constructor returns (CompileError
+when it cannot): SmolLM2 on this project's 2-core CPU took 47-87 s, and each forward then ran
+~1.9x faster (the README).
 
 Faults stay where they happen: an exception while making one request's window or verifying its
 logits fails that request alone; when a forward raises, its rows run again one by one and a
@@ -69,7 +70,9 @@ class Engine:
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache, compile)
-        self.cost = BatchCost(torch.device(model.device).type)    # seconds by rows and width
+        # the window sizers' prior cost shape: a compiled step of one token runs as two
+        self.cost_kind = torch.device(model.device).type + ("-compiled" if compile else "")
+        self.cost = BatchCost(self.cost_kind)    # seconds by rows and width
         self.scheduler = Scheduler(self.cache, chunk, self.cost, prefix_cache)
         self.ids = itertools.count()
         self.totals = BatchTotals()
@@ -83,7 +86,7 @@ class Engine:
         if len(prompt) + config.max_new_tokens > self.cache.max_len:
             raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({config.max_new_tokens})"
                              f" exceeds the engine's max_len {self.cache.max_len}")
-        request = Request(next(self.ids), prompt, config, self.model.device)
+        request = Request(next(self.ids), prompt, config, self.model.device, self.cost_kind)
         self.scheduler.add(request)
         return request.id
 

@@ -20,7 +20,8 @@ from .runner import Row
 
 
 class Request:
-    def __init__(self, request_id: int, prompt: list[int], config: JacobiConfig, device):
+    def __init__(self, request_id: int, prompt: list[int], config: JacobiConfig, device,
+                 cost_kind: str | None = None):
         self.id, self.prompt, self.config = request_id, prompt, config
         self.slot: int | None = None
         self.prefilled = 0                      # prompt tokens in the slot
@@ -31,7 +32,7 @@ class Request:
         self.stats = JacobiStats()
         self.context = Context(prompt, config.seed, config.make_pool())
         self.sizer = WindowSizer(config.min_window_size, config.window_size, config.adaptive,
-                                 config.window_cost, torch.device(device).type)
+                                 config.window_cost, cost_kind or torch.device(device).type)
         self.rule = acceptance_rule(config, torch.tensor(prompt, device=device))
         self.blocks = Blocks(config.fixed_blocks, config.window_size)
         self.prompt_logprobs: list[TokenLogprob] = []

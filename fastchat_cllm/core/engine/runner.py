@@ -129,13 +129,12 @@ def _(query, key, value, meta, mask, scale):
 
 def encode(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor]:
     """The groups as two tensors whose sizes are all a compiled step sees of them: meta (int64,
-    on the CPU) [G, then start, width, rows, kv_len of each group, then every group's slots],
-    and every group's mask flattened, one last element added (never read) so that no size is 1
-    (a size 1 would make a graph of its own)."""
+    on the CPU: read without a device sync) [G, then start, width, rows, kv_len of each group,
+    then every group's slots], and every group's mask flattened (at least as many elements as
+    the step has tokens, so never 1: see run_one_token)."""
     meta = [len(groups)] + [n for g in groups for n in (g.start, g.width, len(g.slots), g.kv_len)]
     meta += [slot for g in groups for slot in g.slots]
-    masks = [g.mask.flatten() for g in groups]
-    return torch.tensor(meta), torch.cat(masks + [masks[0][:1]])
+    return torch.tensor(meta), torch.cat([g.mask.flatten() for g in groups])
 
 
 def decode(meta: torch.Tensor, mask: torch.Tensor) -> list[Group]:
@@ -179,6 +178,10 @@ def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Gr
     return order, groups
 
 
+class CompileError(RuntimeError):
+    """The step could not be compiled (no C++ compiler, a graph break, ...)."""
+
+
 class Runner:
     """Runs a list of Rows through `model`, writing their keys/values into `cache`. The model
     belongs to the runner's thread while a forward runs (its attention implementation is
@@ -186,10 +189,10 @@ class Runner:
 
     `compile=True` compiles the step (torch.compile, shapes dynamic, one graph with no break,
     weights frozen into it: on the CPU inductor then keeps each linear layer's weight prepacked
-    for oneDNN, which is where the time goes, see the README) and compiles it here, at
-    construction, for both kinds of step (one token, more): no request waits on a compile. A step
-    the warm-up did not cover (a guard fails) runs eagerly rather than compiling again
-    (`stance`)."""
+    for oneDNN, which is where the time goes, see the README), here, at construction (a
+    CompileError when it cannot): no request waits on a compile. One graph runs every step (a
+    step of one token runs as two); a step it would not take (a guard fails) runs eagerly
+    rather than compiling again (`stance`)."""
 
     stance = "eager_on_recompile"      # torch.compiler.set_stance of a served step
 
@@ -205,7 +208,12 @@ class Runner:
         self.compiled, self.compile_seconds = None, 0.0
         if compile:
             self.compiled = torch.compile(model, dynamic=True, fullgraph=True)
-            self.compile_seconds = self.warm_up()
+            try:
+                self.compile_seconds = self.warm_up()
+            except Exception as error:
+                first = (str(error).strip().splitlines() or [""])[0]
+                raise CompileError(f"cannot compile the step: {type(error).__name__}: "
+                                   f"{first}") from error
 
     @torch.inference_mode()
     def run(self, rows: list[Row]) -> Output:
@@ -274,12 +282,12 @@ class Runner:
 
         torch.compile gives sizes that are equal when it compiles one symbol, and the graph
         would then run only where they are equal again; so the warm-up's sizes differ: tokens
-        5, kept columns 3, meta 6, mask 26. The cache's stores are marked static (their sizes
+        5, kept columns 3, meta 6, mask 25. The cache's stores are marked static (their sizes
         never change), so no size is shared with them either. No size is 1 in any step (see
         encode, forward, run_one_token): one graph runs them all."""
         import torch._inductor.config     # (imported when used: it takes a while)
 
-        if self.cache.max_len < 6:
+        if self.cache.max_len < 5:
             raise ValueError(f"max_len {self.cache.max_len} is too short to compile the step")
         for layer in self.cache.layers:
             torch._dynamo.mark_static(layer.keys)
