@@ -150,3 +150,27 @@ def test_a_step_that_cannot_compile_runs_eagerly_under_auto_and_stops_start_up_u
     assert tokens == tiny_greedy("llama", [5, 6, 7], 4, dtype=torch.float64)
     with pytest.raises(StartupError, match=r"cannot compile the step.*--compile off"):
         build_engine(model, 2, 64, 16, compile=True, required=True)
+
+
+def test_compile_auto_is_on_for_the_cpu_where_memory_holds_it():
+    """--compile auto: the CPU compiles unless the system's available memory is below the
+    weights and cache again (a prepacked copy of the weights); CUDA does not (not measured);
+    on and off are what they say; the cache's bytes are what a SlotCache allocates."""
+    import torch
+
+    from harness import tiny_model
+    from fastchat_cllm.core.engine import SlotCache
+    from fastchat_cllm.serving.worker import available_memory, compile_step
+
+    gib = 2 ** 30
+    assert compile_step("auto", "cpu", gib, 8 * gib) == (True, "")
+    assert compile_step("auto", "cpu", gib, None) == (True, "")
+    off, why = compile_step("auto", "cpu", 4 * gib, 3 * gib)
+    assert not off and "4.0 GiB" in why and "3.0 GiB" in why
+    assert compile_step("on", "cpu", 4 * gib, 3 * gib) == (True, "")
+    assert compile_step("auto", "cuda", gib, 8 * gib) == (False, "")
+    assert compile_step("on", "cuda", gib, 8 * gib) == (True, "")
+    assert compile_step("off", "cpu", gib, 8 * gib) == (False, "")
+    assert available_memory() > 0
+    model = tiny_model("qwen2", dtype=torch.float64)
+    assert SlotCache.bytes_for(model, 3, 40) == SlotCache(model, 3, 40).nbytes()

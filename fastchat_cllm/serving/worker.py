@@ -31,7 +31,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from fastchat.utils import str_to_torch_dtype
 
 from .. import loading
-from ..core.engine import CompileError, Engine, EngineLoop
+from ..core.engine import CompileError, Engine, EngineLoop, SlotCache
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
@@ -113,7 +113,12 @@ class JacobiWorker(BaseModelWorker):
             model, tokenizer = load(args, dtype, revision)
             loaded.update(model=model, tokenizer=tokenizer)
             max_len = args.max_len or min(context_length(model.config), DEFAULT_MAX_LEN)
-            compile = compile_step(args.compile, model.device)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            cache = SlotCache.bytes_for(model, args.limit_worker_concurrency, max_len)
+            compile, why = compile_step(args.compile, model.device, weights * 3 // 2 + cache,
+                                        available_memory())
+            if why:
+                log.warning("--compile auto: the step runs eagerly: %s", why)
             if compile:
                 log.info("compiling the engine's step (torch.compile; on a 2-core CPU about a "
                          "minute; --compile off skips it)")
@@ -204,10 +209,30 @@ def load(args: argparse.Namespace, dtype, revision):
                            f"{type(e).__name__}: {e}") from e
 
 
-def compile_step(choice: str, device) -> bool:
-    """--compile: auto compiles on the CPU, where it was measured to win (the README), and not
-    on CUDA, where it has not been measured yet."""
-    return choice == "on" or (choice == "auto" and torch.device(device).type == "cpu")
+def compile_step(choice: str, device, needed: int, available: int | None) -> tuple[bool, str]:
+    """--compile: (compile?, why auto does not where it would). auto compiles on the CPU, where
+    it was measured to win (the README), when memory holds it (a second, prepacked copy of the
+    weights: SmolLM2 fp32 took 1.35x its weights more; `needed`: 1.5x the weights' bytes and the
+    cache's, `available` what the system has left, None: unknown); not on CUDA, where it has
+    not been measured yet."""
+    if choice != "auto" or torch.device(device).type != "cpu":
+        return choice == "on", ""
+    if available is not None and available < needed:
+        return False, (f"it would need about {needed / 2 ** 30:.1f} GiB more memory, "
+                       f"{available / 2 ** 30:.1f} GiB is available (--compile on insists)")
+    return True, ""
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is none."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def build_engine(model, slots: int, max_len: int, chunk: int, prefix_cache: bool = True,
@@ -261,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the engine's step with torch.compile at start-up, before "
                              "the worker registers (auto: on the CPU, where each forward of "
                              "SmolLM2 ran ~1.9x faster and the compile took about a minute on 2 "
-                             "cores; off on CUDA, not measured there yet)")
+                             "cores, unless the memory left cannot hold a second copy of the "
+                             "weights; off on CUDA, not measured there yet)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,

@@ -91,6 +91,16 @@ class SlotCache(Cache):
         self.where: Placement | None = None     # the forward in flight
         self.planned: dict[int, list[int]] = {}  # its token ids per slot
 
+    @staticmethod
+    def bytes_for(model, slots: int, max_len: int) -> int:
+        """What a SlotCache of `model` with these slots and positions allocates."""
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        size = next(model.parameters()).element_size()
+        return 2 * config.num_hidden_layers * slots * kv_heads * max_len * head_dim * size
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self.where)
 
