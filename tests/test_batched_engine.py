@@ -333,14 +333,14 @@ def test_packed_rows_give_each_row_its_own_logits(model):
 
 def test_the_compiled_step_equals_the_eager_one(arch, model):
     """compile=True (the worker's --compile): the step is compiled when the engine is built, and
-    then no step may compile again (one graph runs them all); every request gets its solo
+    then no step compiles again or runs eagerly (one graph runs them all); every request gets its solo
     greedy output with windows of 1 (alone, a step of one token: run as two), 4 and adaptive,
-    requests joining and leaving; a one-token step with no room for its copy runs eagerly."""
+    requests joining and leaving; a one-token step with no room for its copy runs eagerly, and
+    so does a step the graph's guards refuse (the model in training mode), counted."""
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine = Engine(model, slots=3, max_len=160, chunk=16, compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
     assert not any(engine.cache.ids)
-    engine.runner.stance = "fail_on_recompile"
     one = mock.patch.object(engine.runner, "run_one_token", wraps=engine.runner.run_one_token)
     with one as run_one_token:
         for window in ("w1", "w4", "adaptive"):
@@ -361,6 +361,18 @@ def test_the_compiled_step_equals_the_eager_one(arch, model):
         want = model(input_ids=torch.tensor([held + [5]])).logits[0, -1:]
     assert torch.allclose(last, want.float(), atol=1e-6)
     assert engine.cache.ids[0] == held + [5] and engine.runner.compiled is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert engine.runner.eager_steps == 0
+    model.train()            # a guard of the graph fails: the step runs eagerly, and counts
+    try:
+        engine.cache.clear(1)
+        out = engine.runner.run([Row(1, [7, 8, 9], range(3))]).logits[0]
+    finally:
+        model.eval()
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([[7, 8, 9]])).logits[0]
+    assert torch.allclose(out, want.float(), atol=1e-6) and engine.cache.ids[1] == [7, 8, 9]
+    assert engine.runner.eager_steps == 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
 

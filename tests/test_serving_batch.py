@@ -121,6 +121,7 @@ def test_64_concurrent_streams_equal_each_alone(stack, alone):
     assert idle["queue_length"] == 0 and after["active_slots"] == after["waiting"] == 0
     assert after["finished"] - before["finished"] == 64 and 1 < max(busiest) <= SLOTS
     assert after["tokens_per_forward"] >= 1
+    assert after["compiled"] and after["eager_steps"] == 0     # the compiled step served all
 
 
 def worker_chunks(stack, params: dict) -> list[dict]:

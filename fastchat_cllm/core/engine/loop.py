@@ -197,6 +197,7 @@ class EngineLoop:
         return {"slots": self.engine.cache.slots, "active_slots": len(scheduler.running),
                 "waiting": len(scheduler.waiting), "max_len": self.max_len,
                 "cache_mib": self.cache_mib, "compiled": self.engine.runner.compiled is not None,
+                "eager_steps": self.engine.runner.eager_steps,
                 **{name: self.counts[name] for name in COUNTS},
                 "forwards": totals.forwards, "tokens": totals.tokens,
                 "tokens_per_forward": round(totals.tokens_per_forward, 4),

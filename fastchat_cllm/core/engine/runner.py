@@ -15,6 +15,7 @@ Logits are projected only for the columns some row asks for (a 1D `logits_to_kee
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from transformers import AttentionInterface
 from ..kv_cache import cache_kwarg
 from .slot_cache import SlotCache
 
+log = logging.getLogger(__name__)
 PACKED = "fastchat_cllm_packed"      # the attention implementation of the engine's forwards
 
 
@@ -191,10 +193,9 @@ class Runner:
     weights frozen into it: on the CPU inductor then keeps each linear layer's weight prepacked
     for oneDNN, which is where the time goes, see the README), here, at construction (a
     CompileError when it cannot): no request waits on a compile. One graph runs every step (a
-    step of one token runs as two); a step it would not take (a guard fails) runs eagerly
-    rather than compiling again (`stance`)."""
-
-    stance = "eager_on_recompile"      # torch.compiler.set_stance of a served step
+    step of one token runs as two); a step it would not take (a guard fails: the model switched
+    to training mode, ...) runs eagerly rather than compiling again, and is counted
+    (`eager_steps`; the first is logged)."""
 
     def __init__(self, model, cache: SlotCache, compile: bool = False):
         with packed_attention_of(model):
@@ -205,7 +206,7 @@ class Runner:
                              f"cannot (set_attn_implementation)")
         self.model, self.cache = model, cache
         self.cache_kwarg = cache_kwarg(type(model))
-        self.compiled, self.compile_seconds = None, 0.0
+        self.compiled, self.compile_seconds, self.eager_steps = None, 0.0, 0
         if compile:
             self.compiled = torch.compile(model, dynamic=True, fullgraph=True)
             try:
@@ -251,11 +252,21 @@ class Runner:
             else:
                 if len(columns) == 1:                  # no size 1: see encode
                     columns = columns.repeat(2)
-                with torch.compiler.set_stance(self.stance):
-                    out = self.compiled(input_ids=ids, position_ids=positions,
-                                        logits_to_keep=columns, use_cache=True,
-                                        packing=encode(groups),
-                                        **{self.cache_kwarg: self.cache})
+                try:          # the guards are checked before the graph runs: nothing written
+                    with torch.compiler.set_stance(self.stance):
+                        out = self.compiled(input_ids=ids, position_ids=positions,
+                                            logits_to_keep=columns, use_cache=True,
+                                            packing=encode(groups),
+                                            **{self.cache_kwarg: self.cache})
+                except RuntimeError as error:
+                    if "fail_on_recompile" not in str(error):
+                        raise
+                    self.eager_steps += 1
+                    if self.eager_steps == 1:
+                        log.warning("a step the compiled graph does not take ran eagerly (%s); "
+                                    "so will the others", error)
+                    with self.eagerly():
+                        return self.forward(ids, positions, groups, columns)
         return out.logits
 
     def run_one_token(self, row: Row) -> Output:
@@ -292,13 +303,12 @@ class Runner:
         for layer in self.cache.layers:
             torch._dynamo.mark_static(layer.keys)
             torch._dynamo.mark_static(layer.values)
-        started, stance = time.perf_counter(), self.stance
-        self.stance = "default"
+        started, self.stance = time.perf_counter(), "default"
         try:
             with torch._inductor.config.patch(freezing=True):   # (not read from options=)
                 self.run([Row(0, [0] * 5, range(2, 5))])
         finally:
-            self.stance = stance
+            self.stance = "fail_on_recompile"     # then: a step that would compile runs eagerly
             self.cache.clear(0)
         return time.perf_counter() - started
 
