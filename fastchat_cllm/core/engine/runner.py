@@ -11,6 +11,10 @@ is one SDPA call over its slots' cached keys/values (a view when the slots are c
 else gathered), with a mask that lets column c of row r see its slot's positions
 0 .. s_r + c: the whole cached prefix, causally within its own tokens, nothing of other slots.
 Logits are projected only for the columns some row asks for (a 1D `logits_to_keep`).
+
+The step can be compiled (`Runner(..., compile=True)`, the worker's --compile): the same forward
+through torch.compile as one graph, the attention a custom op the compiler does not look into,
+the weights frozen into the graph; see Runner and warm_up.
 """
 from __future__ import annotations
 
