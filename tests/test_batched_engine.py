@@ -18,7 +18,7 @@ from harness import ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine, Failure
 from fastchat_cllm.core.engine.request import Request
-from fastchat_cllm.core.engine.runner import Row
+from fastchat_cllm.core.engine.runner import REFUSALS, Row
 from fastchat_cllm.core.step import Step
 
 F64 = torch.float64
@@ -336,7 +336,8 @@ def test_the_compiled_step_equals_the_eager_one(arch, model):
     then no step compiles again or runs eagerly (one graph runs them all); every request gets its solo
     greedy output with windows of 1 (alone, a step of one token: run as two), 4 and adaptive,
     requests joining and leaving; a one-token step with no room for its copy runs eagerly, and
-    so does a step the graph's guards refuse (the model in training mode), counted."""
+    so does a step the graph's guards refuse (the model in training mode), counted; refused
+    REFUSALS times in a row, the runner stays eager."""
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine = Engine(model, slots=3, max_len=160, chunk=16, compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
@@ -367,12 +368,16 @@ def test_the_compiled_step_equals_the_eager_one(arch, model):
     try:
         engine.cache.clear(1)
         out = engine.runner.run([Row(1, [7, 8, 9], range(3))]).logits[0]
+        assert engine.runner.eager_steps == 1 and engine.runner.compiled is not None
+        for _ in range(REFUSALS - 1):            # refused this often in a row: stays eager
+            engine.runner.run([Row(2, [7, 8], range(1))])
+            engine.cache.clear(2)
     finally:
         model.eval()
     with torch.inference_mode():
         want = model(input_ids=torch.tensor([[7, 8, 9]])).logits[0]
     assert torch.allclose(out, want.float(), atol=1e-6) and engine.cache.ids[1] == [7, 8, 9]
-    assert engine.runner.eager_steps == 1
+    assert engine.runner.eager_steps == REFUSALS and engine.runner.compiled is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
 

@@ -21,8 +21,9 @@ request's E[k | n] coming from its own sizer (`batch_curve`). A batch whose gues
 right runs width 1: it does not pay for positions it cannot use. On CPU the cost has a step:
 BLAS runs a 1-token forward as matrix-vector products and any n >= 2 as matrix-matrix products,
 which on the 2-core machines here cost ~2x for one row of 2 tokens and ~1.45x for 8 rows of 2
-against 8 rows of 1 (SmolLM2-135M, fp32). The engine's compiled step ("cpu-compiled") has no
-such step: it runs a one-token step as two tokens, and one row of 4 cost 1.04x one of 2.
+against 8 rows of 1 (SmolLM2-135M, fp32). A request alone on the engine's compiled step
+("cpu-compiled") has no such step: it runs a one-token step as two tokens, and one row of 4 cost
+1.04x one of 2 (a batch's forward, priced by BatchCost, still has one: ~1.3x for 8 rows of 2).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ status their totals and the batch's (slots in use, tokens per forward of the who
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -224,15 +225,22 @@ def compile_step(choice: str, device, needed: int, available: int | None) -> tup
 
 
 def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes; None where there is none."""
+    """Bytes the worker may still take: MemAvailable of /proc/meminfo, or less where a cgroup
+    (v2: a container's limit) allows less; None where neither says."""
+    found = []
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            found += [int(line.split()[1]) * 1024 for line in meminfo
+                      if line.startswith("MemAvailable:")]
+    except (OSError, ValueError):
         pass
-    return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            found.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def build_engine(model, slots: int, max_len: int, chunk: int, prefix_cache: bool = True,
@@ -246,10 +254,12 @@ def build_engine(model, slots: int, max_len: int, chunk: int, prefix_cache: bool
         if required:
             raise StartupError(f"{e} (--compile off runs the step eagerly)") from e
         log.warning("%s; the engine runs its step eagerly (--compile off skips trying)", e)
-        return build_engine(model, slots, max_len, chunk, prefix_cache)
     except (ValueError, RuntimeError) as e:       # unsupported attention, no memory for it
         raise StartupError(f"cannot build the engine ({slots} slots x {max_len} positions): "
                            f"{e}") from e
+    torch._dynamo.reset()      # out of the except: the failed engine (its cache, any graph and
+    gc.collect()               # its frozen weights) is gone before the eager one is built
+    return build_engine(model, slots, max_len, chunk, prefix_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the engine's step with torch.compile at start-up, before "
                              "the worker registers (auto: on the CPU, where each forward of "
                              "SmolLM2 ran ~1.9x faster and the compile took about a minute on 2 "
-                             "cores, unless the memory left cannot hold a second copy of the "
-                             "weights; off on CUDA, not measured there yet)")
+                             "cores, unless the memory left is less than 1.5x the weights and "
+                             "the slot cache: it keeps a second, prepacked copy of the weights; "
+                             "off on CUDA, not measured there yet)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,

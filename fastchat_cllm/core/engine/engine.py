@@ -70,9 +70,11 @@ class Engine:
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache, compile)
-        # the window sizers' prior cost shape: a compiled step of one token runs as two
-        self.cost_kind = torch.device(model.device).type + ("-compiled" if compile else "")
-        self.cost = BatchCost(self.cost_kind)    # seconds by rows and width
+        device = torch.device(model.device).type
+        # a request's sizer: a compiled step of one token runs as two (no cost step at 2 tokens);
+        # a batch's forward still has one (compiled, 8 rows of 2 cost ~1.3x 8 rows of 1)
+        self.cost_kind = device + ("-compiled" if compile else "")
+        self.cost = BatchCost(device)    # seconds by rows and width
         self.scheduler = Scheduler(self.cache, chunk, self.cost, prefix_cache)
         self.ids = itertools.count()
         self.totals = BatchTotals()

@@ -32,7 +32,8 @@ from ..kv_cache import cache_kwarg
 from .slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
-PACKED = "fastchat_cllm_packed"      # the attention implementation of the engine's forwards
+PACKED = "fastchat_cllm_packed"
+REFUSALS = 8        # compiled steps refused in a row after which the runner stays eager      # the attention implementation of the engine's forwards
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class Runner:
     CompileError when it cannot): no request waits on a compile. One graph runs every step (a
     step of one token runs as two); a step it would not take (a guard fails: the model switched
     to training mode, ...) runs eagerly rather than compiling again, and is counted
-    (`eager_steps`; the first is logged)."""
+    (`eager_steps`; the first is logged); after REFUSALS in a row the runner stays eager."""
 
     def __init__(self, model, cache: SlotCache, compile: bool = False):
         with packed_attention_of(model):
@@ -211,7 +212,10 @@ class Runner:
         self.model, self.cache = model, cache
         self.cache_kwarg = cache_kwarg(type(model))
         self.compiled, self.compile_seconds, self.eager_steps = None, 0.0, 0
+        self.stance, self.refused = "fail_on_recompile", 0    # refused: in a row
         if compile:
+            self.run([Row(0, [0] * 5, range(2, 5))])     # eagerly first: the model's own errors
+            self.cache.clear(0)                          # stay what they are
             self.compiled = torch.compile(model, dynamic=True, fullgraph=True)
             try:
                 self.compile_seconds = self.warm_up()
@@ -265,13 +269,24 @@ class Runner:
                 except RuntimeError as error:
                     if "fail_on_recompile" not in str(error):
                         raise
-                    self.eager_steps += 1
-                    if self.eager_steps == 1:
-                        log.warning("a step the compiled graph does not take ran eagerly (%s); "
-                                    "so will the others", error)
-                    with self.eagerly():
-                        return self.forward(ids, positions, groups, columns)
+                    return self.refused_step(error, ids, positions, groups, columns)
+                self.refused = 0
         return out.logits
+
+    def refused_step(self, error: RuntimeError, *args) -> torch.Tensor:
+        """A step the compiled graph's guards refused (before it ran: nothing was written) runs
+        eagerly, counted; after REFUSALS in a row the runner stops trying the graph."""
+        self.eager_steps += 1
+        self.refused += 1
+        if self.eager_steps == 1:
+            log.warning("a step the compiled graph does not take ran eagerly: %s", error)
+        with self.eagerly():
+            logits = self.forward(*args)
+        if self.refused >= REFUSALS:
+            log.warning("%d steps in a row refused by the compiled graph: the engine runs its "
+                        "step eagerly from now on", self.refused)
+            self.compiled = None
+        return logits
 
     def run_one_token(self, row: Row) -> Output:
         """A compiled step of one token runs it twice, the copy one position on, written and
