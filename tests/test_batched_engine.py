@@ -18,6 +18,7 @@ from harness import ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine, Failure
 from fastchat_cllm.core.engine.request import Request
+from fastchat_cllm.core.engine import runner
 from fastchat_cllm.core.engine.runner import REFUSALS, Row
 from fastchat_cllm.core.step import Step
 
@@ -356,7 +357,9 @@ def test_the_compiled_step_equals_the_eager_one(arch, model):
         assert run_one_token.call_count > 10
         engine.cache.clear(0)
         held = prompt(159, 7)
-        engine.runner.run([Row(0, held, range(0))])
+        with mock.patch.object(runner, "_decode", wraps=runner._decode) as decoded:
+            engine.runner.run([Row(0, held, range(0))])
+        assert decoded.call_count == 1       # once a step, not once a layer
         last = engine.runner.run([Row(0, [5], range(1))]).logits[0]     # position 159 of 160
     with torch.inference_mode():
         want = model(input_ids=torch.tensor([held + [5]])).logits[0, -1:]

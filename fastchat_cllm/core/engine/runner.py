@@ -145,6 +145,19 @@ def encode(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decode(meta: torch.Tensor, mask: torch.Tensor) -> list[Group]:
+    """encode's groups back; every layer of a step passes the same tensors, so the last
+    step's groups are kept (by the tensors' identity: the step holds them alive)."""
+    if _decoded and _decoded[0] is meta and _decoded[1] is mask:
+        return _decoded[2]
+    groups = _decode(meta, mask)
+    _decoded[:] = [meta, mask, groups]
+    return groups
+
+
+_decoded: list = []       # [meta, mask, groups] of the step in flight (the loop's one thread)
+
+
+def _decode(meta: torch.Tensor, mask: torch.Tensor) -> list[Group]:
     values = meta.tolist()
     fields, slots = values[1: 1 + 4 * values[0]], values[1 + 4 * values[0]:]
     groups, at_slot, at_mask = [], 0, 0
