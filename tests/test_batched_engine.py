@@ -16,9 +16,8 @@ import torch
 
 from harness import ROOT, ar_greedy, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
-from fastchat_cllm.core.engine import Engine, Failure
+from fastchat_cllm.core.engine import Engine, Failure, runner
 from fastchat_cllm.core.engine.request import Request
-from fastchat_cllm.core.engine import runner
 from fastchat_cllm.core.engine.runner import REFUSALS, Row
 from fastchat_cllm.core.step import Step
 

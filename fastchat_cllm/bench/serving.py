@@ -166,8 +166,8 @@ async def _level(client, config: ServingConfig, model: str, prompts: list[Prompt
         for r in range(config.requests_per_stream):
             prompt = prompts[(stream * config.requests_per_stream + r) % len(prompts)]
             try:
-                number = next(numbers) if config.distinct else None
-                out.append(await stream_once(client, config, model, prompt, tokenizer, number))
+                out.append(await stream_once(client, config, model, prompt, tokenizer,
+                                             next(numbers)))
             except (APIError, HTTPError, StreamError) as err:   # a failed request: a result
                 errors.append(f"{type(err).__name__}: {err}")
             bar.update()
@@ -186,9 +186,8 @@ async def _run(config: ServingConfig, prompts: list[Prompt], tokenizer) -> dict:
     async with AsyncOpenAI(base_url=config.url, api_key=config.api_key or "EMPTY",
                            timeout=config.timeout, max_retries=0) as client:
         model = config.model or (await client.models.list()).data[0].id
-        numbers = itertools.count()
-        await stream_once(client, config, model, prompts[0], tokenizer,   # warm-up
-                          next(numbers) if config.distinct else None)
+        numbers = itertools.count() if config.distinct else itertools.repeat(None)
+        await stream_once(client, config, model, prompts[0], tokenizer, next(numbers))  # warm-up
         total = sum(config.concurrency) * config.requests_per_stream
         levels = []
         with tqdm(total=total, file=sys.stderr, desc="serve", unit="req") as bar:

@@ -23,6 +23,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ from ..kv_cache import cache_kwarg
 from .slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
-PACKED = "fastchat_cllm_packed"
-REFUSALS = 8        # compiled steps refused in a row after which the runner stays eager      # the attention implementation of the engine's forwards
+PACKED = "fastchat_cllm_packed"      # the attention implementation of the engine's forwards
+REFUSALS = 8        # compiled steps refused in a row after which the runner stays eager
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,13 @@ class Group:
     slots: tuple[int, ...]
     kv_len: int
     mask: torch.Tensor
-    index: torch.Tensor | None = None   # the slots on the device, when not consecutive
 
-    @staticmethod
-    def of(start: int, width: int, slots: tuple[int, ...], kv_len: int, mask: torch.Tensor):
-        consecutive = slots == tuple(range(slots[0], slots[0] + len(slots)))
-        index = None if consecutive else torch.tensor(slots, device=mask.device)
-        return Group(start, width, slots, kv_len, mask, index)
+    @cached_property
+    def index(self) -> torch.Tensor | None:
+        """The slots on the device, for a gather; None when they are consecutive (a view)."""
+        if self.slots == tuple(range(self.slots[0], self.slots[0] + len(self.slots))):
+            return None
+        return torch.tensor(self.slots, device=self.mask.device)
 
     def keys(self, store: torch.Tensor) -> torch.Tensor:
         """This group's slots of a layer's store [slots, kv_heads, max_len, head_dim], up to
@@ -164,7 +165,7 @@ def _decode(meta: torch.Tensor, mask: torch.Tensor) -> list[Group]:
     for i in range(0, len(fields), 4):
         start, width, rows, kv_len = fields[i: i + 4]
         size = rows * width * kv_len
-        groups.append(Group.of(start, width, tuple(slots[at_slot: at_slot + rows]), kv_len,
+        groups.append(Group(start, width, tuple(slots[at_slot: at_slot + rows]), kv_len,
                                mask[at_mask: at_mask + size].view(rows, 1, width, kv_len)))
         at_slot, at_mask = at_slot + rows, at_mask + size
     return groups
@@ -192,7 +193,7 @@ def pack(rows: list[Row], starts: list[int], device) -> tuple[list[int], list[Gr
         slots = tuple(rows[r].slot for r in members)
         begin = torch.tensor([starts[r] for r in members])
         kv_len = int(begin.max()) + width
-        groups.append(Group.of(at, width, slots, kv_len,
+        groups.append(Group(at, width, slots, kv_len,
                                group_mask(begin, width, kv_len).to(device)))
         at += len(members) * width
     return order, groups
@@ -330,8 +331,6 @@ class Runner:
         encode, forward, run_one_token): one graph runs them all."""
         import torch._inductor.config     # (imported when used: it takes a while)
 
-        if self.cache.max_len < 5:
-            raise ValueError(f"max_len {self.cache.max_len} is too short to compile the step")
         for layer in self.cache.layers:
             torch._dynamo.mark_static(layer.keys)
             torch._dynamo.mark_static(layer.values)

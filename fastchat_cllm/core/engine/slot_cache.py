@@ -78,14 +78,11 @@ class SlotCache(Cache):
     def __init__(self, model, slots: int, max_len: int):
         if slots < 1 or max_len < 1:
             raise ValueError(f"need slots >= 1 and max_len >= 1, got {slots}, {max_len}")
-        config = model.config.get_text_config()
-        check_full_attention(config, max_len)
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        check_full_attention(model.config.get_text_config(), max_len)
+        layers, kv_heads, head_dim = kv_layout(model)
         dtype, device = next(model.parameters()).dtype, model.device
         super().__init__(layers=[SlotLayer(slots, kv_heads, max_len, head_dim, dtype, device)
-                                 for _ in range(config.num_hidden_layers)])
+                                 for _ in range(layers)])
         self.slots, self.max_len = slots, max_len
         self.ids: list[list[int]] = [[] for _ in range(slots)]   # each slot's ids, by position
         self.where: Placement | None = None     # the forward in flight
@@ -94,12 +91,9 @@ class SlotCache(Cache):
     @staticmethod
     def bytes_for(model, slots: int, max_len: int) -> int:
         """What a SlotCache of `model` with these slots and positions allocates."""
-        config = model.config.get_text_config()
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers, kv_heads, head_dim = kv_layout(model)
         size = next(model.parameters()).element_size()
-        return 2 * config.num_hidden_layers * slots * kv_heads * max_len * head_dim * size
+        return 2 * layers * slots * kv_heads * max_len * head_dim * size
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self.where)
@@ -178,6 +172,15 @@ class SlotCache(Cache):
     def storage_pointers(self) -> list[int]:
         """data_ptr of every layer's keys and values (they never change)."""
         return [t.data_ptr() for layer in self.layers for t in (layer.keys, layer.values)]
+
+
+def kv_layout(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of `model`'s keys and values."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+            head_dim)
 
 
 def check_full_attention(config, max_len: int) -> None:
