@@ -22,11 +22,11 @@ BLOCK, NEW = 8, 24
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tokens_per_forward(model, prompts) -> float:
+def tokens_per_forward(model, prompts, fixed_blocks=True) -> float:
     accepted = forwards = 0
     for ids in prompts:
         out = jacobi_generate(model, ids, max_new_tokens=NEW, window_size=BLOCK, adaptive=False,
-                              fixed_blocks=True, fill="random")
+                              fixed_blocks=fixed_blocks, fill="random")
         accepted += sum(out.stats.accepted_per_forward)
         forwards += out.stats.forwards
     return accepted / forwards
@@ -152,6 +152,59 @@ def test_distill_cli_rejects_bad_input(tmp_path, capsys):
                          "--loss", "global", "--states-per-block", "0"]) == 2
     with pytest.raises(ValueError):
         DistillConfig(loss="other")
+
+
+def test_distillation_with_a_horizon_raises_tokens_per_forward(tmp_path):
+    """Measured with the sliding window the horizon aims at."""
+    model = sharp_tiny_model()
+    prompts = random_prompts(6)
+    config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
+    trajectories = [collect_trajectory(model, str(i), p, config) for i, p in enumerate(prompts)]
+    before = tokens_per_forward(model, prompts, fixed_blocks=False)
+    train(model, trajectories, DistillConfig(steps=60, lr=3e-3, ar_weight=0.1, warmup=0,
+                                             states_per_block=16, records_per_step=2, horizon=3),
+          tmp_path, progress=False)
+    after = tokens_per_forward(model, prompts, fixed_blocks=False)
+    assert after > before + 0.05, (before, after)
+
+
+def test_a_horizon_trains_the_positions_after_the_first_wrong_token_on_cut_states():
+    """--horizon H: each chosen state becomes its H tokens from the first wrong one, placed at
+    that offset; the cut state's predictions equal the whole state's at those positions (same
+    context), its targets are the fixed point's, and the loss differs from the uncut one's."""
+    model = sharp_tiny_model()
+    config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
+    traj = collect_trajectory(model, "t", random_prompts(1)[0], config)
+    horizon = DistillConfig(states_per_block=64, horizon=3)
+    cut = choose_segments(traj, horizon, random.Random(0))
+    assert cut and all(1 <= len(seg.tokens) <= 3 for seg in cut)
+    whole = {}
+    for block in traj.blocks:
+        for state in block.states + block.augmented:
+            if state == block.fixed_point:
+                continue
+            w = next(i for i, (a, b) in enumerate(zip(state, block.fixed_point)) if a != b)
+            whole[(block.start + w, tuple(state[w: w + 3]))] = (block.start, state, w)
+    assert {(seg.start, tuple(seg.tokens)) for seg in cut} <= set(whole)
+    assert len({(seg.start, tuple(seg.tokens)) for seg in cut}) == len(cut)   # no repeats
+    p = len(traj.prompt_ids)
+    with torch.no_grad():
+        for seg in cut[:6]:
+            start, state, w = whole[(seg.start, tuple(seg.tokens))]
+            a = pack(traj.prompt_ids, traj.output_ids, [seg])
+            b = pack(traj.prompt_ids, traj.output_ids,
+                     [type(seg)(start, state)])
+            n = len(seg.tokens)
+            assert a.teacher.tolist() == list(range(p + seg.start, p + seg.start + n))
+            torch.testing.assert_close(packed_logits(model, a)[a.student],
+                                       packed_logits(model, b)[b.student[w: w + n]])
+    assert sum(len(s.tokens) for s in cut) < sum(
+        len(s.tokens) for s in choose_segments(traj, DistillConfig(states_per_block=64),
+                                               random.Random(0)))
+    with pytest.raises(ValueError):
+        DistillConfig(horizon=2, loss="local")
+    with pytest.raises(ValueError):
+        DistillConfig(horizon=-1)
 
 
 def test_base_teacher_targets_the_frozen_model_and_snapshots_adapters(model_and_prompts,

@@ -118,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(base: LoRA only; holds the base's distribution)")
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
                    help="save the LoRA adapter every N steps to OUT/snapshots/step-N (0: never)")
+    p.add_argument("--horizon", type=int, default=d.horizon,
+                   help="train only the H positions of a state from its first wrong token "
+                        "(0: all; cut states are cheap, so raise --states-per-block)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     return p.parse_args(argv)
@@ -127,7 +130,8 @@ def config_from(args) -> DistillConfig:
     return DistillConfig(args.steps, args.lr, args.schedule, args.warmup, args.ar_weight,
                          args.label_smoothing, args.loss, args.states_per_block,
                          args.records_per_step, args.save_every, args.max_minutes,
-                         not args.no_bf16, args.seed, args.teacher, args.snapshot_every)
+                         not args.no_bf16, args.seed, args.teacher, args.snapshot_every,
+                         args.horizon)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,10 @@ CHECKPOINT, LOSS_LOG = "checkpoint.pt", "loss_log.jsonl"
 @dataclass(frozen=True)
 class DistillConfig:
     """steps: optimizer steps (0: one epoch). ar_weight: AR loss weight against the consistency
-    loss (the reference's 10:1). max_minutes: stop (and checkpoint) after this long (0: never)."""
+    loss (the reference's 10:1). max_minutes: stop (and checkpoint) after this long (0: never).
+    horizon: 0 trains a state's every position (the reference); h > 0 only the h positions from
+    its first wrong token on (global loss), those whose right answer a sliding window can turn
+    into accepted tokens next forward; the state is cut to them, so a step affords more states."""
 
     steps: int = 0
     lr: float = 2e-5
@@ -47,6 +50,7 @@ class DistillConfig:
     seed: int = 0
     teacher: str = "self"
     snapshot_every: int = 0
+    horizon: int = 0
 
     def __post_init__(self):
         if self.teacher not in TEACHERS:
@@ -54,6 +58,10 @@ class DistillConfig:
         if self.teacher == "base" and self.loss != "global":
             raise ValueError("teacher 'base' needs the global loss (the local loss's targets are "
                              "the next noisy state, which only the model being trained sees)")
+        if self.horizon < 0:
+            raise ValueError(f"horizon must be >= 0, got {self.horizon}")
+        if self.horizon and self.loss != "global":
+            raise ValueError("horizon needs the global loss")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.loss not in LOSSES:
@@ -72,14 +80,21 @@ class DistillConfig:
 
 def choose_segments(traj: Trajectory, config: DistillConfig, rng: random.Random) -> list[Segment]:
     """The noisy states one step trains on: a few per block (states equal to the fixed point
-    teach nothing and are skipped)."""
+    teach nothing and are skipped). With a horizon a state is cut to its `horizon` tokens from
+    the first wrong one, placed there: before it the state equals the clean output (the context
+    is the same), after it the positions are not trained."""
     segments: list[Segment] = []
     for block in traj.blocks:
         fixed = block.fixed_point
         if config.loss == "global":
             pool = [s for s in block.states + block.augmented if s != fixed]
+            if config.horizon:
+                pool = sorted({_cut(s, fixed, config.horizon) for s in pool})
             for state in rng.sample(pool, min(config.states_per_block, len(pool))):
-                segments.append(Segment(block.start, state))
+                if config.horizon:
+                    segments.append(Segment(block.start + state[0], list(state[1])))
+                else:
+                    segments.append(Segment(block.start, state))
             continue
         pairs = [j for j in range(len(block.states) - 1) if block.states[j] != fixed]
         for j in rng.sample(pairs, min(config.states_per_block, len(pairs))):
@@ -90,6 +105,13 @@ def choose_segments(traj: Trajectory, config: DistillConfig, rng: random.Random)
                 segments.append(Segment(block.start, nxt, student=False))
                 segments.append(Segment(block.start, block.states[j], target=len(segments) - 1))
     return segments
+
+
+def _cut(state: list[int], fixed: list[int], horizon: int) -> tuple[int, tuple[int, ...]]:
+    """(w, state[w:w + horizon]) for the first index w where the state differs from the fixed
+    point (the state's tokens before w are the clean output's)."""
+    w = next(i for i, (a, b) in enumerate(zip(state, fixed)) if a != b)
+    return w, tuple(state[w: w + horizon])
 
 
 def total_steps(config: DistillConfig, count: int) -> int:
