@@ -168,6 +168,48 @@ def test_distillation_with_a_horizon_raises_tokens_per_forward(tmp_path):
     assert after > before + 0.05, (before, after)
 
 
+def test_the_greedy_teacher_learns_the_fixed_point_tokens_and_raises_tokens_per_forward(tmp_path):
+    """--teacher greedy: a state position's label is the fixed point's next token (the clean
+    token after its target position), the AR term is cross-entropy on the greedy output, and a
+    run raises sliding tokens per forward while the model keeps its greedy output's argmax."""
+    from fastchat_cllm.train.losses import cllm_loss, consistency_ce
+
+    model = sharp_tiny_model()
+    prompts = random_prompts(6)
+    config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
+    trajectories = [collect_trajectory(model, str(i), p, config) for i, p in enumerate(prompts)]
+    traj = trajectories[0]
+    segments = choose_segments(traj, DistillConfig(states_per_block=4, horizon=3),
+                               random.Random(0))
+    packed = pack(traj.prompt_ids, traj.output_ids, segments)
+    labels, at = [], 0
+    for seg in segments:       # the token each trained position should predict
+        labels += [traj.output_ids[seg.start + i + 1] if seg.start + i + 1 < len(traj.output_ids)
+                   else None for i in range(len(seg.tokens))]
+    keep = torch.tensor([label is not None for label in labels])
+    with torch.no_grad():
+        logits = packed_logits(model, packed)
+        expected = torch.nn.functional.cross_entropy(
+            logits[packed.student[keep]], torch.tensor([t for t in labels if t is not None]))
+        torch.testing.assert_close(consistency_ce(logits, packed), expected)
+        both = cllm_loss(logits, packed, 2.0, 0.0, hard=True)
+        assert both.total.item() == pytest.approx(both.consistency.item() + 2 * both.ar.item())
+    before = tokens_per_forward(model, prompts, fixed_blocks=False)
+    train(model, trajectories, DistillConfig(steps=120, lr=3e-3, ar_weight=1.0, warmup=0,
+                                             states_per_block=16, records_per_step=2, horizon=3,
+                                             teacher="greedy", label_smoothing=0.0),
+          tmp_path, progress=False)
+    after = tokens_per_forward(model, prompts, fixed_blocks=False)
+    assert after > before + 0.05, (before, after)
+    for traj in trajectories:       # still the greedy output's argmax everywhere
+        with torch.no_grad():
+            ids = torch.tensor([traj.prompt_ids + traj.output_ids])
+            argmax = model(input_ids=ids).logits[0, len(traj.prompt_ids) - 1: -1].argmax(-1)
+        assert (argmax == torch.tensor(traj.output_ids)).float().mean() >= 0.95
+    with pytest.raises(ValueError):
+        DistillConfig(teacher="greedy", loss="local")
+
+
 def test_a_horizon_trains_the_positions_after_the_first_wrong_token_on_cut_states():
     """--horizon H: each chosen state becomes its H tokens from the first wrong one, placed at
     that offset; the cut state's predictions equal the whole state's at those positions (same

@@ -114,8 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--save-adapter", action="store_true", help="save the LoRA adapter, unmerged")
     p.add_argument("--teacher", choices=TEACHERS, default=d.teacher,
-                   help="targets from the model being trained (self) or the frozen base "
-                        "(base: LoRA only; holds the base's distribution)")
+                   help="targets from the model being trained (self), the frozen base (base: "
+                        "LoRA only; holds the base's distribution) or the collected greedy "
+                        "tokens (greedy: cross-entropy on the fixed point and the output, for "
+                        "the argmax; no teacher forward)")
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
                    help="save the LoRA adapter every N steps to OUT/snapshots/step-N (0: never)")
     p.add_argument("--horizon", type=int, default=d.horizon,

@@ -9,6 +9,12 @@ With `reference` (the frozen base model's logits on the clean part, e.g. a LoRA 
 its adapter disabled) both terms aim at the base instead of the moving student: consistency
 targets are the base's predictions at the fixed point, and the AR term is KL(base || model) on
 the clean output, which holds the whole next-token distribution (and so its argmax) in place.
+
+With `hard` (teacher "greedy") both terms are cross-entropies on tokens: a noisy state's
+position learns the fixed point's token (the greedy output, whose collection made it the base's
+argmax there) and the AR term the greedy output itself. They aim at what a greedy CLLM needs,
+the argmax: the token a sliding window can accept and the base's greedy token, whose margin the
+AR term widens rather than holding a near-tie in place.
 """
 from __future__ import annotations
 
@@ -51,6 +57,18 @@ def consistency_loss(logits: torch.Tensor, packed: Packed,
     return _kl(source[teacher], logits[packed.student.to(logits.device)])
 
 
+def consistency_ce(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Cross-entropy of each trained state position against the fixed point's next token (the
+    clean token after its target position; positions whose target is the output's last are
+    skipped: nothing follows it)."""
+    teacher = packed.teacher
+    keep = teacher + 1 < packed.clean_len
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    labels = packed.input_ids[teacher[keep] + 1].to(logits.device)
+    return F.cross_entropy(logits[packed.student[keep].to(logits.device)].float(), labels)
+
+
 def ar_loss(logits: torch.Tensor, packed: Packed, label_smoothing: float = 0.1) -> torch.Tensor:
     """Cross-entropy of the clean output given everything before it."""
     p, c = packed.prompt_len, packed.clean_len
@@ -65,7 +83,12 @@ def ar_kl_loss(logits: torch.Tensor, packed: Packed, reference: torch.Tensor) ->
 
 
 def cllm_loss(logits: torch.Tensor, packed: Packed, ar_weight: float,
-              label_smoothing: float = 0.1, reference: torch.Tensor | None = None) -> Losses:
+              label_smoothing: float = 0.1, reference: torch.Tensor | None = None,
+              hard: bool = False) -> Losses:
+    if hard:
+        consistency = consistency_ce(logits, packed)
+        ar = ar_loss(logits, packed, label_smoothing)
+        return Losses(consistency + ar_weight * ar, consistency, ar)
     consistency = consistency_loss(logits, packed, reference)
     ar = (ar_loss(logits, packed, label_smoothing) if reference is None
           else ar_kl_loss(logits, packed, reference))

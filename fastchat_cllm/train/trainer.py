@@ -22,7 +22,7 @@ from .packing import Packed, Segment, pack, packed_logits
 from .trajectory import Trajectory
 
 LOSSES = ("global", "local")
-TEACHERS = ("self", "base")
+TEACHERS = ("self", "base", "greedy")
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT, LOSS_LOG = "checkpoint.pt", "loss_log.jsonl"
 
@@ -55,9 +55,10 @@ class DistillConfig:
     def __post_init__(self):
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
-        if self.teacher == "base" and self.loss != "global":
-            raise ValueError("teacher 'base' needs the global loss (the local loss's targets are "
-                             "the next noisy state, which only the model being trained sees)")
+        if self.teacher != "self" and self.loss != "global":
+            raise ValueError(f"teacher {self.teacher!r} needs the global loss (the local loss's "
+                             "targets are the next noisy state, which only the model being "
+                             "trained sees)")
         if self.horizon < 0:
             raise ValueError(f"horizon must be >= 0, got {self.horizon}")
         if self.horizon and self.loss != "global":
@@ -197,7 +198,8 @@ def train_step(model, trajectories: list[Trajectory], config: DistillConfig, rng
         with accelerator.autocast():
             logits = packed_logits(model, packed)
             reference = base_logits(model, packed) if config.teacher == "base" else None
-        losses = cllm_loss(logits, packed, config.ar_weight, config.label_smoothing, reference)
+        losses = cllm_loss(logits, packed, config.ar_weight, config.label_smoothing, reference,
+                           hard=config.teacher == "greedy")
         accelerator.backward(losses.total / len(trajectories))
         states += sum(1 for s in segments if s.student)
         for key, value in losses.as_dict().items():
