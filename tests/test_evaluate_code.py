@@ -125,6 +125,15 @@ def test_tradeoff_table_over_snapshots(tmp_path, capsys):
     assert all(r["tpf_sliding"] >= 1.0 for r in rows)
     assert any(r["agreement"] < 100.0 for r in rows[1:])
     assert "| step 20 |" in (out / "tradeoff.md").read_text()
+    assert tradeoff.main(["--snapshots", str(snapshots / "step-20"), "--base", str(base),
+                          "--count", "2", "--max-new-tokens", "12", "--window-size", "4",
+                          "--out", str(out), "--threads", "1", "--scales", "1,0.02"]) == 0
+    scaled = json.loads((out / "tradeoff.json").read_text())
+    assert [r["model"] for r in scaled] == [f"base ({base})", "step 20", "step 20 x 0.02"]
+    assert scaled[1] == {**rows[2], "snapshot": str(snapshots / "step-20"), "scale": 1.0}
+    assert scaled[1]["agreement"] < scaled[2]["agreement"]      # nearer the base
     capsys.readouterr()
     assert tradeoff.main(["--snapshots", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    assert tradeoff.main(["--snapshots", str(snapshots), "--out", str(out),
+                          "--scales", "2"]) == 2

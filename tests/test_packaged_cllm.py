@@ -66,6 +66,26 @@ def test_ship_can_halve_the_weights(tmp_path, monkeypatch):
         torch.testing.assert_close(half(ids).logits, full(ids).logits, atol=1e-3, rtol=1e-3)
 
 
+def test_ship_can_scale_the_adapters_change_to_the_base(tmp_path, monkeypatch):
+    """--scale S: every merged weight is base + S x (trained - base); S outside (0, 1] refused."""
+    from fastchat_cllm.train import ship as ship_module
+
+    base = tiny_folder(tmp_path / "base")
+    monkeypatch.setattr(loading, "PACKAGED", tmp_path / "models")
+    adapter = save_adapter(tmp_path / "adapter", str(base))
+    assert ship_module.main([str(adapter), "--alias", ALIAS, "--base", str(base),
+                             "--scale", "0.25"]) == 0
+    plain = loading.load(str(base))[0].state_dict()
+    full = loading.load(str(adapter))[0].state_dict()
+    quarter = loading.load(ALIAS)[0].state_dict()
+    moved = [k for k in plain if not torch.equal(full[k], plain[k])]
+    assert moved
+    for k in plain:
+        torch.testing.assert_close(quarter[k], plain[k] + 0.25 * (full[k] - plain[k]))
+    for bad in ("0", "1.5"):
+        assert ship_module.main([str(adapter), "--alias", ALIAS, "--scale", bad]) == 2
+
+
 def test_the_default_alias_and_the_cllm_alias_are_reserved():
     assert loading.base_name(None) == loading.DEFAULT_MODEL
     assert loading.model_name(loading.CLLM_MODEL) == loading.CLLM_MODEL

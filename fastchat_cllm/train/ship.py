@@ -3,8 +3,10 @@
 Copies DIR's adapter_config.json and adapter_model.safetensors (what `distill --lora-rank R
 --save-adapter` writes) into fastchat_cllm/models/<alias>/ (default smollm2-135m-cllm), with the
 adapter's base model set to the alias of the default model, so it resolves offline on any machine
-(--dtype float16 halves a float32 adapter's size); then checks the files as the loader does.
-MADE.md, beside them, is filled in by hand.
+(--dtype float16 halves a float32 adapter's size; --scale S < 1 ships S times the adapter's
+change to the base, a point between the base and the trained CLLM, e.g. one that keeps the
+base's quality: `train.tradeoff --scales` measures them); then checks the files as the loader
+does. MADE.md, beside them, is filled in by hand.
 """
 from __future__ import annotations
 
@@ -17,30 +19,42 @@ from pathlib import Path
 from .. import loading
 
 
-def ship(adapter: Path, alias: str = loading.CLLM_MODEL, base: str = loading.DEFAULT_MODEL,
-         dtype: str | None = None) -> Path:
-    """Copy the adapter in `adapter` to PACKAGED/alias (replacing its files; the weights cast to
-    `dtype` when given); the folder."""
+def write_adapter(adapter: Path, target: Path, base: str | None = None,
+                  dtype: str | None = None, scale: float = 1.0) -> Path:
+    """Copy the LoRA adapter in `adapter` to `target` (its files replaced): the base model named
+    `base` when given, the weights cast to `dtype`, the change it makes to the base times
+    `scale` (every lora_B times scale: the merged weight is W + scale * (alpha / r) * B A)."""
     loading.check_adapter(adapter)
     if not (adapter / loading.ADAPTER_WEIGHTS).exists():      # adapter_model.bin passed the check
         raise loading.AdapterError(f"{adapter} holds adapter_model.bin: save it as safetensors")
-    target = loading.PACKAGED / alias
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
     target.mkdir(parents=True, exist_ok=True)
     config = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())
-    config["base_model_name_or_path"] = base
+    if base is not None:
+        config["base_model_name_or_path"] = base
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     (target / loading.ADAPTER_CONFIG).write_text(text)
-    if dtype is None:
+    if dtype is None and scale == 1:
         shutil.copyfile(adapter / loading.ADAPTER_WEIGHTS, target / loading.ADAPTER_WEIGHTS)
     else:
         import torch
         from safetensors.torch import load_file, save_file
 
-        tensors = load_file(adapter / loading.ADAPTER_WEIGHTS)
-        save_file({name: t.to(getattr(torch, dtype)) for name, t in tensors.items()},
-                  target / loading.ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        out = {}
+        for name, t in load_file(adapter / loading.ADAPTER_WEIGHTS).items():
+            if scale != 1 and "lora_B" in name:
+                t = t.float() * scale
+            out[name] = t.to(getattr(torch, dtype)) if dtype else t
+        save_file(out, target / loading.ADAPTER_WEIGHTS, metadata={"format": "pt"})
     loading.check_adapter(target)
     return target
+
+
+def ship(adapter: Path, alias: str = loading.CLLM_MODEL, base: str = loading.DEFAULT_MODEL,
+         dtype: str | None = None, scale: float = 1.0) -> Path:
+    """Install the adapter in `adapter` as PACKAGED/alias (write_adapter); the folder."""
+    return write_adapter(adapter, loading.PACKAGED / alias, base, dtype, scale)
 
 
 def main(argv=None) -> int:
@@ -52,14 +66,17 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=loading.DEFAULT_MODEL, help="the adapter's base model")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="store the weights in this dtype (default: as saved)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="ship this fraction of the adapter's change to the base (0 < S <= 1)")
     args = p.parse_args(argv)
     try:
-        target = ship(args.adapter, args.alias, args.base, args.dtype)
+        target = ship(args.adapter, args.alias, args.base, args.dtype, args.scale)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = (target / loading.ADAPTER_WEIGHTS).stat().st_size / 2**20
-    print(f"installed {args.adapter} as {args.alias} ({target}, {size:.1f} MiB); "
+    scaled = f", scale {args.scale:g}" if args.scale != 1 else ""
+    print(f"installed {args.adapter}{scaled} as {args.alias} ({target}, {size:.1f} MiB); "
           f"fill in {target / 'MADE.md'}")
     return 0
 

@@ -1,13 +1,15 @@
 """Speed against quality along one distillation run: its adapter snapshots on held-out HumanEval.
 
 python -m fastchat_cllm.train.tradeoff --snapshots OUT/snapshots [--base smollm2-135m-instruct] \
-    [--count 8] [--max-new-tokens 128] [--window-size 16] [--out runs/tradeoff]
+    [--count 8] [--max-new-tokens 128] [--window-size 16] [--scales 1,0.5] [--out runs/tradeoff]
 
 For each snapshot (`distill --snapshot-every N` writes OUT/snapshots/step-N) and the base model:
 tokens per forward with a sliding window (greedy), teacher-forced agreement with the base
 model's greedy output, and greedy outputs identical to the base's. The base's greedy outputs
 are evaluate_code's records (measured once, shared with it). Writes OUT/tradeoff.md and .json:
-the table from which a snapshot is picked (the one that keeps quality, issue 14).
+the table from which a snapshot is picked (the one that keeps quality, issue 14). --scales also
+measures each snapshot scaled down (a fraction of its change to the base, as `train.ship
+--scale` ships it); --snapshots may also be one adapter folder.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from .. import loading
+from .ship import write_adapter
 
 
 def measure_snapshot(path: str, problems: list[dict], teacher: dict, window: int,
@@ -63,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=8, help="first N HumanEval problems")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--window-size", type=int, default=16)
+    p.add_argument("--scales", default="1", help="comma-separated adapter scales in (0, 1]")
     p.add_argument("--out", type=Path, default=Path("runs/tradeoff"))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -77,9 +82,15 @@ def main(argv=None) -> int:
     try:
         if not args.snapshots.is_dir():
             raise ValueError(f"{args.snapshots} is not a folder of snapshots")
-        snapshots = sorted((d for d in args.snapshots.iterdir() if d.is_dir()), key=step_of)
+        if (args.snapshots / loading.ADAPTER_CONFIG).exists():
+            snapshots = [args.snapshots]
+        else:
+            snapshots = sorted((d for d in args.snapshots.iterdir() if d.is_dir()), key=step_of)
         if not snapshots:
             raise ValueError(f"no snapshots in {args.snapshots}")
+        scales = [float(x) for x in args.scales.split(",")]
+        if not all(0 < x <= 1 for x in scales):
+            raise ValueError(f"--scales must lie in (0, 1], got {args.scales}")
         problems = held_out_prompts()[: args.count]
         args.out.mkdir(parents=True, exist_ok=True)
         settings = Settings(args.max_new_tokens, args.window_size)
@@ -92,9 +103,15 @@ def main(argv=None) -> int:
                              args.max_new_tokens, device)]
     rows[0]["model"] = f"base ({args.base})"
     for snapshot in snapshots:
-        rows.append(measure_snapshot(str(snapshot), problems, teacher, args.window_size,
-                                     args.max_new_tokens, device))
-        rows[-1]["model"] = f"step {step_of(snapshot)}"
+        name = f"step {step_of(snapshot)}" if step_of(snapshot) >= 0 else snapshot.name
+        for scale in scales:
+            with tempfile.TemporaryDirectory() as scaled:
+                path = snapshot if scale == 1 else write_adapter(snapshot, Path(scaled),
+                                                                 scale=scale)
+                rows.append(measure_snapshot(str(path), problems, teacher, args.window_size,
+                                             args.max_new_tokens, device))
+            rows[-1].update(model=name + (f" x {scale:g}" if scale != 1 else ""),
+                            snapshot=str(snapshot), scale=scale)
     lines = [f"| {args.count} held-out HumanEval prompts, {args.max_new_tokens} new tokens "
              f"({device}, fp32) | tokens per forward (sliding {args.window_size}) | "
              "agreement with base (% positions) | outputs identical to base (%) |",
