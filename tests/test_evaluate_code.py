@@ -137,3 +137,12 @@ def test_tradeoff_table_over_snapshots(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert tradeoff.main(["--snapshots", str(snapshots), "--out", str(out),
                           "--scales", "2"]) == 2
+    assert tradeoff.main(["--snapshots", str(snapshots), "--out", str(out),
+                          "--skip", "163", "--count", "2"]) == 2
+    assert tradeoff.main(["--snapshots", str(snapshots / "step-5"), "--base", str(base),
+                          "--count", "1", "--skip", "3", "--max-new-tokens", "4",
+                          "--window-size", "4", "--out", str(out), "--threads", "1"]) == 0
+    assert "HumanEval problems 3-3," in (out / "tradeoff.md").read_text()
+    records = [json.loads(line) for path in out.glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert "HumanEval/3" in {r["id"] for r in records}

@@ -1,7 +1,8 @@
 """Speed against quality along one distillation run: its adapter snapshots on held-out HumanEval.
 
 python -m fastchat_cllm.train.tradeoff --snapshots OUT/snapshots [--base smollm2-135m-instruct] \
-    [--count 8] [--max-new-tokens 128] [--window-size 16] [--scales 1,0.5] [--out runs/tradeoff]
+    [--count 8] [--skip 0] [--max-new-tokens 128] [--window-size 16] [--scales 1,0.5] \
+    [--out runs/tradeoff]
 
 For each snapshot (`distill --snapshot-every N` writes OUT/snapshots/step-N) and the base model:
 tokens per forward with a sliding window (greedy), teacher-forced agreement with the base
@@ -9,7 +10,9 @@ model's greedy output, and greedy outputs identical to the base's. The base's gr
 are evaluate_code's records (measured once, shared with it). Writes OUT/tradeoff.md and .json:
 the table from which a snapshot is picked (the one that keeps quality, issue 14). --scales also
 measures each snapshot scaled down (a fraction of its change to the base, as `train.ship
---scale` ships it); --snapshots may also be one adapter folder.
+--scale` ships it); --snapshots may also be one adapter folder. --skip K measures HumanEval problems K .. K+count-1:
+pick the point on such a split and report it on others (evaluate_code's first ones), so the
+reported numbers are not the ones it was picked on.
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--snapshots", type=Path, required=True, help="distill's OUT/snapshots")
     p.add_argument("--base", default=loading.DEFAULT_MODEL)
-    p.add_argument("--count", type=int, default=8, help="first N HumanEval problems")
+    p.add_argument("--count", type=int, default=8, help="N HumanEval problems")
+    p.add_argument("--skip", type=int, default=0, help="from problem K on (0: the first N)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--window-size", type=int, default=16)
     p.add_argument("--scales", default="1", help="comma-separated adapter scales in (0, 1]")
@@ -91,7 +95,12 @@ def main(argv=None) -> int:
         scales = [float(x) for x in args.scales.split(",")]
         if not all(0 < x <= 1 for x in scales):
             raise ValueError(f"--scales must lie in (0, 1], got {args.scales}")
-        problems = held_out_prompts()[: args.count]
+        if args.count < 1 or args.skip < 0:
+            raise ValueError("--count must be >= 1 and --skip >= 0")
+        problems = held_out_prompts()[args.skip: args.skip + args.count]
+        if len(problems) < args.count:
+            raise ValueError(f"--skip {args.skip} --count {args.count} runs past the "
+                             f"{len(held_out_prompts())} HumanEval problems")
         args.out.mkdir(parents=True, exist_ok=True)
         settings = Settings(args.max_new_tokens, args.window_size)
         base = evaluate_model(args.base, problems, args.out, settings, None, device)
@@ -112,7 +121,8 @@ def main(argv=None) -> int:
                                              args.max_new_tokens, device))
             rows[-1].update(model=name + (f" x {scale:g}" if scale != 1 else ""),
                             snapshot=str(snapshot), scale=scale)
-    lines = [f"| {args.count} held-out HumanEval prompts, {args.max_new_tokens} new tokens "
+    which = f"problems {args.skip}-{args.skip + args.count - 1}" if args.skip else "prompts"
+    lines = [f"| {args.count} held-out HumanEval {which}, {args.max_new_tokens} new tokens "
              f"({device}, fp32) | tokens per forward (sliding {args.window_size}) | "
              "agreement with base (% positions) | outputs identical to base (%) |",
              "|---|---|---|---|"]
