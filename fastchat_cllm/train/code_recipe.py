@@ -1,18 +1,22 @@
 """Make a code CLLM of the default SmolLM2 end to end, the recipe of the shipped adapter.
 
 python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-minutes 42]
-    [--distill-minutes 50] [--threads 1]
+    [--distill-minutes 75] [--scales 1,0.7,0.5] [--threads 1]
 
 1. training prompts: every documented standard-library function as a HumanEval-style stub
    (code_prompts.py; HumanEval itself is held out),
 2. Jacobi trajectories of the base model (`train.collect`: fixed blocks of 16 from random
    guesses, 128 new tokens, one augmented copy per state),
 3. LoRA distillation with the frozen base as the teacher (`train.distill --teacher base`: rank 32,
-   lr 2e-4 constant, AR weight 2, 3 states per block), an adapter snapshot every 75 steps,
-4. the speed/quality trade-off over the snapshots (`train.tradeoff`, 8 held-out prompts),
-5. nothing is shipped by itself: pick the snapshot that keeps quality from WORK/tradeoff.md and
-   `python -m fastchat_cllm.train.ship WORK/distill/snapshots/step-N`, then measure it with
-   `python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm`.
+   lr 2e-4 constant, AR weight 10 (KL to the base on the clean output), horizon 3 with 12 states
+   per block: each noisy state trains its 3 positions from its first wrong token), an adapter
+   snapshot every 250 steps,
+4. the speed/quality trade-off over the snapshots, each also at a few adapter scales
+   (`train.tradeoff --scales`), on 8 held-out HumanEval problems from problem 100 on, a split kept
+   apart from the first ones that `train.evaluate_code` reports,
+5. nothing is shipped by itself: pick the point that keeps quality (agreement >= 97%) from
+   WORK/tradeoff.md and `python -m fastchat_cllm.train.ship WORK/distill/snapshots/step-N --scale
+   S`, then measure it with `python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm`.
 Every stage resumes (collect skips prompts done, distill continues from its checkpoint and does
 nothing once its steps are done, the base model's records are reused), so rerunning the command
 after an interruption continues. Collection is bounded by time: a rerun may add trajectories,
@@ -41,9 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     p.add_argument("--prompts", type=int, default=0, help="training prompts (0: all)")
     p.add_argument("--collect-minutes", type=float, default=42.0)
-    p.add_argument("--distill-minutes", type=float, default=50.0)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--snapshot-every", type=int, default=75)
+    p.add_argument("--distill-minutes", type=float, default=75.0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--snapshot-every", type=int, default=250)
+    p.add_argument("--scales", default="1,0.7,0.5",
+                   help="adapter scales the trade-off table measures")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1 holds up best on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,16 +74,17 @@ def main(argv=None) -> int:
     distilled = work / "distill"     # run every time: it continues from its checkpoint
     run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
         "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,
-        "--schedule", "constant", "--teacher", "base", "--ar-weight", 2,
-        "--label-smoothing", 0, "--states-per-block", 3, "--steps", args.steps,
+        "--schedule", "constant", "--warmup", 0.01, "--teacher", "base", "--ar-weight", 10,
+        "--label-smoothing", 0, "--horizon", 3, "--states-per-block", 12, "--steps", args.steps,
         "--save-every", 20, "--snapshot-every", args.snapshot_every,
         "--max-minutes", args.distill_minutes, "--save-adapter", "--threads", args.threads,
         "--seed", args.seed)
     base = ["--base", args.model] if args.model else []
     run("fastchat_cllm.train.tradeoff", "--snapshots", distilled / "snapshots", *base,
-        "--out", work / "tradeoff", "--threads", args.threads)
-    print(f"pick a snapshot from {work / 'tradeoff' / 'tradeoff.md'}, then: python -m "
-          f"fastchat_cllm.train.ship {distilled / 'snapshots'}/step-N")
+        "--skip", 100, "--count", 8, "--scales", args.scales, "--out", work / "tradeoff",
+        "--threads", args.threads)
+    print(f"pick a snapshot and scale from {work / 'tradeoff' / 'tradeoff.md'}, then: python -m "
+          f"fastchat_cllm.train.ship {distilled / 'snapshots'}/step-N --scale S")
     return 0
 
 
