@@ -84,6 +84,22 @@ def test_ship_can_scale_the_adapters_change_to_the_base(tmp_path, monkeypatch):
         torch.testing.assert_close(quarter[k], plain[k] + 0.25 * (full[k] - plain[k]))
     for bad in ("0", "1.5"):
         assert ship_module.main([str(adapter), "--alias", ALIAS, "--scale", bad]) == 2
+    from safetensors import safe_open                      # a float16 adapter stays float16
+
+    half = ship_module.write_adapter(ship(adapter, ALIAS, str(base), "float16"),
+                                     tmp_path / "half", scale=0.5)
+    with safe_open(half / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for change in ({"use_dora": True}, {"modules_to_save": ["lm_head"]}, {"bias": "all"},
+                   {"peft_type": "IA3"}):            # not linear in B: refused, nothing written
+        odd = tmp_path / f"odd-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(adapter, odd)
+        (odd / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(loading.AdapterError, match="cannot be scaled exactly"):
+            ship_module.write_adapter(odd, tmp_path / "refused", scale=0.5)
+        assert not (tmp_path / "refused").exists()
+        ship_module.write_adapter(odd, tmp_path / "copied")   # scale 1 copies any adapter
 
 
 def test_the_default_alias_and_the_cllm_alias_are_reserved():

@@ -181,12 +181,15 @@ def test_the_greedy_teacher_learns_the_fixed_point_tokens_and_raises_tokens_per_
     traj = trajectories[0]
     segments = choose_segments(traj, DistillConfig(states_per_block=4, horizon=3),
                                random.Random(0))
+    end = len(traj.output_ids) - 2          # a state at the output's end: its last has no label
+    segments.append(type(segments[0])(end, [traj.output_ids[end], traj.output_ids[end]]))
     packed = pack(traj.prompt_ids, traj.output_ids, segments)
     labels, at = [], 0
     for seg in segments:       # the token each trained position should predict
         labels += [traj.output_ids[seg.start + i + 1] if seg.start + i + 1 < len(traj.output_ids)
                    else None for i in range(len(seg.tokens))]
     keep = torch.tensor([label is not None for label in labels])
+    assert not keep.all()
     with torch.no_grad():
         logits = packed_logits(model, packed)
         expected = torch.nn.functional.cross_entropy(
@@ -213,7 +216,7 @@ def test_the_greedy_teacher_learns_the_fixed_point_tokens_and_raises_tokens_per_
 def test_a_horizon_trains_the_positions_after_the_first_wrong_token_on_cut_states():
     """--horizon H: each chosen state becomes its H tokens from the first wrong one, placed at
     that offset; the cut state's predictions equal the whole state's at those positions (same
-    context), its targets are the fixed point's, and the loss differs from the uncut one's."""
+    context), its targets are the fixed point's, and a step packs fewer tokens than uncut."""
     model = sharp_tiny_model()
     config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
     traj = collect_trajectory(model, "t", random_prompts(1)[0], config)

@@ -12,11 +12,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 
 from .. import loading
+
+
+LORA_KEY = re.compile(r"\.lora_(embedding_)?[AB](\.[^.]+)?(\.weight|\.bias)?$")
+SCALED = re.compile(r"\.lora_(embedding_)?B(\.|$)")
+
+
+def check_scalable(adapter: Path, config: dict) -> None:
+    """AdapterError unless the adapter's change to the base is linear in its B matrices (plain
+    LoRA: no DoRA, no biases or whole modules of its own), so that scaling them scales it."""
+    from safetensors import safe_open
+
+    plain = (config.get("peft_type") == "LORA" and not config.get("use_dora")
+             and config.get("bias", "none") == "none" and not config.get("modules_to_save")
+             and not config.get("trainable_token_indices"))
+    with safe_open(adapter / loading.ADAPTER_WEIGHTS, "pt") as f:
+        keys = list(f.keys())
+    odd = [k for k in keys if not LORA_KEY.search(k)]
+    if not plain or odd or not any(SCALED.search(k) for k in keys):
+        why = f"tensor {odd[0]}" if odd else "its adapter_config.json"
+        raise loading.AdapterError(f"{adapter} cannot be scaled exactly: only a plain LoRA "
+                                   f"adapter can ({why})")
 
 
 def write_adapter(adapter: Path, target: Path, base: str | None = None,
@@ -29,8 +51,10 @@ def write_adapter(adapter: Path, target: Path, base: str | None = None,
         raise loading.AdapterError(f"{adapter} holds adapter_model.bin: save it as safetensors")
     if not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
-    target.mkdir(parents=True, exist_ok=True)
     config = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())
+    if scale != 1:
+        check_scalable(adapter, config)
+    target.mkdir(parents=True, exist_ok=True)
     if base is not None:
         config["base_model_name_or_path"] = base
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -43,8 +67,8 @@ def write_adapter(adapter: Path, target: Path, base: str | None = None,
 
         out = {}
         for name, t in load_file(adapter / loading.ADAPTER_WEIGHTS).items():
-            if scale != 1 and "lora_B" in name:
-                t = t.float() * scale
+            if scale != 1 and SCALED.search(name):
+                t = (t.float() * scale).to(t.dtype)
             out[name] = t.to(getattr(torch, dtype)) if dtype else t
         save_file(out, target / loading.ADAPTER_WEIGHTS, metadata={"format": "pt"})
     loading.check_adapter(target)

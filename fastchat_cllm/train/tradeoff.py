@@ -10,9 +10,9 @@ model's greedy output, and greedy outputs identical to the base's. The base's gr
 are evaluate_code's records (measured once, shared with it). Writes OUT/tradeoff.md and .json:
 the table from which a snapshot is picked (the one that keeps quality, issue 14). --scales also
 measures each snapshot scaled down (a fraction of its change to the base, as `train.ship
---scale` ships it); --snapshots may also be one adapter folder. --skip K measures HumanEval problems K .. K+count-1:
-pick the point on such a split and report it on others (evaluate_code's first ones), so the
-reported numbers are not the ones it was picked on.
+--scale` ships it); --snapshots may also be one adapter folder. --skip K measures HumanEval
+problems K .. K+count-1: pick the point on such a split and report it on others (evaluate_code's
+first ones), so the reported numbers are not the ones it was picked on.
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def step_of(path: Path) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.tradeoff", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--snapshots", type=Path, required=True, help="distill's OUT/snapshots")
+    p.add_argument("--snapshots", type=Path, required=True,
+                   help="distill's OUT/snapshots, or one adapter folder")
     p.add_argument("--base", default=loading.DEFAULT_MODEL)
     p.add_argument("--count", type=int, default=8, help="N HumanEval problems")
     p.add_argument("--skip", type=int, default=0, help="from problem K on (0: the first N)")
