@@ -1,16 +1,16 @@
 """Make a code CLLM of the default SmolLM2 end to end, the recipe of the shipped adapter.
 
 python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-minutes 42]
-    [--distill-minutes 75] [--scales 1,0.7,0.5] [--threads 1]
+    [--distill-minutes 30] [--scales 1,0.8,0.7] [--threads 1]
 
 1. training prompts: every documented standard-library function as a HumanEval-style stub
    (code_prompts.py; HumanEval itself is held out),
 2. Jacobi trajectories of the base model (`train.collect`: fixed blocks of 16 from random
    guesses, 128 new tokens, one augmented copy per state),
 3. LoRA distillation with the frozen base as the teacher (`train.distill --teacher base`: rank 32,
-   lr 2e-4 constant, AR weight 10 (KL to the base on the clean output), horizon 3 with 12 states
-   per block: each noisy state trains its 3 positions from its first wrong token), an adapter
-   snapshot every 250 steps,
+   lr 2e-4 constant, AR weight 30 (KL to the base on the clean output), horizon 1 with 16 states
+   per block: each noisy state trains the one position after its first wrong token, the one a
+   sliding window accepts next), an adapter snapshot every 150 steps,
 4. the speed/quality trade-off over the snapshots, each also at a few adapter scales
    (`train.tradeoff --scales`), on 8 held-out HumanEval problems from problem 100 on, a split kept
    apart from the first ones that `train.evaluate_code` reports,
@@ -21,7 +21,8 @@ Every stage resumes (collect skips prompts done, distill continues from its chec
 nothing once its steps are done, the base model's records are reused), so rerunning the command
 after an interruption continues. Collection is bounded by time: a rerun may add trajectories,
 and distillation then continues on the larger set. The
-time limits bound each stage: on the project's 2-core CPU the defaults take about 2 h 15 min.
+time limits bound each stage: on the project's 2-core CPU the defaults take about 1 h 40 min
+(collection 42 min, distillation 30, the trade-off table ~25).
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
     p.add_argument("--prompts", type=int, default=0, help="training prompts (0: all)")
     p.add_argument("--collect-minutes", type=float, default=42.0)
-    p.add_argument("--distill-minutes", type=float, default=75.0)
+    p.add_argument("--distill-minutes", type=float, default=30.0)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--snapshot-every", type=int, default=250)
-    p.add_argument("--scales", default="1,0.7,0.5",
+    p.add_argument("--snapshot-every", type=int, default=150)
+    p.add_argument("--scales", default="1,0.8,0.7",
                    help="adapter scales the trade-off table measures")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1 holds up best on a shared CPU)")
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     distilled = work / "distill"     # run every time: it continues from its checkpoint
     run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
         "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,
-        "--schedule", "constant", "--warmup", 0.01, "--teacher", "base", "--ar-weight", 10,
-        "--label-smoothing", 0, "--horizon", 3, "--states-per-block", 12, "--steps", args.steps,
+        "--schedule", "constant", "--warmup", 0.01, "--teacher", "base", "--ar-weight", 30,
+        "--label-smoothing", 0, "--horizon", 1, "--states-per-block", 16, "--steps", args.steps,
         "--save-every", 20, "--snapshot-every", args.snapshot_every,
         "--max-minutes", args.distill_minutes, "--save-adapter", "--threads", args.threads,
         "--seed", args.seed)
