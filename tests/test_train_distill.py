@@ -42,11 +42,17 @@ def mean_consistency(model, trajectories) -> float:
     return total / len(trajectories)
 
 
-def test_distillation_lowers_consistency_loss_and_raises_tokens_per_forward(tmp_path):
+def sharp_model_and_trajectories(count: int = 6):
+    """A sharp tiny model, `count` random prompts and its trajectories on them."""
     model = sharp_tiny_model()
-    prompts = random_prompts(6)
+    prompts = random_prompts(count)
     config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
-    trajectories = [collect_trajectory(model, str(i), p, config) for i, p in enumerate(prompts)]
+    return model, prompts, [collect_trajectory(model, str(i), p, config)
+                            for i, p in enumerate(prompts)]
+
+
+def test_distillation_lowers_consistency_loss_and_raises_tokens_per_forward(tmp_path):
+    model, prompts, trajectories = sharp_model_and_trajectories()
     before = mean_consistency(model, trajectories), tokens_per_forward(model, prompts)
     done = train(model, trajectories, DistillConfig(steps=30, lr=3e-3, ar_weight=0.1, warmup=0,
                                                     states_per_block=8, records_per_step=2),
@@ -156,10 +162,7 @@ def test_distill_cli_rejects_bad_input(tmp_path, capsys):
 
 def test_distillation_with_a_horizon_raises_tokens_per_forward(tmp_path):
     """Measured with the sliding window the horizon aims at."""
-    model = sharp_tiny_model()
-    prompts = random_prompts(6)
-    config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
-    trajectories = [collect_trajectory(model, str(i), p, config) for i, p in enumerate(prompts)]
+    model, prompts, trajectories = sharp_model_and_trajectories()
     before = tokens_per_forward(model, prompts, fixed_blocks=False)
     train(model, trajectories, DistillConfig(steps=60, lr=3e-3, ar_weight=0.1, warmup=0,
                                              states_per_block=16, records_per_step=2, horizon=3),
@@ -174,10 +177,7 @@ def test_the_greedy_teacher_learns_the_fixed_point_tokens_and_raises_tokens_per_
     run raises sliding tokens per forward while the model keeps its greedy output's argmax."""
     from fastchat_cllm.train.losses import cllm_loss, consistency_ce
 
-    model = sharp_tiny_model()
-    prompts = random_prompts(6)
-    config = CollectConfig(block_size=BLOCK, max_new_tokens=NEW, max_repeat=0)
-    trajectories = [collect_trajectory(model, str(i), p, config) for i, p in enumerate(prompts)]
+    model, prompts, trajectories = sharp_model_and_trajectories()
     traj = trajectories[0]
     segments = choose_segments(traj, DistillConfig(states_per_block=4, horizon=3),
                                random.Random(0))
