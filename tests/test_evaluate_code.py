@@ -142,7 +142,59 @@ def test_tradeoff_table_over_snapshots(tmp_path, capsys):
     assert tradeoff.main(["--snapshots", str(snapshots / "step-5"), "--base", str(base),
                           "--count", "1", "--skip", "3", "--max-new-tokens", "4",
                           "--window-size", "4", "--out", str(out), "--threads", "1"]) == 0
-    assert "HumanEval problems 3-3," in (out / "tradeoff.md").read_text()
+    assert "(sliding 4; HumanEval problems 3-3)" in (out / "tradeoff.md").read_text()
     records = [json.loads(line) for path in out.glob("*.jsonl")
                for line in path.read_text().splitlines()]
     assert "HumanEval/3" in {r["id"] for r in records}
+
+
+def test_tradeoff_picks_the_fastest_point_that_keeps_agreement(tmp_path, capsys):
+    """--agreement-count widens the agreement set past the decoded prompts; --min-agreement marks
+    the point with the most tokens per forward among those at or above it and prints its ship
+    command; a threshold nobody keeps says so. A single adapter folder keeps its name."""
+    from fastchat_cllm.train import tradeoff
+
+    base = tiny_folder(tmp_path / "base")
+    snapshots = tmp_path / "snapshots"
+    save_adapter(snapshots / "step-1", str(base), seed=3)
+    save_adapter(snapshots / "step-2", str(base), seed=4)
+    out = tmp_path / "tradeoff"
+    common = ["--base", str(base), "--count", "1", "--agreement-count", "3",
+              "--max-new-tokens", "12", "--window-size", "4", "--out", str(out), "--threads", "1"]
+    assert tradeoff.main(["--snapshots", str(snapshots), *common, "--scales", "1,0.02",
+                          "--min-agreement", "0"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "tradeoff.json").read_text())
+    trained = rows[1:]
+    best = max(trained, key=lambda r: r["tpf_sliding"])
+    assert [r["model"] for r in rows if r.get("pick")] == [best["model"]]
+    assert f"| **{best['model']}** |" in (out / "tradeoff.md").read_text()
+    assert f"fastchat_cllm.train.ship {best['snapshot']} --scale {best['scale']:g}" in printed
+    assert "HumanEval problems 0-0) | agreement with base (% positions; HumanEval problems " \
+           "0-2)" in printed
+    base_records = [json.loads(line) for path in out.glob("base-*.jsonl")
+                    for line in path.read_text().splitlines()]
+    assert [r["id"] for r in base_records] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    # the row's agreement is over all three prompts, though only the first was decoded
+    one = tradeoff.measure_snapshot(str(snapshots / "step-1"), tradeoff_problems(3),
+                                    {r["id"]: r for r in base_records}, 4, 12, "cpu", decoded=1)
+    assert one["agreement"] == next(r for r in rows if r["model"] == "step 1")["agreement"]
+
+    assert tradeoff.main(["--snapshots", str(snapshots), *common, "--min-agreement", "101"]) == 0
+    assert "no point keeps agreement >= 101%" in capsys.readouterr().out
+    assert not any(r.get("pick") for r in json.loads((out / "tradeoff.json").read_text()))
+
+    single = save_adapter(tmp_path / "cllm7", str(base), seed=3)
+    assert tradeoff.main(["--snapshots", str(single), *common]) == 0
+    assert [r["model"] for r in json.loads((out / "tradeoff.json").read_text())][1] == "cllm7"
+    assert tradeoff.main(["--snapshots", str(single), *common, "--agreement-count", "0",
+                          "--count", "2"]) == 0
+    assert tradeoff.main(["--snapshots", str(single), *common[:2], "--count", "3",
+                          "--agreement-count", "2", "--out", str(out)]) == 2
+    assert "--agreement-count must be >= --count" in capsys.readouterr().err
+
+
+def tradeoff_problems(n: int) -> list[dict]:
+    from fastchat_cllm.train.code_prompts import held_out_prompts
+
+    return held_out_prompts()[:n]

@@ -156,3 +156,42 @@ def test_distill_stopped_by_its_time_limit_says_incomplete(model_and_prompts, tr
                                      "1e-9")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["complete"] is False and summary["steps"] == 1
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda b: b["states"][0].append(b["fixed_point"][0]), ["holds a state whose length"]),
+    (lambda b: b["augmented"].append(b["fixed_point"][:-1]), ["holds a state whose length"]),
+    (lambda b: b.update(start=b["start"] + 1), ["fixed point is not the output"])])
+def test_distill_refuses_a_hand_edited_trajectory(trajectories, model_and_prompts, tmp_path,
+                                                   capsys, edit, words):
+    """A block that does not fit its output is named with its line, before any training (it
+    used to stop the horizon cut with a bare StopIteration)."""
+    folder, _ = model_and_prompts
+    records = [json.loads(line) for line in trajectories.read_text().splitlines()]
+    kept = [r for r in records if "blocks" in r]
+    edit(kept[1]["blocks"][0])
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    out = tmp_path / "out"
+    assert distill.main(distill_args(folder, edited, out, "--horizon", "1")) == 2
+    one_error_line(capsys, "edited.jsonl:2", "block 0", *words)
+    assert not out.exists()
+
+
+def test_distill_refuses_to_resume_a_checkpoint_made_with_other_settings(
+        model_and_prompts, trajectories, tmp_path, capsys):
+    """A rerun may lengthen the run or change its time limit, not the recipe: other settings
+    are named, and the checkpoint and log are left as they were."""
+    folder, _ = model_and_prompts
+    out = tmp_path / "out"
+    assert distill.main(distill_args(folder, trajectories, out, "--max-minutes", "1e-9")) == 0
+    checkpoint, log = (out / "checkpoint.pt").read_bytes(), (out / "loss_log.jsonl").read_text()
+    capsys.readouterr()
+    assert distill.main(distill_args(folder, trajectories, out, "--lr", "2e-3",
+                                     "--horizon", "2")) == 2
+    one_error_line(capsys, "was made with other settings", "horizon 0 -> 2", "lr 0.001 -> 0.002")
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert (out / "loss_log.jsonl").read_text() == log
+    assert distill.main(distill_args(folder, trajectories, out, "--steps", "3")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]

@@ -314,15 +314,18 @@ def test_code_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     work = tmp_path / "work"
     args = ["--work", str(work), "--model", str(base), "--prompts", "3", "--steps", "2",
             "--snapshot-every", "1", "--collect-minutes", "5", "--distill-minutes", "5",
-            "--scales", "1,0.5"]
+            "--scales", "1,0.5", "--dev-prompts", "3", "--min-agreement", "0"]
     assert code_recipe.main(args) == 0
     assert len((work / "train.jsonl").read_text().splitlines()) == 3
     assert len((work / "trajectories.jsonl").read_text().splitlines()) == 3
     assert sorted(p.name for p in (work / "distill" / "snapshots").iterdir()) == ["step-1", "step-2"]
     assert (work / "distill" / "adapter_config.json").exists()
     table = (work / "tradeoff" / "tradeoff.md").read_text()
-    assert "| step 1 |" in table and "| step 2 |" in table and "| step 2 x 0.5 |" in table
-    assert "HumanEval problems 100-107" in table
+    rows = json.loads((work / "tradeoff" / "tradeoff.json").read_text())
+    assert [r["model"] for r in rows[1:]] == ["step 1", "step 1 x 0.5", "step 2", "step 2 x 0.5"]
+    assert sum(bool(r.get("pick")) for r in rows) == 1
+    assert "HumanEval problems 100-102" in table and "**" in table
+    assert "fastchat_cllm.train.ship" in table
     log = (work / "distill" / "loss_log.jsonl").read_text()
     assert code_recipe.main(args) == 0                       # resumes: nothing is redone
     assert (work / "distill" / "loss_log.jsonl").read_text() == log

@@ -1,7 +1,7 @@
 """Make a code CLLM of the default SmolLM2 end to end, the recipe of the shipped adapter.
 
 python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-minutes 42]
-    [--distill-minutes 30] [--scales 1,0.8,0.7] [--threads 1]
+    [--distill-minutes 30] [--scales 1,0.8,0.7] [--min-agreement 97] [--threads 1]
 
 1. training prompts: every documented standard-library function as a HumanEval-style stub
    (code_prompts.py; HumanEval itself is held out),
@@ -12,17 +12,20 @@ python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-min
    per block: each noisy state trains the one position after its first wrong token, the one a
    sliding window accepts next), an adapter snapshot every 150 steps,
 4. the speed/quality trade-off over the snapshots, each also at a few adapter scales
-   (`train.tradeoff --scales`), on 8 held-out HumanEval problems from problem 100 on, a split kept
-   apart from the first ones that `train.evaluate_code` reports,
-5. nothing is shipped by itself: pick the point that keeps quality (agreement >= 97%) from
-   WORK/tradeoff.md and `python -m fastchat_cllm.train.ship WORK/distill/snapshots/step-N --scale
-   S`, then measure it with `python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm`.
+   (`train.tradeoff --scales`): tokens per forward on 8 held-out HumanEval problems from problem
+   100 on, agreement with the base on 24 from there, a split kept apart from the first ones that
+   `train.evaluate_code` reports; the pick is the point with the most tokens per forward among
+   those that keep quality (agreement >= --min-agreement, 97%),
+5. nothing is shipped by itself: the table marks the pick and prints its `train.ship` command
+   (`python -m fastchat_cllm.train.ship WORK/distill/snapshots/step-N --scale S --dtype
+   float16`); then measure it with `python -m fastchat_cllm.train.evaluate_code --model
+   smollm2-135m-cllm`.
 Every stage resumes (collect skips prompts done, distill continues from its checkpoint and does
 nothing once its steps are done, the base model's records are reused), so rerunning the command
 after an interruption continues. Collection is bounded by time: a rerun may add trajectories,
 and distillation then continues on the larger set. The
-time limits bound each stage: on the project's 2-core CPU the defaults take about 1 h 40 min
-(collection 42 min, distillation 30, the trade-off table ~25).
+time limits bound each stage: on the project's 2-core CPU the defaults take about 1 h 50 min
+(collection 42 min, distillation 30, the trade-off table ~35).
 """
 from __future__ import annotations
 
@@ -51,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snapshot-every", type=int, default=150)
     p.add_argument("--scales", default="1,0.8,0.7",
                    help="adapter scales the trade-off table measures")
+    p.add_argument("--dev-prompts", type=int, default=24,
+                   help="held-out problems (from 100 on) the pick's agreement is measured on")
+    p.add_argument("--min-agreement", type=float, default=97.0,
+                   help="the pick keeps at least this agreement with the base (%%)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1 holds up best on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -82,10 +89,10 @@ def main(argv=None) -> int:
         "--seed", args.seed)
     base = ["--base", args.model] if args.model else []
     run("fastchat_cllm.train.tradeoff", "--snapshots", distilled / "snapshots", *base,
-        "--skip", 100, "--count", 8, "--scales", args.scales, "--out", work / "tradeoff",
-        "--threads", args.threads)
-    print(f"pick a snapshot and scale from {work / 'tradeoff' / 'tradeoff.md'}, then: python -m "
-          f"fastchat_cllm.train.ship {distilled / 'snapshots'}/step-N --scale S")
+        "--skip", 100, "--count", min(8, args.dev_prompts), "--agreement-count",
+        args.dev_prompts, "--scales", args.scales, "--min-agreement", args.min_agreement,
+        "--out", work / "tradeoff", "--threads", args.threads)
+    print(f"the table and the pick: {work / 'tradeoff' / 'tradeoff.md'}")
     return 0
 
 

@@ -4,7 +4,8 @@ python -m fastchat_cllm.train.distill --model P --trajectories T.jsonl --out DIR
     [--steps N] [--lr 2e-5] [--ar-weight 10] [--loss global|local] [--lora-rank 32]
 
 Full fine-tuning by default, LoRA with --lora-rank. DIR receives checkpoint.pt (rerunning the
-same command resumes from it), loss_log.jsonl, and at the end the model: a merged Hugging Face
+same command resumes from it; a checkpoint made with other settings is refused, except --steps,
+--max-minutes, --save-every, --snapshot-every and --no-bf16, which a resumed run may change), loss_log.jsonl, and at the end the model: a merged Hugging Face
 folder (config, weights, tokenizer) that `fastchat_cllm.loading.load(DIR)` and the worker's
 --model-path take, or with --save-adapter a LoRA adapter folder.
 
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from ..jsonl import numbered_jsonl
 from .collect import first_line
-from .trainer import LOSSES, SCHEDULES, TEACHERS, DistillConfig, total_steps, train
+from .trainer import (LOSSES, SCHEDULES, TEACHERS, DistillConfig, check_resume, run_settings,
+                      total_steps, train)
 from .trajectory import Trajectory, describe, tokenizer_identity
 
 
@@ -32,7 +34,7 @@ def read_trajectories(path: str | Path) -> list[Trajectory]:
         try:
             if not record.get("dropped"):
                 out.append(Trajectory.from_dict(record))
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path}:{number}: not a trajectory record ({e})") from None
     if not out:
         raise ValueError(f"trajectory file {path} holds no trajectories")
@@ -103,7 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
     p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of the steps")
     p.add_argument("--ar-weight", type=float, default=d.ar_weight)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="on the AR cross-entropy (teacher self and greedy; greedy's consistency "
+                        "term is never smoothed)")
     p.add_argument("--loss", choices=LOSSES, default=d.loss)
     p.add_argument("--states-per-block", type=int, default=d.states_per_block)
     p.add_argument("--records-per-step", type=int, default=d.records_per_step)
@@ -148,6 +152,9 @@ def main(argv=None) -> int:
             raise ValueError("--save-adapter needs --lora-rank")
         if not args.lora_rank and (args.teacher == "base" or args.snapshot_every):
             raise ValueError("--teacher base and --snapshot-every need --lora-rank")
+        check_resume(Path(args.out), run_settings(config, model=base_name(args.model),
+                                                  lora_rank=args.lora_rank,
+                                                  lora_alpha=args.lora_alpha))
         trajectories = read_trajectories(args.trajectories)
         torch.set_num_threads(args.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +169,9 @@ def main(argv=None) -> int:
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
         name_base(model, base_name(args.model))
-    done = train(model, trajectories, config, args.out)
+    done = train(model, trajectories, config, args.out,
+                 settings=run_settings(config, model=base_name(args.model),
+                                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha))
     steps = total_steps(config, len(trajectories))
     save_model(model, tokenizer, args.out, args.save_adapter)
     if done < steps:

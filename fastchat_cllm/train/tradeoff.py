@@ -1,8 +1,8 @@
 """Speed against quality along one distillation run: its adapter snapshots on held-out HumanEval.
 
 python -m fastchat_cllm.train.tradeoff --snapshots OUT/snapshots [--base smollm2-135m-instruct] \
-    [--count 8] [--skip 0] [--max-new-tokens 128] [--window-size 16] [--scales 1,0.5] \
-    [--out runs/tradeoff]
+    [--count 8] [--skip 0] [--agreement-count 24] [--max-new-tokens 128] [--window-size 16] \
+    [--scales 1,0.5] [--min-agreement 97] [--out runs/tradeoff]
 
 For each snapshot (`distill --snapshot-every N` writes OUT/snapshots/step-N) and the base model:
 tokens per forward with a sliding window (greedy), teacher-forced agreement with the base
@@ -12,7 +12,11 @@ the table from which a snapshot is picked (the one that keeps quality, issue 14)
 measures each snapshot scaled down (a fraction of its change to the base, as `train.ship
 --scale` ships it); --snapshots may also be one adapter folder. --skip K measures HumanEval
 problems K .. K+count-1: pick the point on such a split and report it on others (evaluate_code's
-first ones), so the reported numbers are not the ones it was picked on.
+first ones), so the reported numbers are not the ones it was picked on. --agreement-count M
+measures agreement on M problems from K on (tokens per forward stays on the first --count: a
+forward per prompt is cheap, a decode is not), which steadies the pick. --min-agreement A picks
+the point with the most tokens per forward among those with agreement >= A (marked in the
+table, "pick" in the JSON, and the `train.ship` command that ships it is printed).
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ from .ship import write_adapter
 
 
 def measure_snapshot(path: str, problems: list[dict], teacher: dict, window: int,
-                     max_new_tokens: int, device: str) -> dict:
-    """Sliding-window tokens per forward and agreement with the teacher of one model."""
+                     max_new_tokens: int, device: str, decoded: int | None = None) -> dict:
+    """Sliding-window tokens per forward (on the first `decoded` problems; None: all) and
+    agreement with the teacher (on all) of one model."""
     import torch
     from tqdm import tqdm
 
@@ -42,24 +47,34 @@ def measure_snapshot(path: str, problems: list[dict], teacher: dict, window: int
     model, tokenizer = loading.load(path, dtype=torch.float32, device=device)
     eos = eos_ids(tokenizer)
     config = JacobiConfig(max_new_tokens, window, eos, adaptive=False)
+    decoded = len(problems) if decoded is None else decoded
     accepted = forwards = agree = positions = identical = 0
-    for problem in tqdm(problems, desc=Path(path).name, unit="prompt"):
+    for i, problem in enumerate(tqdm(problems, desc=Path(path).name, unit="prompt")):
         ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
-        out = jacobi_generate(model, ids, config)
-        accepted += sum(out.stats.accepted_per_forward)
-        forwards += out.stats.forwards
         reference = teacher[problem["id"]]["greedy"]
         agree += teacher_forced(model, ids, reference)
         positions += len(reference)
-        identical += out.tokens == reference      # Jacobi is lossless: its greedy output
+        if i < decoded:
+            out = jacobi_generate(model, ids, config)
+            accepted += sum(out.stats.accepted_per_forward)
+            forwards += out.stats.forwards
+            identical += out.tokens == reference      # Jacobi is lossless: its greedy output
     return {"model": path, "tpf_sliding": tokens_per_forward(accepted, forwards),
             "agreement": 100.0 * agree / max(positions, 1),
-            "identical_to_teacher": 100.0 * identical / max(len(problems), 1)}
+            "identical_to_teacher": 100.0 * identical / max(decoded, 1)}
 
 
 def step_of(path: Path) -> int:
-    match = re.search(r"(\d+)$", path.name)
+    """N for distill's snapshot folder step-N, else -1."""
+    match = re.fullmatch(r"step-(\d+)", path.name)
     return int(match[1]) if match else -1
+
+
+def pick(rows: list[dict], min_agreement: float) -> dict | None:
+    """The trained point (not the base) with the most tokens per forward among those whose
+    agreement is >= min_agreement; None when none keeps it."""
+    kept = [r for r in rows if "snapshot" in r and r["agreement"] >= min_agreement]
+    return max(kept, key=lambda r: r["tpf_sliding"], default=None)
 
 
 def main(argv=None) -> int:
@@ -70,6 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=loading.DEFAULT_MODEL)
     p.add_argument("--count", type=int, default=8, help="N HumanEval problems")
     p.add_argument("--skip", type=int, default=0, help="from problem K on (0: the first N)")
+    p.add_argument("--agreement-count", type=int, default=0,
+                   help="measure agreement on M problems from K on (0: --count; M >= --count)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="pick the most tokens per forward among points with agreement >= A (%%)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--window-size", type=int, default=16)
     p.add_argument("--scales", default="1", help="comma-separated adapter scales in (0, 1]")
@@ -98,9 +117,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--scales must lie in (0, 1], got {args.scales}")
         if args.count < 1 or args.skip < 0:
             raise ValueError("--count must be >= 1 and --skip >= 0")
-        problems = held_out_prompts()[args.skip: args.skip + args.count]
-        if len(problems) < args.count:
-            raise ValueError(f"--skip {args.skip} --count {args.count} runs past the "
+        agreement_count = args.agreement_count or args.count
+        if agreement_count < args.count:
+            raise ValueError("--agreement-count must be >= --count")
+        problems = held_out_prompts()[args.skip: args.skip + agreement_count]
+        if len(problems) < agreement_count:
+            raise ValueError(f"--skip {args.skip} with {agreement_count} problems runs past the "
                              f"{len(held_out_prompts())} HumanEval problems")
         args.out.mkdir(parents=True, exist_ok=True)
         settings = Settings(args.max_new_tokens, args.window_size)
@@ -109,8 +131,9 @@ def main(argv=None) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     teacher = {r["id"]: r for r in base}
-    rows = [measure_snapshot(args.base, problems, teacher, args.window_size,
-                             args.max_new_tokens, device)]
+    measure = dict(window=args.window_size, max_new_tokens=args.max_new_tokens, device=device,
+                   decoded=args.count)
+    rows = [measure_snapshot(args.base, problems, teacher, **measure)]
     rows[0]["model"] = f"base ({args.base})"
     for snapshot in snapshots:
         name = f"step {step_of(snapshot)}" if step_of(snapshot) >= 0 else snapshot.name
@@ -118,21 +141,42 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as scaled:
                 path = snapshot if scale == 1 else write_adapter(snapshot, Path(scaled),
                                                                  scale=scale)
-                rows.append(measure_snapshot(str(path), problems, teacher, args.window_size,
-                                             args.max_new_tokens, device))
+                rows.append(measure_snapshot(str(path), problems, teacher, **measure))
             rows[-1].update(model=name + (f" x {scale:g}" if scale != 1 else ""),
                             snapshot=str(snapshot), scale=scale)
-    which = f"problems {args.skip}-{args.skip + args.count - 1}" if args.skip else "prompts"
-    lines = [f"| {args.count} held-out HumanEval {which}, {args.max_new_tokens} new tokens "
-             f"({device}, fp32) | tokens per forward (sliding {args.window_size}) | "
-             "agreement with base (% positions) | outputs identical to base (%) |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['tpf_sliding']:.2f} | {r['agreement']:.1f} | "
-              f"{r['identical_to_teacher']:.0f} |" for r in rows]
+    lines = table(rows, args, agreement_count, device)
+    chosen = None if args.min_agreement is None else pick(rows, args.min_agreement)
+    if args.min_agreement is not None:
+        if chosen is None:
+            lines.append(f"\nno point keeps agreement >= {args.min_agreement:g}%")
+        else:
+            chosen["pick"] = True
+            lines[lines.index(row_line(chosen))] = row_line(chosen, bold=True)
+            lines.append(f"\npick (most tokens per forward with agreement >= "
+                         f"{args.min_agreement:g}%): {chosen['model']}; ship it with: python -m "
+                         f"fastchat_cllm.train.ship {chosen['snapshot']} --scale "
+                         f"{chosen['scale']:g} --dtype float16")
     (args.out / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "tradeoff.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def row_line(r: dict, bold: bool = False) -> str:
+    name = f"**{r['model']}**" if bold else r["model"]
+    return f"| {name} | {r['tpf_sliding']:.2f} | {r['agreement']:.1f} | " \
+           f"{r['identical_to_teacher']:.0f} |"
+
+
+def table(rows: list[dict], args, agreement_count: int, device: str) -> list[str]:
+    def span(n: int) -> str:
+        return f"HumanEval problems {args.skip}-{args.skip + n - 1}"
+
+    lines = [f"| held-out, {args.max_new_tokens} new tokens ({device}, fp32) | tokens per "
+             f"forward (sliding {args.window_size}; {span(args.count)}) | agreement with base "
+             f"(% positions; {span(agreement_count)}) | outputs identical to base (%) |",
+             "|---|---|---|---|"]
+    return lines + [row_line(r) for r in rows]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -144,14 +144,43 @@ def record_order(count: int, step: int, config: DistillConfig) -> list[int]:
     return out
 
 
+# what a resumed run may change; every other DistillConfig field must match its checkpoint's
+RESUMABLE = ("steps", "save_every", "max_minutes", "snapshot_every", "bf16")
+
+
+def run_settings(config: DistillConfig, **extra) -> dict:
+    """What a checkpoint records of the run that made it (config fields a resume must keep, plus
+    `extra`, e.g. the model and the LoRA shape)."""
+    return {**{k: v for k, v in asdict(config).items() if k not in RESUMABLE}, **extra}
+
+
+def check_resume(out_dir: Path, settings: dict) -> None:
+    """ValueError when out_dir holds a checkpoint made with other settings (resuming it would
+    silently train on with a mix of both). A checkpoint without settings is not checked."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=False).get("settings")
+    if saved is None:
+        return
+    changed = [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}"
+               for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if changed:
+        raise ValueError(f"{path} was made with other settings ({', '.join(changed)}): rerun "
+                         "with its settings, or give another --out")
+
+
 def trainable_state(model) -> dict:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler) -> None:
-    """Atomically write what a resume needs (trainable weights, optimizer, schedule, step)."""
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler,
+                    settings: dict | None = None) -> None:
+    """Atomically write what a resume needs (trainable weights, optimizer, schedule, step) and
+    the run's settings (check_resume)."""
     state = {"step": step, "trainable": trainable_state(model),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "settings": settings}
     tmp = out_dir / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out_dir / CHECKPOINT)
@@ -208,9 +237,10 @@ def train_step(model, trajectories: list[Trajectory], config: DistillConfig, rng
 
 
 def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir: str | Path,
-          progress: bool = True) -> int:
+          progress: bool = True, settings: dict | None = None) -> int:
     """Distil `model` in place on the trajectories; checkpoints and logs go to `out_dir`.
-    Resumes from `out_dir`'s checkpoint. Returns the number of steps done."""
+    Resumes from `out_dir`'s checkpoint, refusing one made with other settings (default:
+    run_settings(config)). Returns the number of steps done."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -219,6 +249,8 @@ def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir:
     if config.teacher == "base" and not hasattr(model, "disable_adapter"):
         raise ValueError("teacher 'base' needs a LoRA model (its adapter off is the base)")
     out_dir = Path(out_dir)
+    settings = run_settings(config) if settings is None else settings
+    check_resume(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = total_steps(config, len(trajectories))
     cuda = torch.cuda.is_available()
@@ -251,7 +283,7 @@ def train(model, trajectories: list[Trajectory], config: DistillConfig, out_dir:
             out_of_time = config.max_minutes and time.monotonic() - began > 60 * config.max_minutes
             if done % config.save_every == 0 or done == steps or out_of_time:
                 save_checkpoint(out_dir, done, accelerator.unwrap_model(model), optimizer,
-                                scheduler)
+                                scheduler, settings)
             if config.snapshot_every and done % config.snapshot_every == 0:
                 accelerator.unwrap_model(model).save_pretrained(out_dir / "snapshots" / f"step-{done}")
             if out_of_time:

@@ -68,9 +68,18 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, record: dict) -> "Trajectory":
+        """The trajectory of a collect record; ValueError when its blocks do not fit its output
+        (a state of another length than its block, a fixed point that is not the output)."""
         blocks = [Block(**b) for b in record["blocks"]]
-        return cls(record["id"], record["prompt_ids"], record["output_ids"],
+        traj = cls(record["id"], record["prompt_ids"], record["output_ids"],
                    record["finish_reason"], blocks, record.get("tokenizer"))
+        for i, b in enumerate(blocks):
+            n = len(b.fixed_point)
+            if b.fixed_point != traj.output_ids[b.start: b.start + n]:
+                raise ValueError(f"block {i}'s fixed point is not the output at {b.start}")
+            if any(len(s) != n for s in b.states + b.augmented):
+                raise ValueError(f"block {i} holds a state whose length is not its {n} tokens")
+        return traj
 
     def largest_id(self) -> int:
         """The largest token id anywhere in the trajectory."""
