@@ -169,16 +169,24 @@ def test_tradeoff_picks_the_fastest_point_that_keeps_agreement(tmp_path, capsys)
     best = max(trained, key=lambda r: r["tpf_sliding"])
     assert [r["model"] for r in rows if r.get("pick")] == [best["model"]]
     assert f"| **{best['model']}** |" in (out / "tradeoff.md").read_text()
-    assert f"fastchat_cllm.train.ship {best['snapshot']} --scale {best['scale']:g}" in printed
+    assert f"fastchat_cllm.train.ship {best['snapshot']} --scale {best['scale']!r}" in printed
     assert "HumanEval problems 0-0) | agreement with base (% positions; HumanEval problems " \
            "0-2)" in printed
     base_records = [json.loads(line) for path in out.glob("base-*.jsonl")
                     for line in path.read_text().splitlines()]
     assert [r["id"] for r in base_records] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     # the row's agreement is over all three prompts, though only the first was decoded
-    one = tradeoff.measure_snapshot(str(snapshots / "step-1"), tradeoff_problems(3),
-                                    {r["id"]: r for r in base_records}, 4, 12, "cpu", decoded=1)
-    assert one["agreement"] == next(r for r in rows if r["model"] == "step 1")["agreement"]
+    from fastchat_cllm.chat_prompt import chat_prompt_ids
+    from fastchat_cllm.train.evaluate_code import teacher_forced
+
+    model, tokenizer = loading.load(str(snapshots / "step-1"))
+    agree = positions = 0
+    for problem, record in zip(tradeoff_problems(3), base_records):
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
+        agree += teacher_forced(model, ids, record["greedy"])
+        positions += len(record["greedy"])
+    step_1 = next(r for r in rows if r["model"] == "step 1")
+    assert step_1["agreement"] == pytest.approx(100.0 * agree / positions)
 
     assert tradeoff.main(["--snapshots", str(snapshots), *common, "--min-agreement", "101"]) == 0
     assert "no point keeps agreement >= 101%" in capsys.readouterr().out
@@ -192,6 +200,19 @@ def test_tradeoff_picks_the_fastest_point_that_keeps_agreement(tmp_path, capsys)
     assert tradeoff.main(["--snapshots", str(single), *common[:2], "--count", "3",
                           "--agreement-count", "2", "--out", str(out)]) == 2
     assert "--agreement-count must be >= --count" in capsys.readouterr().err
+
+
+def test_the_pick_is_the_fastest_trained_point_at_or_above_the_threshold():
+    from fastchat_cllm.train.tradeoff import pick
+
+    rows = [{"model": "base", "tpf_sliding": 1.0, "agreement": 100.0},
+            {"model": "a", "tpf_sliding": 1.6, "agreement": 96.9, "snapshot": "s", "scale": 1.0},
+            {"model": "b", "tpf_sliding": 1.3, "agreement": 97.0, "snapshot": "s", "scale": 0.8},
+            {"model": "c", "tpf_sliding": 1.2, "agreement": 98.5, "snapshot": "s", "scale": 0.7}]
+    assert pick(rows, 97.0)["model"] == "b"          # a is faster but below; the base never
+    assert pick(rows, 98.0)["model"] == "c"
+    assert pick(rows, 99.0) is None
+    assert pick(rows, 0.0)["model"] == "a"
 
 
 def tradeoff_problems(n: int) -> list[dict]:

@@ -142,7 +142,7 @@ def test_distill_refuses_ids_outside_the_vocabulary_without_an_identity(
     assert distill.main(distill_args(folder, legacy, tmp_path / "ok", "--steps", "1")) == 0
     capsys.readouterr()
     kept = next(r for r in records if "blocks" in r)
-    kept["output_ids"][0] = 4000
+    kept["blocks"][0]["states"][0][-1] = 4000      # a guess outside the vocabulary
     legacy.write_text(json.dumps(kept) + "\n")
     assert distill.main(distill_args(folder, legacy, tmp_path / "out")) == 2
     one_error_line(capsys, "token id 4000", "outside --model's vocabulary (0..95)")
@@ -195,3 +195,15 @@ def test_distill_refuses_to_resume_a_checkpoint_made_with_other_settings(
     assert distill.main(distill_args(folder, trajectories, out, "--steps", "3")) == 0
     steps = [json.loads(line)["step"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
+
+
+def test_a_setting_only_one_side_records_is_not_compared(tmp_path):
+    """A checkpoint from before a setting existed (or a caller that records fewer) resumes."""
+    import torch
+
+    from fastchat_cllm.train.trainer import CHECKPOINT, check_resume
+
+    torch.save({"step": 1, "settings": {"lr": 1e-3, "old": 1}}, tmp_path / CHECKPOINT)
+    check_resume(tmp_path, {"lr": 1e-3, "new": 2})
+    with pytest.raises(ValueError, match="lr 0.001 -> 0.002"):
+        check_resume(tmp_path, {"lr": 2e-3})

@@ -327,6 +327,8 @@ def test_code_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "HumanEval problems 100-102" in table and "**" in table
     assert "fastchat_cllm.train.ship" in table
     log = (work / "distill" / "loss_log.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        code_recipe.parse_args(["--dev-prompts", "65"])      # past HumanEval, before any work
     assert code_recipe.main(args) == 0                       # resumes: nothing is redone
     assert (work / "distill" / "loss_log.jsonl").read_text() == log
     assert len((work / "trajectories.jsonl").read_text().splitlines()) == 3

@@ -61,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1 holds up best on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.dev_prompts <= 64:
+        p.error("--dev-prompts must lie in 1..64 (HumanEval problems 100-163)")
+    return args
 
 
 def main(argv=None) -> int:

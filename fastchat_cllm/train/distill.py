@@ -4,8 +4,10 @@ python -m fastchat_cllm.train.distill --model P --trajectories T.jsonl --out DIR
     [--steps N] [--lr 2e-5] [--ar-weight 10] [--loss global|local] [--lora-rank 32]
 
 Full fine-tuning by default, LoRA with --lora-rank. DIR receives checkpoint.pt (rerunning the
-same command resumes from it; a checkpoint made with other settings is refused, except --steps,
---max-minutes, --save-every, --snapshot-every and --no-bf16, which a resumed run may change), loss_log.jsonl, and at the end the model: a merged Hugging Face
+same command resumes from it; a checkpoint made with another model or other training settings
+is refused: a resumed run may change only --steps, --max-minutes, --save-every,
+--snapshot-every, --no-bf16, --threads, --save-adapter and the trajectory file, which may have
+grown), loss_log.jsonl, and at the end the model: a merged Hugging Face
 folder (config, weights, tokenizer) that `fastchat_cllm.loading.load(DIR)` and the worker's
 --model-path take, or with --save-adapter a LoRA adapter folder.
 
@@ -152,13 +154,13 @@ def main(argv=None) -> int:
             raise ValueError("--save-adapter needs --lora-rank")
         if not args.lora_rank and (args.teacher == "base" or args.snapshot_every):
             raise ValueError("--teacher base and --snapshot-every need --lora-rank")
-        check_resume(Path(args.out), run_settings(config, model=base_name(args.model),
-                                                  lora_rank=args.lora_rank,
-                                                  lora_alpha=args.lora_alpha))
         trajectories = read_trajectories(args.trajectories)
         torch.set_num_threads(args.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load(args.model, dtype=torch.float32, device=device)
+        settings = run_settings(config, model=base_name(args.model), lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha if args.lora_rank else None)
+        check_resume(Path(args.out), settings)
         check_tokenizer(trajectories, tokenizer, model.get_input_embeddings().num_embeddings,
                         args.trajectories)
     except (ValueError, OSError) as e:     # OSError: a hub id that cannot be fetched, too
@@ -169,9 +171,7 @@ def main(argv=None) -> int:
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
         name_base(model, base_name(args.model))
-    done = train(model, trajectories, config, args.out,
-                 settings=run_settings(config, model=base_name(args.model),
-                                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha))
+    done = train(model, trajectories, config, args.out, settings=settings)
     steps = total_steps(config, len(trajectories))
     save_model(model, tokenizer, args.out, args.save_adapter)
     if done < steps:

@@ -13,8 +13,9 @@ measures each snapshot scaled down (a fraction of its change to the base, as `tr
 --scale` ships it); --snapshots may also be one adapter folder. --skip K measures HumanEval
 problems K .. K+count-1: pick the point on such a split and report it on others (evaluate_code's
 first ones), so the reported numbers are not the ones it was picked on. --agreement-count M
-measures agreement on M problems from K on (tokens per forward stays on the first --count: a
-forward per prompt is cheap, a decode is not), which steadies the pick. --min-agreement A picks
+measures agreement on M problems from K on, which steadies the pick; tokens per forward stays
+on the first --count (a trained point's agreement costs one forward per prompt, its decode
+many; the base's records, all M, are measured once and cached in --out). --min-agreement A picks
 the point with the most tokens per forward among those with agreement >= A (marked in the
 table, "pick" in the JSON, and the `train.ship` command that ships it is printed).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -154,8 +156,8 @@ def main(argv=None) -> int:
             lines[lines.index(row_line(chosen))] = row_line(chosen, bold=True)
             lines.append(f"\npick (most tokens per forward with agreement >= "
                          f"{args.min_agreement:g}%): {chosen['model']}; ship it with: python -m "
-                         f"fastchat_cllm.train.ship {chosen['snapshot']} --scale "
-                         f"{chosen['scale']:g} --dtype float16")
+                         f"fastchat_cllm.train.ship {shlex.quote(chosen['snapshot'])} "
+                         f"--scale {chosen['scale']!r} --dtype float16")
     (args.out / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "tradeoff.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
 
 def row_line(r: dict, bold: bool = False) -> str:
     name = f"**{r['model']}**" if bold else r["model"]
-    return f"| {name} | {r['tpf_sliding']:.2f} | {r['agreement']:.1f} | " \
+    return f"| {name} | {r['tpf_sliding']:.2f} | {r['agreement']:.2f} | " \
            f"{r['identical_to_teacher']:.0f} |"
 
 
@@ -174,7 +176,8 @@ def table(rows: list[dict], args, agreement_count: int, device: str) -> list[str
 
     lines = [f"| held-out, {args.max_new_tokens} new tokens ({device}, fp32) | tokens per "
              f"forward (sliding {args.window_size}; {span(args.count)}) | agreement with base "
-             f"(% positions; {span(agreement_count)}) | outputs identical to base (%) |",
+             f"(% positions; {span(agreement_count)}) | outputs identical to base (%; "
+             f"{span(args.count)}) |",
              "|---|---|---|---|"]
     return lines + [row_line(r) for r in rows]
 

@@ -156,15 +156,16 @@ def run_settings(config: DistillConfig, **extra) -> dict:
 
 def check_resume(out_dir: Path, settings: dict) -> None:
     """ValueError when out_dir holds a checkpoint made with other settings (resuming it would
-    silently train on with a mix of both). A checkpoint without settings is not checked."""
+    silently train on with a mix of both). Only settings both record are compared; a checkpoint
+    without settings is not checked."""
     path = Path(out_dir) / CHECKPOINT
     if not path.exists():
         return
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("settings")
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("settings")
     if saved is None:
         return
-    changed = [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}"
-               for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    changed = [f"{k} {saved[k]!r} -> {settings[k]!r}"
+               for k in sorted(set(saved) & set(settings)) if saved[k] != settings[k]]
     if changed:
         raise ValueError(f"{path} was made with other settings ({', '.join(changed)}): rerun "
                          "with its settings, or give another --out")
