@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import random
 
 import pytest
@@ -86,6 +87,40 @@ def test_collect_cli_writes_resumes_and_skips_done_prompts(model_and_prompts, tm
     assert sorted(r["id"] for r in records) == ["ids", "p0", "p1", "p2", "p3"]
     assert next(r for r in records if r["id"] == "ids")["prompt_ids"] == [1, 40, 41, 42]
     assert any(b["augmented"] for r in records if "blocks" in r for b in r["blocks"])
+
+
+def test_collect_with_workers_writes_what_one_worker_writes_and_resumes(model_and_prompts,
+                                                                        tmp_path, capsys):
+    """--workers 2: shards in two processes, merged in prompt order into the same file one
+    worker writes; a run stopped by its time limit, and a worker file left by a killed run, are
+    continued by the next run."""
+    folder, prompts = model_and_prompts
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    common = ("--augment", "1", "--max-repeat", "0")
+    assert collect.main(collect_args(folder, prompts, one, *common)) == 0
+    assert collect.main(collect_args(folder, prompts, two, *common, "--workers", "2",
+                                     "--max-minutes", "1e-9")) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["written"], counts["left"], counts["complete"]) == (2, 3, False)
+    assert [json.loads(line)["id"] for line in two.read_text().splitlines()] == ["p0", "p1"]
+    assert not list(tmp_path.glob("two.jsonl.*"))            # parts merged and removed
+    (tmp_path / "two.jsonl.part0").write_text(one.read_text().splitlines()[2] + "\n")  # p2
+    assert collect.main(collect_args(folder, prompts, two, *common, "--workers", "2")) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["skipped"], counts["written"], counts["complete"]) == (3, 2, True)
+    assert two.read_text() == one.read_text()
+    assert not list(tmp_path.glob("two.jsonl.*"))
+
+
+def test_collect_says_when_a_worker_fails(model_and_prompts, tmp_path, capsys, monkeypatch):
+    folder, prompts = model_and_prompts
+    monkeypatch.setattr(sys, "executable", "/bin/false")    # every worker exits with status 1
+    out = tmp_path / "t.jsonl"
+    assert collect.main(collect_args(folder, prompts, out, "--workers", "2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: worker 0 exited with status 1; worker 1 exited with status 1")
+    assert not out.exists() or not out.read_text()
+    assert not list(tmp_path.glob("t.jsonl.*"))
 
 
 @pytest.mark.parametrize("content,message", [("{not json\n", "not valid JSON"),

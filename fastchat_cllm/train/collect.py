@@ -11,16 +11,22 @@ stopped (a file made with another tokenizer is refused). Bad input (a prompt fil
 malformed or empty once tokenized, a missing model) stops it with one `error:` line and exit
 status 2 before anything is written; a run stopped by --max-minutes says how many prompts are
 left ("complete": false).
+
+--workers N (CPU) collects in N processes of --threads threads each, every one a shard of the
+prompts left, into OUT.partK; when they end, their trajectories are appended to OUT in prompt
+order (the file equals one worker's: a prompt's trajectory depends only on it and the seed),
+and an interrupted run's parts are merged on the next one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 from ..chat_prompt import chat_prompt_ids
-from ..jsonl import jsonl_writer, numbered_jsonl
+from ..jsonl import jsonl_writer, numbered_jsonl, read_jsonl, write_jsonl
 from .trajectory import CollectConfig, collect_trajectory, describe, tokenizer_identity
 
 
@@ -130,6 +136,80 @@ def collect_file(model, prompts: dict[str, list[int]], out: str | Path, config: 
     return {**counts, "complete": counts["left"] == 0}
 
 
+def part_paths(out: str | Path) -> list[Path]:
+    """The worker files next to `out` (OUT.part0, OUT.part1, ...)."""
+    out = Path(out)
+    parts = [p for p in out.parent.glob(out.name + ".part*")
+             if p.name[len(out.name) + 5:].isdigit()]
+    return sorted(parts, key=lambda p: int(p.name[len(out.name) + 5:]))
+
+
+def merge_parts(out: str | Path, order: list[str]) -> int:
+    """Append the records of OUT's worker files that OUT lacks, in `order` of ids (then any
+    others), and delete the files; returns how many were appended."""
+    out, parts = Path(out), part_paths(out)
+    if not parts:
+        return 0
+    have = done_ids(out)
+    identity = next((t for t in have.values() if t is not None), None)
+    for part in parts:                  # another tokenizer's parts are refused, not merged
+        if identity is not None:
+            check_same_tokenizer(part, done_ids(part), identity)
+    new = {}
+    for part in parts:
+        for record in read_jsonl(part, torn_end=True):
+            if isinstance(record, dict) and record.get("id") not in have:
+                new.setdefault(record["id"], record)
+    rank = {key: i for i, key in enumerate(order)}
+    with jsonl_writer(out, append=True) as write:
+        for key in sorted(new, key=lambda k: rank.get(k, len(rank))):
+            write(new[key])
+    for part in parts:
+        part.unlink()
+    return len(new)
+
+
+def collect_parallel(args, encoded: dict[str, list[int]], identity: dict) -> dict:
+    """Collect the prompts not yet in args.out with args.workers processes (module docstring)."""
+    for part in part_paths(args.out):               # an interrupted run's work, merged first
+        check_same_tokenizer(part, done_ids(part), identity)
+    merge_parts(args.out, list(encoded))
+    done = done_ids(args.out)
+    check_same_tokenizer(args.out, done, identity)
+    todo = [key for key in encoded if key not in done]
+    counts = {"skipped": len(encoded) - len(todo), "written": 0, "dropped": 0, "states": 0,
+              "left": 0}
+    workers = []
+    for k in range(min(args.workers, len(todo))):
+        part = Path(f"{args.out}.part{k}")
+        prompts = Path(f"{part}.prompts")
+        write_jsonl(({"id": key, "prompt_ids": encoded[key]} for key in todo[k::args.workers]),
+                    prompts)
+        command = [sys.executable, "-m", "fastchat_cllm.train.collect", "--prompts", str(prompts),
+                   "--out", str(part), "--block-size", str(args.block_size), "--max-new-tokens",
+                   str(args.max_new_tokens), "--augment", str(args.augment), "--max-repeat",
+                   str(args.max_repeat), "--seed", str(args.seed), "--max-minutes",
+                   str(args.max_minutes), "--threads", str(args.threads), "--device", args.device,
+                   *(["--model", args.model] if args.model else [])]
+        workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    failed = []
+    for k, worker in enumerate(workers):
+        stdout, _ = worker.communicate()
+        if worker.returncode:
+            failed.append(f"worker {k} exited with status {worker.returncode}")
+            continue
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        for key in ("written", "dropped", "states", "left"):
+            counts[key] += summary[key]
+    for k in range(len(workers)):
+        Path(f"{args.out}.part{k}.prompts").unlink(missing_ok=True)
+    merge_parts(args.out, list(encoded))
+    if failed:
+        raise RuntimeError("; ".join(failed) + f" (what the others collected is in {args.out}; "
+                           "rerun to continue)")
+    return {**counts, "complete": counts["left"] == 0}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastchat_cllm.train.collect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +227,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after this long (0: no limit); a rerun continues")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, each with --threads threads and a shard of the prompts")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    return args
 
 
 def _cuda() -> bool:
@@ -176,7 +261,16 @@ def main(argv=None) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    counts = collect_file(model, encoded, args.out, config, identity, max_minutes=args.max_minutes)
+    if args.workers > 1 or part_paths(args.out):
+        del model
+        try:
+            counts = collect_parallel(args, encoded, identity)
+        except (RuntimeError, ValueError) as e:
+            print(f"error: {first_line(e)}", file=sys.stderr)
+            return 1
+    else:
+        counts = collect_file(model, encoded, args.out, config, identity,
+                              max_minutes=args.max_minutes)
     print(json.dumps(counts))
     if not counts["complete"]:
         print(f"stopped with {counts['left']} prompts left (--max-minutes): {args.out} is "
