@@ -1,7 +1,7 @@
 """Make a code CLLM of the default SmolLM2 end to end, the recipe of the shipped adapter.
 
 python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-minutes 50]
-    [--distill-minutes 30] [--scales 1,0.8,0.7] [--min-agreement 97] [--threads 1]
+    [--distill-minutes 35] [--scales 1,0.8,0.7] [--min-agreement 97] [--threads 1]
 
 1. training prompts: every documented standard-library function as a HumanEval-style stub
    (code_prompts.py; HumanEval itself is held out),
@@ -9,7 +9,7 @@ python -m fastchat_cllm.train.code_recipe [--work runs/code-cllm] [--collect-min
    thread; fixed blocks of 16 from random guesses, 128 new tokens, one augmented copy per
    state; all 652 prompts take about 45 min on the 2-core CPU),
 3. LoRA distillation with the frozen base as the teacher (`train.distill --teacher base`: rank 32,
-   lr 2e-4 constant, AR weight 30 (KL to the base on the clean output), horizon 1 with 16 states
+   lr 2e-4 constant, AR weight 60 (KL to the base on the clean output), horizon 1 with 16 states
    per block: each noisy state trains the one position after its first wrong token, the one a
    sliding window accepts next), an adapter snapshot every 150 steps,
 4. the speed/quality trade-off over the snapshots, each also at a few adapter scales
@@ -26,7 +26,7 @@ nothing once its steps are done, the base model's records are reused), so rerunn
 after an interruption continues. Collection is bounded by time: a rerun may add trajectories,
 and distillation then continues on the larger set. The
 time limits bound each stage: on the project's 2-core CPU the defaults take about 2 h
-(collection 50 min, distillation 30, the trade-off table ~35).
+(collection 50 min, distillation 35, the trade-off table ~35).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--collect-minutes", type=float, default=50.0)
     p.add_argument("--collect-workers", type=int, default=2,
                    help="collection processes of --threads threads each (2 fill the 2-core CPU)")
-    p.add_argument("--distill-minutes", type=float, default=30.0)
+    p.add_argument("--distill-minutes", type=float, default=35.0)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--snapshot-every", type=int, default=150)
     p.add_argument("--scales", default="1,0.8,0.7",
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     distilled = work / "distill"     # run every time: it continues from its checkpoint
     run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
         "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,
-        "--schedule", "constant", "--warmup", 0.01, "--teacher", "base", "--ar-weight", 30,
+        "--schedule", "constant", "--warmup", 0.01, "--teacher", "base", "--ar-weight", 60,
         "--label-smoothing", 0, "--horizon", 1, "--states-per-block", 16, "--steps", args.steps,
         "--save-every", 20, "--snapshot-every", args.snapshot_every,
         "--max-minutes", args.distill_minutes, "--save-adapter", "--threads", args.threads,
