@@ -103,13 +103,17 @@ def test_collect_with_workers_writes_what_one_worker_writes_and_resumes(model_an
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (counts["written"], counts["left"], counts["complete"]) == (2, 3, False)
     assert [json.loads(line)["id"] for line in two.read_text().splitlines()] == ["p0", "p1"]
-    assert not list(tmp_path.glob("two.jsonl.*"))            # parts merged and removed
+    assert [p.name for p in tmp_path.glob("two.jsonl.*")] == ["two.jsonl.lock"]  # parts merged
     (tmp_path / "two.jsonl.part0").write_text(one.read_text().splitlines()[2] + "\n")  # p2
     assert collect.main(collect_args(folder, prompts, two, *common, "--workers", "2")) == 0
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (counts["skipped"], counts["written"], counts["complete"]) == (3, 2, True)
     assert two.read_text() == one.read_text()
-    assert not list(tmp_path.glob("two.jsonl.*"))
+    assert [p.name for p in tmp_path.glob("two.jsonl.*")] == ["two.jsonl.lock"]
+    held = collect.lock(two)                   # another collection is writing the file
+    assert collect.main(collect_args(folder, prompts, two, "--workers", "2")) == 2
+    assert "another collection is writing" in capsys.readouterr().err
+    held.close()
 
 
 def test_collect_says_when_a_worker_fails(model_and_prompts, tmp_path, capsys, monkeypatch):
@@ -120,7 +124,7 @@ def test_collect_says_when_a_worker_fails(model_and_prompts, tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: worker 0 exited with status 1; worker 1 exited with status 1")
     assert not out.exists() or not out.read_text()
-    assert not list(tmp_path.glob("t.jsonl.*"))
+    assert [p.name for p in tmp_path.glob("t.jsonl.*")] == ["t.jsonl.lock"]
 
 
 @pytest.mark.parametrize("content,message", [("{not json\n", "not valid JSON"),

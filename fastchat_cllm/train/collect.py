@@ -12,14 +12,17 @@ malformed or empty once tokenized, a missing model) stops it with one `error:` l
 status 2 before anything is written; a run stopped by --max-minutes says how many prompts are
 left ("complete": false).
 
---workers N (CPU) collects in N processes of --threads threads each, every one a shard of the
-prompts left, into OUT.partK; when they end, their trajectories are appended to OUT in prompt
-order (the file equals one worker's: a prompt's trajectory depends only on it and the seed),
-and an interrupted run's parts are merged on the next one.
+--workers N (CPU only) collects in N processes of --threads threads each, every one a shard of
+the prompts left, into OUT.partK; when they end, their trajectories are appended to OUT in prompt
+order (the same trajectories as one worker's: a prompt's trajectory depends only on it and the
+seed; an uninterrupted run also writes them in the same order), and an interrupted run's parts
+are merged on the next one. One collection at a time writes OUT (OUT.lock): a second is refused.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
 import json
 import subprocess
 import sys
@@ -139,7 +142,7 @@ def collect_file(model, prompts: dict[str, list[int]], out: str | Path, config: 
 def part_paths(out: str | Path) -> list[Path]:
     """The worker files next to `out` (OUT.part0, OUT.part1, ...)."""
     out = Path(out)
-    parts = [p for p in out.parent.glob(out.name + ".part*")
+    parts = [p for p in out.parent.glob(glob.escape(out.name) + ".part*")
              if p.name[len(out.name) + 5:].isdigit()]
     return sorted(parts, key=lambda p: int(p.name[len(out.name) + 5:]))
 
@@ -177,9 +180,40 @@ def collect_parallel(args, encoded: dict[str, list[int]], identity: dict) -> dic
     done = done_ids(args.out)
     check_same_tokenizer(args.out, done, identity)
     todo = [key for key in encoded if key not in done]
-    counts = {"skipped": len(encoded) - len(todo), "written": 0, "dropped": 0, "states": 0,
-              "left": 0}
-    workers = []
+    counts = {"skipped": len(encoded) - len(todo), "written": 0, "dropped": 0, "states": 0}
+    workers, failed = [], []
+    try:
+        start_workers(args, encoded, todo, workers)
+        for k, worker in enumerate(workers):
+            stdout, _ = worker.communicate()
+            try:
+                summary = json.loads(stdout.strip().splitlines()[-1])
+                if worker.returncode:
+                    raise ValueError
+                for key in ("written", "dropped", "states"):
+                    counts[key] += summary[key]
+            except (ValueError, IndexError, KeyError, TypeError):
+                failed.append(f"worker {k} exited with status {worker.returncode}")
+    finally:
+        for worker in workers:          # on an error here, no worker outlives the run
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        name = glob.escape(Path(args.out).name)
+        for kind in (".part*.prompts", ".part*.lock"):     # the workers' inputs and locks
+            for path in Path(args.out).parent.glob(name + kind):
+                path.unlink(missing_ok=True)
+        merge_parts(args.out, list(encoded))
+    done = done_ids(args.out)
+    left = sum(1 for key in encoded if key not in done)
+    if failed:
+        raise RuntimeError("; ".join(failed) + f" ({args.out} holds what was collected, "
+                           f"{left} prompts left; rerun to continue)")
+    return {**counts, "left": left, "complete": left == 0}
+
+
+def start_workers(args, encoded: dict[str, list[int]], todo: list[str], workers: list) -> None:
+    """One `collect` process per shard of `todo`, appended to `workers` as it starts."""
     for k in range(min(args.workers, len(todo))):
         part = Path(f"{args.out}.part{k}")
         prompts = Path(f"{part}.prompts")
@@ -192,22 +226,18 @@ def collect_parallel(args, encoded: dict[str, list[int]], identity: dict) -> dic
                    str(args.max_minutes), "--threads", str(args.threads), "--device", args.device,
                    *(["--model", args.model] if args.model else [])]
         workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
-    failed = []
-    for k, worker in enumerate(workers):
-        stdout, _ = worker.communicate()
-        if worker.returncode:
-            failed.append(f"worker {k} exited with status {worker.returncode}")
-            continue
-        summary = json.loads(stdout.strip().splitlines()[-1])
-        for key in ("written", "dropped", "states", "left"):
-            counts[key] += summary[key]
-    for k in range(len(workers)):
-        Path(f"{args.out}.part{k}.prompts").unlink(missing_ok=True)
-    merge_parts(args.out, list(encoded))
-    if failed:
-        raise RuntimeError("; ".join(failed) + f" (what the others collected is in {args.out}; "
-                           "rerun to continue)")
-    return {**counts, "complete": counts["left"] == 0}
+
+
+def lock(out: str | Path):
+    """An exclusive lock on OUT.lock (held while the returned file is open); ValueError when
+    another collection holds it."""
+    handle = open(f"{out}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"another collection is writing {out} ({out}.lock is held)") from None
+    return handle
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -228,10 +258,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--workers", type=int, default=1,
-                   help="processes, each with --threads threads and a shard of the prompts")
+                   help="CPU processes, each with --threads threads and a shard of the prompts")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if args.workers > 1 and args.device != "cpu":
+        p.error("--workers is for the CPU (on a GPU one process uses the device)")
     return args
 
 
@@ -249,6 +281,7 @@ def main(argv=None) -> int:
 
     try:
         prompts = read_prompts(args.prompts)
+        held = lock(args.out) if Path(args.out).parent.is_dir() else None
         done = done_ids(args.out)   # a bad trajectory file fails here, before the model loads
         model, tokenizer = load(args.model, dtype=torch.float32, device=args.device)
         identity = tokenizer_identity(tokenizer)
@@ -265,12 +298,16 @@ def main(argv=None) -> int:
         del model
         try:
             counts = collect_parallel(args, encoded, identity)
-        except (RuntimeError, ValueError) as e:
+        except ValueError as e:         # a worker file of another tokenizer or malformed
+            print(f"error: {first_line(e)}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:       # a worker failed
             print(f"error: {first_line(e)}", file=sys.stderr)
             return 1
     else:
         counts = collect_file(model, encoded, args.out, config, identity,
                               max_minutes=args.max_minutes)
+    del held                            # the lock goes with the file's last reference
     print(json.dumps(counts))
     if not counts["complete"]:
         print(f"stopped with {counts['left']} prompts left (--max-minutes): {args.out} is "
