@@ -37,12 +37,6 @@ import sys
 from pathlib import Path
 
 
-def cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def run(module: str, *args) -> None:
     command = [sys.executable, "-m", module, *map(str, args)]
     print("$", " ".join(command), flush=True)
@@ -80,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ..jsonl import write_jsonl
+    from .collect import _cuda
     from .code_prompts import training_prompts
 
     work = args.work
@@ -91,7 +86,7 @@ def main(argv=None) -> int:
     run("fastchat_cllm.train.collect", *model, "--prompts", prompts,
         "--out", work / "trajectories.jsonl", "--block-size", 16, "--max-new-tokens", 128,
         "--augment", 1, "--max-minutes", args.collect_minutes, "--threads", args.threads,
-        "--workers", args.collect_workers if not cuda() else 1, "--seed", args.seed)
+        "--workers", 1 if _cuda() else args.collect_workers, "--seed", args.seed)
     distilled = work / "distill"     # run every time: it continues from its checkpoint
     run("fastchat_cllm.train.distill", *model, "--trajectories", work / "trajectories.jsonl",
         "--out", distilled, "--lora-rank", 32, "--lora-alpha", 64, "--lr", 2e-4,

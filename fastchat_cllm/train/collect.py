@@ -147,17 +147,16 @@ def part_paths(out: str | Path) -> list[Path]:
     return sorted(parts, key=lambda p: int(p.name[len(out.name) + 5:]))
 
 
-def merge_parts(out: str | Path, order: list[str]) -> int:
+def merge_parts(out: str | Path, order: list[str], identity: dict) -> int:
     """Append the records of OUT's worker files that OUT lacks, in `order` of ids (then any
-    others), and delete the files; returns how many were appended."""
+    others), and delete the files; returns how many were appended. ValueError, before anything
+    is merged, when a worker file holds another tokenizer's trajectories than `identity`."""
     out, parts = Path(out), part_paths(out)
     if not parts:
         return 0
+    for part in parts:
+        check_same_tokenizer(part, done_ids(part), identity)
     have = done_ids(out)
-    identity = next((t for t in have.values() if t is not None), None)
-    for part in parts:                  # another tokenizer's parts are refused, not merged
-        if identity is not None:
-            check_same_tokenizer(part, done_ids(part), identity)
     new = {}
     for part in parts:
         for record in read_jsonl(part, torn_end=True):
@@ -174,11 +173,8 @@ def merge_parts(out: str | Path, order: list[str]) -> int:
 
 def collect_parallel(args, encoded: dict[str, list[int]], identity: dict) -> dict:
     """Collect the prompts not yet in args.out with args.workers processes (module docstring)."""
-    for part in part_paths(args.out):               # an interrupted run's work, merged first
-        check_same_tokenizer(part, done_ids(part), identity)
-    merge_parts(args.out, list(encoded))
+    merge_parts(args.out, list(encoded), identity)  # an interrupted run's work first
     done = done_ids(args.out)
-    check_same_tokenizer(args.out, done, identity)
     todo = [key for key in encoded if key not in done]
     counts = {"skipped": len(encoded) - len(todo), "written": 0, "dropped": 0, "states": 0}
     workers, failed = [], []
@@ -203,7 +199,7 @@ def collect_parallel(args, encoded: dict[str, list[int]], identity: dict) -> dic
         for kind in (".part*.prompts", ".part*.lock"):     # the workers' inputs and locks
             for path in Path(args.out).parent.glob(name + kind):
                 path.unlink(missing_ok=True)
-        merge_parts(args.out, list(encoded))
+        merge_parts(args.out, list(encoded), identity)
     done = done_ids(args.out)
     left = sum(1 for key in encoded if key not in done)
     if failed:

@@ -146,26 +146,25 @@ def main(argv=None) -> int:
                 rows.append(measure_snapshot(str(path), problems, teacher, **measure))
             rows[-1].update(model=name + (f" x {scale:g}" if scale != 1 else ""),
                             snapshot=str(snapshot), scale=scale)
-    lines = table(rows, args, agreement_count, device)
     chosen = None if args.min_agreement is None else pick(rows, args.min_agreement)
-    if args.min_agreement is not None:
-        if chosen is None:
-            lines.append(f"\nno point keeps agreement >= {args.min_agreement:g}%")
-        else:
-            chosen["pick"] = True
-            lines[lines.index(row_line(chosen))] = row_line(chosen, bold=True)
-            lines.append(f"\npick (most tokens per forward with agreement >= "
-                         f"{args.min_agreement:g}%): {chosen['model']}; ship it with: python -m "
-                         f"fastchat_cllm.train.ship {shlex.quote(chosen['snapshot'])} "
-                         f"--scale {chosen['scale']!r} --dtype float16")
+    if chosen is not None:
+        chosen["pick"] = True
+    lines = table(rows, args, agreement_count, device)
+    if chosen is not None:
+        lines.append(f"\npick (most tokens per forward with agreement >= "
+                     f"{args.min_agreement:g}%): {chosen['model']}; ship it with: python -m "
+                     f"fastchat_cllm.train.ship {shlex.quote(chosen['snapshot'])} "
+                     f"--scale {chosen['scale']!r} --dtype float16")
+    elif args.min_agreement is not None:
+        lines.append(f"\nno point keeps agreement >= {args.min_agreement:g}%")
     (args.out / "tradeoff.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "tradeoff.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
 
-def row_line(r: dict, bold: bool = False) -> str:
-    name = f"**{r['model']}**" if bold else r["model"]
+def row_line(r: dict) -> str:
+    name = f"**{r['model']}**" if r.get("pick") else r["model"]
     return f"| {name} | {r['tpf_sliding']:.2f} | {r['agreement']:.2f} | " \
            f"{r['identical_to_teacher']:.0f} |"
 
