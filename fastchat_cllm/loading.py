@@ -202,9 +202,14 @@ def load_model(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
 
 
 def load(path: str | None = None, dtype=None, device: str = "cpu", num_gpus: int = 1,
-         max_gpu_memory: str | None = None, revision: str | None = None):
-    """(model, tokenizer) for a --model-path; None or the alias gives the default SmolLM2."""
+         max_gpu_memory: str | None = None, revision: str | None = None, pack: bool = False):
+    """(model, tokenizer) for a --model-path; None or the alias gives the default SmolLM2.
+    `pack`: for inference on the CPU in float32/bfloat16, the linear layers' weights prepacked
+    (packed_linear: ~2x faster forwards there; no backward, so never for training)."""
     source = resolve(path)
     hub = {"revision": revision} if revision else {}
     model = load_model(source, dtype, device, **placement(device, num_gpus, max_gpu_memory), **hub)
+    if pack:
+        from .core.packed_linear import pack_for_inference
+        pack_for_inference(model)
     return model, load_tokenizer(source, **hub)

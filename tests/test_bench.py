@@ -154,6 +154,7 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
     data = json.loads(out.read_text())
 
     assert data["mode"] == "offline" and data["config"]["methods"] == list(METHODS)
+    assert data["packed_linear"] is True and "linear layers: prepacked" in done.stdout
     machine = {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "transformers"}
     assert machine <= set(data["machine"])
     assert data["machine"]["torch_threads"] == 1

@@ -34,6 +34,7 @@ from fastchat.utils import str_to_torch_dtype
 from .. import loading
 from ..core.engine import CompileError, Engine, EngineLoop, SlotCache
 from ..core.stats import tokens_per_forward
+from ..core.packed_linear import is_packed, pack_for_inference
 from .adapter import CllmAdapter
 from .compat import context_length
 from .counting import count_prompt_tokens, max_chars_per_token
@@ -152,7 +153,8 @@ class JacobiWorker(BaseModelWorker):
                  "--max-len), prefix caching %s", args.limit_worker_concurrency, max_len,
                  self.engine.status()["cache_mib"], "off" if args.no_prefix_cache else "on")
         compiled = self.engine.engine.runner.compile_seconds
-        log.info("engine step: %s", f"compiled in {compiled:.0f} s" if compiled else "eager")
+        log.info("engine step: %s", f"compiled in {compiled:.0f} s" if compiled else
+                 "eager" + (", linear layers prepacked" if is_packed(model) else ""))
 
     def count_token(self, params: dict) -> dict:
         """The prompt's token count for the API server's length check, tokenizing no more of a
@@ -247,7 +249,10 @@ def build_engine(model, slots: int, max_len: int, chunk: int, prefix_cache: bool
                  compile: bool = False, required: bool = True) -> Engine:
     """The worker's one engine, its slot cache allocated, its step compiled if `compile`; a step
     that cannot be compiled stops start-up when `required` (--compile on), else (auto) the
-    engine runs it eagerly, with a warning."""
+    engine runs it eagerly, with a warning. An eager step on the CPU runs on prepacked weights
+    (packed_linear, as a compiled step's are)."""
+    if not compile:
+        pack_for_inference(model)
     try:
         return Engine(model, slots, max_len, chunk, prefix_cache, compile)
     except CompileError as e:

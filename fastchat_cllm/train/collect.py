@@ -279,7 +279,8 @@ def main(argv=None) -> int:
         prompts = read_prompts(args.prompts)
         held = lock(args.out) if Path(args.out).parent.is_dir() else None
         done = done_ids(args.out)   # a bad trajectory file fails here, before the model loads
-        model, tokenizer = load(args.model, dtype=torch.float32, device=args.device)
+        model, tokenizer = load(args.model, dtype=torch.float32, device=args.device,
+                                pack=True)
         identity = tokenizer_identity(tokenizer)
         check_same_tokenizer(args.out, done, identity)
         config = CollectConfig(args.block_size, args.max_new_tokens, eos_ids(tokenizer),

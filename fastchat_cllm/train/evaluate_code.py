@@ -127,7 +127,7 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
     todo = [p for p in problems if p["id"] not in done]
     if todo:
         print(f"{path}: {len(todo)} prompts to measure ({file})", file=sys.stderr)
-        model, tokenizer = loading.load(path, dtype=torch.float32, device=device)
+        model, tokenizer = loading.load(path, dtype=torch.float32, device=device, pack=True)
         if teacher is not None:
             theirs = next(iter(teacher.values()))["tokenizer"]
             if theirs != tokenizer_identity(tokenizer):

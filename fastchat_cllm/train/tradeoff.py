@@ -46,7 +46,7 @@ def measure_snapshot(path: str, problems: list[dict], teacher: dict, window: int
     from .collect import eos_ids
     from .evaluate_code import teacher_forced
 
-    model, tokenizer = loading.load(path, dtype=torch.float32, device=device)
+    model, tokenizer = loading.load(path, dtype=torch.float32, device=device, pack=True)
     eos = eos_ids(tokenizer)
     config = JacobiConfig(max_new_tokens, window, eos, adaptive=False)
     decoded = len(problems) if decoded is None else decoded

@@ -36,6 +36,7 @@ from ..config import JacobiConfig
 from ..stats import tokens_per_forward
 from ..step import Step
 from .request import Request
+from ..packed_linear import is_packed
 from ..window_size import BatchCost
 from .runner import Row, Runner
 from .scheduler import Scheduler
@@ -72,8 +73,10 @@ class Engine:
         self.runner = Runner(model, self.cache, compile)
         device = torch.device(model.device).type
         # a request's sizer: a compiled step of one token runs as two (no cost step at 2 tokens);
-        # a batch's forward still has one (compiled, 8 rows of 2 cost ~1.3x 8 rows of 1)
-        self.cost_kind = device + ("-compiled" if compile else "")
+        # a batch's forward still has one (compiled, 8 rows of 2 cost ~1.3x 8 rows of 1);
+        # prepacked weights (packed_linear) leave a small one
+        self.cost_kind = device + ("-compiled" if compile else "-packed" if is_packed(model)
+                                   else "")
         self.cost = BatchCost(device)    # seconds by rows and width
         self.scheduler = Scheduler(self.cache, chunk, self.cost, prefix_cache)
         self.ids = itertools.count()
