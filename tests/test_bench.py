@@ -177,6 +177,18 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
     assert "imports fastchat: False" in done.stdout
 
 
+def test_no_pack_runs_torchs_linear_layers(tiny_dirs, tmp_path):
+    out = tmp_path / "plain.json"
+    cmd = [sys.executable, "-c", RUN_MAIN, "--model", str(tiny_dirs[0]), "--methods", "ar",
+           "jacobi", "--num-prompts", "1", "--max-new-tokens", "8", "--threads", "1", "--no-pack",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["packed_linear"] is False and "linear layers: torch's nn.Linear" in done.stdout
+    assert data["methods"]["jacobi"]["identical_to_ar"] == 1
+
+
 def test_batch_method_decodes_all_prompts_on_one_engine_and_equals_one_by_one(tiny_dirs, tmp_path,
                                                                                capsys):
     from fastchat_cllm.bench.__main__ import main

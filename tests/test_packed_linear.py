@@ -49,12 +49,14 @@ def test_a_tiny_model_packed_decodes_as_before(arch, one_thread):
             assert jacobi_generate(packed, ids, max_new_tokens=24, **options).tokens == expected
 
 
-def test_a_packed_batch_equals_its_requests_alone(one_thread):
-    """The batched engine's packed forward (rows of several slots in one sequence) on a packed
-    model: each request's output is the one it gets alone."""
-    model = pack_for_inference(tiny_model("llama"))
+def test_a_packed_batch_decodes_each_request_as_greedy(one_thread):
+    """The batched engine (rows of several slots in one packed sequence) on a packed model:
+    each request's output is the plain model's greedy output, and the sizer prices the step as
+    a packed one."""
+    model, plain = pack_for_inference(tiny_model("llama")), tiny_model("llama")
     prompts = random_prompts(5, seed=7)
     engine = Engine(model, slots=len(prompts), max_len=64, chunk=64)
+    assert is_packed(model) and engine.cost_kind == "cpu-packed"
     ids = {engine.add(p, max_new_tokens=20, window_size=4, adaptive=False): i
            for i, p in enumerate(prompts)}
     out = {i: [] for i in range(len(prompts))}
@@ -62,7 +64,7 @@ def test_a_packed_batch_equals_its_requests_alone(one_thread):
         for request_id, step in engine.step():
             out[ids[request_id]] += step.tokens
     for i, prompt in enumerate(prompts):
-        assert out[i] == ar_greedy(model, prompt, 20), i
+        assert out[i] == ar_greedy(plain, prompt, 20), i
 
 
 def test_bfloat16_is_packed_and_close(one_thread):
@@ -90,7 +92,8 @@ def test_smollm2_packed_gives_greedy_outputs_equal_to_the_plain_model(smollm2):
     plain, tokenizer = smollm2
     packed = load(None, dtype=torch.float32, device="cpu", pack=True)[0]
     assert linears(packed) == (0, 30 * 7 + 1)
-    assert packed.get_input_embeddings().weight.data_ptr() != 0
+    assert type(packed.get_input_embeddings()) is nn.Embedding
+    assert isinstance(packed.get_output_embeddings(), PackedLinear)
     eos = [tokenizer.eos_token_id]
     for question in QUESTIONS:
         ids = chat_ids(tokenizer, question)
@@ -99,3 +102,41 @@ def test_smollm2_packed_gives_greedy_outputs_equal_to_the_plain_model(smollm2):
         out = jacobi_generate(packed, ids, max_new_tokens=40, eos_token_id=eos, window_size=16,
                               adaptive=False)
         assert out.tokens == expected, question
+
+
+def test_a_packed_model_refuses_what_it_cannot_do(one_thread):
+    """Inference only: no backward, no state_dict, no other dtype or device, no compile; each a
+    clear error, not a silent wrong result."""
+    model = pack_for_inference(tiny_model("llama"))
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="no state_dict"):
+        model.state_dict()
+    with pytest.raises(ValueError, match="stays on the CPU in torch.float32"):
+        model.to(torch.float64)
+    assert model.to("cpu") is model and model.float() is model      # what changes nothing
+    layer = model.lm_head
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        layer(x)
+    with pytest.raises(ValueError, match="got torch.float64 input"):
+        layer(torch.randn(2, layer.in_features, dtype=torch.float64))
+    with pytest.raises(ValueError, match="compiled step takes the model loaded without pack"):
+        Engine(model, slots=1, max_len=32, compile=True)
+
+
+def test_the_workers_eager_step_runs_packed_and_a_failed_compile_falls_back_to_it(one_thread):
+    """build_engine (the worker's): --compile off packs the model; under auto, a step that
+    cannot compile falls back to the eager step, packed too, and decodes as greedy."""
+    from fastchat_cllm.serving.worker import build_engine
+
+    engine = build_engine(tiny_model("qwen2"), 2, 64, 16, compile=False)
+    assert is_packed(engine.model) and engine.cost_kind == "cpu-packed"
+    model = tiny_model("llama")
+    model.model.embed_tokens.register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    engine = build_engine(model, 2, 64, 16, compile=True, required=False)
+    assert engine.runner.compiled is None and is_packed(model)
+    engine.add([5, 6, 7], max_new_tokens=6)
+    tokens = []
+    while engine.has_work:
+        tokens += [t for _, step in engine.step() for t in step.tokens]
+    assert tokens == ar_greedy(tiny_model("llama"), [5, 6, 7], 6)

@@ -57,7 +57,7 @@ def test_two_workers_behind_one_controller_both_serve(tiny_served, tmp_path):
         full = worker_status(second)["batch"]
         assert full["prompt_tokens"] > 0 and full["cached_prompt_tokens"] == 0
         log = (tmp_path / "second-worker.log").read_text()
-        assert "prefix caching off" in log and "engine step: eager" in log
+        assert "prefix caching off" in log and "engine step: eager, linear layers prepacked" in log
         assert full["compiled"] is False and worker_status(stack.worker)["batch"]["compiled"]
     finally:
         stop(process)

@@ -41,8 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-pack", action="store_true",
                    help="offline on the CPU: keep torch's nn.Linear (MKL) instead of weights "
-                        "prepacked for oneDNN (the default, ~2x faster forwards; every method "
-                        "runs the same model either way)")
+                        "prepacked for oneDNN (the default, ~2x faster forwards; every method, "
+                        "and the draft model, runs the same way; serving modes measure the "
+                        "worker as it runs)")
     p.add_argument("--serve-url", help="measure a running stack instead, e.g. "
                    "http://127.0.0.1:8000/v1")
     p.add_argument("--compare-stock-worker", action="store_true",

@@ -3,36 +3,42 @@ which holds the weight in oneDNN's blocked layout, reordered once at load, and m
 oneDNN's linear kernel.
 
 Why: torch's CPU nn.Linear calls MKL's sgemm, which streams a 1-token forward as matrix-vector
-products and, for 2 or more tokens, repacks the whole weight matrix on every call. On the 2-core
-machines here (SmolLM2-135M fp32, 2 threads, 200 cached tokens, median of 9 forwards) a forward
-of 1 / 2 / 4 / 16 new tokens took 39.5 / 64.9 / 54.1 / 61.7 ms plain and 18.2 / 20.4 / 23.3 /
-31.0 ms packed: autoregressive decoding about 2x faster, and a window of 2 or 4 about 1.1-1.3x a
-1-token forward instead of 1.4-1.6x, which is what Jacobi decoding pays for its guesses. Logits
-differ from the plain ones by float rounding only (max |diff| ~1e-4 there, argmax equal).
+products and, for 2 or more tokens, repacks the whole weight matrix on every call. Packed, a
+forward of SmolLM2 fp32 on the 2-core machines here runs about 2x faster, and a window of a few
+tokens costs little more than one token, which is what Jacobi decoding pays for its guesses
+(measurements: docs/prepacked-weights.md). Logits differ from the plain ones by float rounding.
 
-Inference only: a PackedLinear has no weight parameter and no backward, so training loads its
-models unpacked; the batched engine's compiled step (the worker's --compile) freezes and
-prepacks the weights itself and does not need this.
+Inference only: a packed model's parameters are frozen, a PackedLinear has no weight parameter,
+no backward, no state_dict and no other dtype or device, and each refuses with a clear error.
+Training loads its models unpacked; the batched engine's compiled step (the worker's --compile)
+freezes and prepacks the weights itself and takes an unpacked model.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-PACK_ROWS = 16      # the row count oneDNN's reorder is tuned for (1-64 measured: 16 was best)
+PACK_ROWS = 16      # the row count oneDNN's reorder is tuned for (of 1, 4, 16, 64: 16 was best)
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def packable(model: nn.Module) -> str | None:
-    """None when `model` can be packed, else why not (one line)."""
-    weight = next(model.parameters(), None)
-    if weight is None or weight.device.type != "cpu":
+def refusal(device, dtype) -> str | None:
+    """None when a model on `device` in `dtype` can be packed, else why not (one line)."""
+    if torch.device(device).type != "cpu":
         return "not on the CPU"
-    if weight.dtype not in DTYPES:
-        return f"{weight.dtype} (packing takes float32 or bfloat16)"
+    if dtype not in DTYPES:
+        return f"{dtype} (packing takes float32 or bfloat16)"
     if not torch.backends.mkldnn.is_available():
         return "this torch has no oneDNN (mkldnn)"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no oneDNN bfloat16 kernels"
     return None
+
+
+def packable(model: nn.Module) -> str | None:
+    """None when `model` can be packed, else why not."""
+    weight = next(model.parameters(), None)
+    return "it has no parameters" if weight is None else refusal(weight.device, weight.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -41,37 +47,63 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
-                                                                  PACK_ROWS)
-            self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        weight = linear.weight.detach()
+        if refusal(weight.device, weight.dtype):
+            raise ValueError(f"cannot pack a linear layer: {refusal(weight.device, weight.dtype)}")
+        self.dtype = weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise ValueError(f"a {self.dtype} packed linear layer got {x.dtype} input")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("a packed linear layer has no backward: load the model "
+                               "without pack for training")
         flat = x.reshape(-1, self.in_features)                       # [N, in]
         if flat.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
         y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)           # [..., out]
+
+    def _apply(self, fn, recurse=True):
+        """.to()/.float()/.cuda(): only what leaves a CPU tensor of this dtype as it is."""
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        if probe.dtype != self.dtype or probe.device.type != "cpu":
+            raise ValueError(f"a packed model stays on the CPU in {self.dtype}: load it again "
+                             f"without pack to move or convert it")
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise ValueError("a packed model has no state_dict: save the model loaded without pack")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, dtype={self.dtype}")
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear of a CPU model for a PackedLinear, in place; the number swapped.
-    ValueError when the model cannot be packed (`packable`). A weight tied to another module
-    (SmolLM2's lm_head and embeddings) stays where it is tied and gains a packed copy."""
+    """Freeze `model` and swap every nn.Linear of it for a PackedLinear, in place; the number
+    swapped. ValueError when it cannot be packed (`packable`), or when oneDNN refuses its first
+    layer (then nothing is swapped). A weight tied to another module (SmolLM2's lm_head and
+    embeddings) stays where it is tied and gains a packed copy."""
     why = packable(model)
     if why is not None:
         raise ValueError(f"cannot pack the model's linear layers: {why}")
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
-                swapped += 1
-    return swapped
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if type(child) is nn.Linear]
+    if swaps:
+        first = swaps[0][2]
+        try:
+            with torch.inference_mode():
+                PackedLinear(first)(torch.zeros(1, first.in_features, dtype=first.weight.dtype))
+        except RuntimeError as e:
+            raise ValueError(f"cannot pack the model's linear layers: oneDNN refused: "
+                             f"{str(e).strip().splitlines()[0]}") from e
+    model.requires_grad_(False)
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child))
+    return len(swaps)
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -25,14 +25,14 @@ against 8 rows of 1 (SmolLM2-135M, fp32). A request alone on the engine's compil
 ("cpu-compiled") has no such step: it runs a one-token step as two tokens, and one row of 4 cost
 1.04x one of 2 (a batch's forward, priced by BatchCost, still has one: ~1.3x for 8 rows of 2).
 An eager step on prepacked weights ("cpu-packed", packed_linear) keeps a small one: one row of
-2 / 4 / 16 tokens cost ~1.12x / 1.25x / 1.7x one of 1.
+2 / 4 / 16 tokens cost ~1.0-1.1x / 1.05x / 1.4x one of 1.
 """
 from __future__ import annotations
 
 # Prior shape of c(n) / c(1): a step for leaving matrix-vector products (CPU only) plus a slope
 # per extra position. GPUs stay flat for far longer windows.
-PRIOR_STEP = {"cpu": 0.5, "cpu-packed": 0.1}
-PRIOR_SLOPE = {"cpu": 0.05, "cpu-compiled": 0.05, "cpu-packed": 0.045}
+PRIOR_STEP = {"cpu": 0.5, "cpu-packed": 0.05}
+PRIOR_SLOPE = {"cpu": 0.05, "cpu-compiled": 0.05, "cpu-packed": 0.025}
 GPU_SLOPE = 0.005
 PRIOR_Q, PRIOR_WEIGHT, DECAY, COST_EMA = 0.3, 1.0, 0.8, 0.3
 PROBE_MIN, PROBE_MAX, PROBE_SIZE = 8, 128, 8

@@ -33,8 +33,8 @@ from fastchat.utils import str_to_torch_dtype
 
 from .. import loading
 from ..core.engine import CompileError, Engine, EngineLoop, SlotCache
-from ..core.stats import tokens_per_forward
 from ..core.packed_linear import is_packed, pack_for_inference
+from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
 from .compat import context_length
 from .counting import count_prompt_tokens, max_chars_per_token
@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="compile the engine's step with torch.compile at start-up, before "
                              "the worker registers (auto: on the CPU, where each forward of "
-                             "SmolLM2 ran ~1.9x faster and the compile took about a minute on 2 "
-                             "cores, unless the memory left is less than 1.5x the weights and "
+                             "SmolLM2 ran ~1.9x faster than the eager step on torch's nn.Linear "
+                             "and up to ~1.2x faster than today's eager step on prepacked "
+                             "weights, and the compile took about a minute on 2 cores, unless the memory left is less than 1.5x the weights and "
                              "the slot cache: it keeps a second, prepacked copy of the weights; "
                              "off on CUDA, not measured there yet)")
     parser.add_argument("--stream-interval", type=int, default=2)

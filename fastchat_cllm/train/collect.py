@@ -279,8 +279,9 @@ def main(argv=None) -> int:
         prompts = read_prompts(args.prompts)
         held = lock(args.out) if Path(args.out).parent.is_dir() else None
         done = done_ids(args.out)   # a bad trajectory file fails here, before the model loads
+        parallel = args.workers > 1 or bool(part_paths(args.out))   # the workers load it
         model, tokenizer = load(args.model, dtype=torch.float32, device=args.device,
-                                pack=True)
+                                pack=not parallel)
         identity = tokenizer_identity(tokenizer)
         check_same_tokenizer(args.out, done, identity)
         config = CollectConfig(args.block_size, args.max_new_tokens, eos_ids(tokenizer),
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    if args.workers > 1 or part_paths(args.out):
+    if parallel:
         del model
         try:
             counts = collect_parallel(args, encoded, identity)

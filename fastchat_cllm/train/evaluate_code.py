@@ -66,10 +66,12 @@ def model_key(path: str) -> str:
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:8]
 
 
-def records_path(out: Path, path: str, settings: Settings) -> Path:
+def records_path(out: Path, path: str, settings: Settings, packed: bool = False) -> Path:
+    """The record file of `path` under `settings`; `packed`: measured on prepacked weights
+    (timings and near-ties differ from the plain model's, so the records are kept apart)."""
     name = re.sub(r"[^\w.-]+", "_", loading.model_name(path))
     size, window = settings.max_new_tokens, settings.window_size
-    return out / f"{name}-{model_key(path)}-n{size}-w{window}.jsonl"
+    return out / f"{name}-{model_key(path)}-n{size}-w{window}{'-packed' if packed else ''}.jsonl"
 
 
 def teacher_forced(model, prompt: list[int], teacher: list[int]) -> int:
@@ -122,7 +124,9 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
     import torch
     from tqdm import tqdm
 
-    file = records_path(out, path, s)
+    from ..core.packed_linear import refusal
+
+    file = records_path(out, path, s, refusal(device, torch.float32) is None)
     done = {r["id"]: r for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
     todo = [p for p in problems if p["id"] not in done]
     if todo:

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import JacobiConfig
+from ..packed_linear import is_packed
 from ..stats import tokens_per_forward
 from ..step import Step
-from .request import Request
-from ..packed_linear import is_packed
 from ..window_size import BatchCost
+from .request import Request
 from .runner import Row, Runner
 from .scheduler import Scheduler
 from .slot_cache import SlotCache
@@ -68,13 +68,16 @@ class BatchTotals:
 class Engine:
     def __init__(self, model, slots: int = 4, max_len: int = 2048, chunk: int = 64,
                  prefix_cache: bool = True, compile: bool = False):
+        if compile and is_packed(model):
+            raise ValueError("a compiled step takes the model loaded without pack (it prepacks "
+                             "the weights it freezes itself)")
         self.model = model
         self.cache = SlotCache(model, slots, max_len)
         self.runner = Runner(model, self.cache, compile)
         device = torch.device(model.device).type
-        # a request's sizer: a compiled step of one token runs as two (no cost step at 2 tokens);
-        # a batch's forward still has one (compiled, 8 rows of 2 cost ~1.3x 8 rows of 1);
-        # prepacked weights (packed_linear) leave a small one
+        # a request's sizer: a compiled step of one token runs as two (no cost step at 2 tokens),
+        # prepacked weights (packed_linear) leave a small one; a batch's forward keeps the
+        # device's (8 rows of 2 cost ~1.3x 8 rows of 1, compiled or packed)
         self.cost_kind = device + ("-compiled" if compile else "-packed" if is_packed(model)
                                    else "")
         self.cost = BatchCost(device)    # seconds by rows and width
