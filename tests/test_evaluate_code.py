@@ -74,6 +74,7 @@ def test_base_against_itself_then_a_cllm_against_the_cached_base(tmp_path, capsy
     assert summary["mean_output_tokens"] == 16.0 and summary["pass_at_1"] == 0.0
     assert summary["tpf_sliding"] >= 1.0 and summary["tpf_sampled"] > 0
     assert itself["model"] == summary
+    assert itself["packed_linear"] is True
     packed = next(out.glob("base-*-packed.jsonl"))      # measured on prepacked weights
     records = [json.loads(line) for line in packed.read_text().splitlines()]
     assert [r["id"] for r in records] == itself["prompts"]

@@ -15,8 +15,12 @@ freezes and prepacks the weights itself and takes an unpacked model.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 PACK_ROWS = 16      # the row count oneDNN's reorder is tuned for (of 1, 4, 16, 64: 16 was best)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -97,9 +101,10 @@ def pack_linears(model: nn.Module) -> int:
         try:
             with torch.inference_mode():
                 PackedLinear(first)(torch.zeros(1, first.in_features, dtype=first.weight.dtype))
-        except RuntimeError as e:
+        except (RuntimeError, AttributeError) as e:      # AttributeError: no such op here
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"cannot pack the model's linear layers: oneDNN refused: "
-                             f"{str(e).strip().splitlines()[0]}") from e
+                             f"{first_line}") from e
     model.requires_grad_(False)
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
@@ -111,7 +116,11 @@ def is_packed(model: nn.Module) -> bool:
 
 
 def pack_for_inference(model: nn.Module) -> nn.Module:
-    """`model` packed where `packable` allows (on the CPU, float32/bfloat16), else unchanged."""
+    """`model` packed where `packable` allows (on the CPU, float32/bfloat16), else unchanged;
+    where oneDNN refuses it, unchanged with a warning (torch's nn.Linear still works)."""
     if packable(model) is None:
-        pack_linears(model)
+        try:
+            pack_linears(model)
+        except ValueError as e:
+            log.warning("%s; running torch's nn.Linear instead", e)
     return model

@@ -222,12 +222,16 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    info = machine()
+    import torch
+
+    from ..core.packed_linear import refusal
+
+    info, packed = machine(), refusal(device, torch.float32) is None
     summary = {"base": summarize(base), "model": summarize(model)}
     markdown = table(summary["base"], summary["model"], (args.base, args.model), s,
-                     f"{device}, fp32")
+                     f"{device}, fp32" + (", weights prepacked" if packed else ""))
     results = {"base": args.base, "model": args.model, "settings": asdict(s), "device": device,
-               "machine": info, "prompts": [p["id"] for p in problems], **summary}
+               "packed_linear": packed, "machine": info, "prompts": [p["id"] for p in problems], **summary}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(f"{markdown}\n\nmachine: {machine_line(info)}\n")
     print(markdown)
