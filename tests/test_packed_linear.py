@@ -87,6 +87,12 @@ def test_other_dtypes_are_refused_or_left_alone(dtype):
     assert pack_for_inference(model) is model and linears(model) == (15, 0)
 
 
+def test_a_layer_kept_in_another_dtype_is_left_as_it_is():
+    model = tiny_model("llama")
+    model.lm_head.double()
+    assert pack_linears(model) == 14 and linears(model) == (1, 14)
+
+
 def test_smollm2_packed_gives_greedy_outputs_equal_to_the_plain_model(smollm2):
     """The real model: every projection and the (tied) output layer packed, the embedding kept;
     greedy and Jacobi outputs equal the plain model's greedy outputs."""

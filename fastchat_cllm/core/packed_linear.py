@@ -87,15 +87,16 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Freeze `model` and swap every nn.Linear of it for a PackedLinear, in place; the number
-    swapped. ValueError when it cannot be packed (`packable`), or when oneDNN refuses its first
+    """Freeze `model` and swap every nn.Linear of it for a PackedLinear, in place (a layer kept
+    in another dtype stays as it is); the number swapped. ValueError when it cannot be packed (`packable`), or when oneDNN refuses its first
     layer (then nothing is swapped). A weight tied to another module (SmolLM2's lm_head and
     embeddings) stays where it is tied and gains a packed copy."""
     why = packable(model)
     if why is not None:
         raise ValueError(f"cannot pack the model's linear layers: {why}")
     swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear]
+             for name, child in parent.named_children()
+             if type(child) is nn.Linear and not refusal(child.weight.device, child.weight.dtype)]
     if swaps:
         first = swaps[0][2]
         try:
