@@ -77,8 +77,8 @@ def _methods(values: list[str]) -> tuple[str, ...]:
 def offline(args, info: dict) -> dict:
     import torch
 
-    from ..loading import DEFAULT_MODEL, load
     from ..core.packed_linear import is_packed
+    from ..loading import DEFAULT_MODEL, load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -52,8 +52,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        if refusal(weight.device, weight.dtype):
-            raise ValueError(f"cannot pack a linear layer: {refusal(weight.device, weight.dtype)}")
+        why = refusal(weight.device, weight.dtype)
+        if why is not None:
+            raise ValueError(f"cannot pack a linear layer: {why}")
         self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
@@ -88,28 +89,33 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module) -> int:
     """Freeze `model` and swap every nn.Linear of it for a PackedLinear, in place (a layer kept
-    in another dtype stays as it is); the number swapped. ValueError when it cannot be packed (`packable`), or when oneDNN refuses its first
-    layer (then nothing is swapped). A weight tied to another module (SmolLM2's lm_head and
-    embeddings) stays where it is tied and gains a packed copy."""
+    in another dtype stays as it is); the number swapped. ValueError when it cannot be packed
+    (`packable`), or when oneDNN refuses its first layer (then nothing is swapped). A weight
+    tied to another module (SmolLM2's lm_head and embeddings) stays where it is tied and gains
+    a packed copy."""
     why = packable(model)
     if why is not None:
         raise ValueError(f"cannot pack the model's linear layers: {why}")
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children()
              if type(child) is nn.Linear and not refusal(child.weight.device, child.weight.dtype)]
-    if swaps:
-        first = swaps[0][2]
-        try:
-            with torch.inference_mode():
-                PackedLinear(first)(torch.zeros(1, first.in_features, dtype=first.weight.dtype))
-        except (RuntimeError, AttributeError) as e:      # AttributeError: no such op here
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"cannot pack the model's linear layers: oneDNN refused: "
-                             f"{first_line}") from e
+    for i, (parent, name, child) in enumerate(swaps):     # the first one probed
+        setattr(parent, name, PackedLinear(child) if i else probed(child))
     model.requires_grad_(False)
-    for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
     return len(swaps)
+
+
+def probed(linear: nn.Linear) -> PackedLinear:
+    """`linear` packed and run once on a zero row; ValueError when oneDNN refuses it."""
+    try:
+        layer = PackedLinear(linear)
+        with torch.inference_mode():
+            layer(torch.zeros(1, linear.in_features, dtype=linear.weight.dtype))
+    except (RuntimeError, AttributeError) as e:      # AttributeError: no such op here
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot pack the model's linear layers: oneDNN refused: "
+                         f"{first_line}") from e
+    return layer
 
 
 def is_packed(model: nn.Module) -> bool:

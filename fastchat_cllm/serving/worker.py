@@ -302,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the worker registers (auto: on the CPU, where each forward of "
                              "SmolLM2 ran ~1.9x faster than the eager step on torch's nn.Linear "
                              "and up to ~1.2x faster than today's eager step on prepacked "
-                             "weights, and the compile took about a minute on 2 cores, unless the memory left is less than 1.5x the weights and "
-                             "the slot cache: it keeps a second, prepacked copy of the weights; "
+                             "weights, and the compile took about a minute on 2 cores, unless "
+                             "the memory left is less than 1.5x the weights and the slot cache: it keeps a second, prepacked copy of the weights; "
                              "off on CUDA, not measured there yet)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")

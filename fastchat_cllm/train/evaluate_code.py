@@ -66,6 +66,15 @@ def model_key(path: str) -> str:
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:8]
 
 
+def packed_on(device: str) -> bool:
+    """Whether this module's models run on prepacked weights on `device` (CPU, fp32)."""
+    import torch
+
+    from ..core.packed_linear import refusal
+
+    return refusal(device, torch.float32) is None
+
+
 def records_path(out: Path, path: str, settings: Settings, packed: bool = False) -> Path:
     """The record file of `path` under `settings`; `packed`: measured on prepacked weights
     (timings and near-ties differ from the plain model's, so the records are kept apart)."""
@@ -124,9 +133,7 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
     import torch
     from tqdm import tqdm
 
-    from ..core.packed_linear import refusal
-
-    file = records_path(out, path, s, refusal(device, torch.float32) is None)
+    file = records_path(out, path, s, packed_on(device))
     done = {r["id"]: r for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
     todo = [p for p in problems if p["id"] not in done]
     if todo:
@@ -222,16 +229,13 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    import torch
-
-    from ..core.packed_linear import refusal
-
-    info, packed = machine(), refusal(device, torch.float32) is None
+    info, packed = machine(), packed_on(device)
     summary = {"base": summarize(base), "model": summarize(model)}
     markdown = table(summary["base"], summary["model"], (args.base, args.model), s,
                      f"{device}, fp32" + (", weights prepacked" if packed else ""))
     results = {"base": args.base, "model": args.model, "settings": asdict(s), "device": device,
-               "packed_linear": packed, "machine": info, "prompts": [p["id"] for p in problems], **summary}
+               "packed_linear": packed, "machine": info,
+               "prompts": [p["id"] for p in problems], **summary}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(f"{markdown}\n\nmachine: {machine_line(info)}\n")
     print(markdown)
