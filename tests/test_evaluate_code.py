@@ -221,3 +221,20 @@ def tradeoff_problems(n: int) -> list[dict]:
     from fastchat_cllm.train.code_prompts import held_out_prompts
 
     return held_out_prompts()[:n]
+
+
+def test_where_onednn_refuses_the_records_are_kept_as_unpacked(tmp_path, capsys, monkeypatch):
+    """oneDNN refusing the model at load (it then runs on nn.Linear with a warning): the records
+    go to the plain file, not the prepacked one, and the results say so."""
+    from fastchat_cllm.core.packed_linear import PackedLinear
+
+    def refuse(self, x):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(PackedLinear, "forward", refuse)
+    base = tiny_folder(tmp_path / "base")
+    out = tmp_path / "eval"
+    results = run_evaluation(base, base, out, capsys)
+    assert results["packed_linear"] is False and results["base"]["lossless_sliding"] == 100.0
+    assert [f.name.endswith("-w16.jsonl") for f in out.glob("base-*.jsonl")] == [True]
+    assert "weights prepacked" not in (out / "results.md").read_text()

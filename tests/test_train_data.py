@@ -160,3 +160,38 @@ def test_problems_are_seeded_distinct_and_scored():
     assert len(set(texts)) == 40 and all(p.answer > 0 for p in train + held)
     assert last_number("3 + 4 = 7 apples, so 1,200") == 1200 and last_number("none") is None
     assert is_correct("Sam has 12 apples now.", 12) and not is_correct("Sam has 12 + 1.", 12)
+
+
+def test_code_prompts_are_stdlib_functions_then_methods_and_parse_as_python():
+    """The training stubs: every function and method stub is valid Python (a signature and a
+    docstring, a method inside its class header); the functions come first in the same order
+    whether methods are added or not, so a collection of the functions resumes onto them; no id
+    repeats, and HumanEval (the held-out set) is not among them."""
+    import ast
+
+    from fastchat_cllm.train.code_prompts import (INSTRUCTION, stdlib_functions, stdlib_methods,
+                                                  training_prompts)
+
+    functions, methods = stdlib_functions(), stdlib_methods()
+    assert len(functions) > 500 and len(methods) > 500
+    for name, stub in functions + methods:
+        tree = ast.parse(stub)
+        node = tree.body[0]
+        if name.count(".") >= 2 and isinstance(node, ast.ClassDef):
+            assert name.split(".")[-2] == node.name
+            node = node.body[0]
+        assert isinstance(node, ast.FunctionDef) and node.name == name.rsplit(".", 1)[1]
+        assert len(ast.get_docstring(node).strip()) >= 10
+    method = dict(methods)["graphlib.TopologicalSorter.prepare"]
+    assert method.startswith("class TopologicalSorter:\n    def prepare(self):\n")
+    for _, stub in methods:                  # bound methods only: no staticmethods
+        arguments = ast.parse(stub).body[0].body[0].args
+        assert (arguments.posonlyargs + arguments.args)[0].arg in ("self", "cls")
+    every = training_prompts()
+    alone = training_prompts(methods=False)
+    assert len(every) == len(functions) + len(methods) and every[: len(alone)] == alone
+    assert training_prompts(5) == every[:5] and training_prompts(seed=1) != every
+    ids = [r["id"] for r in every]
+    assert len(set(ids)) == len(ids) and all(i.startswith("stdlib/") for i in ids)
+    assert all(r["prompt"].startswith(INSTRUCTION + "```python\n") for r in every)
+    assert not any("humaneval" in i.lower() for i in ids)

@@ -1,7 +1,8 @@
 """Code prompts built offline: training stubs from the Python standard library, HumanEval held out.
 
 A training prompt asks for a standard-library function the way HumanEval asks for its problems:
-the function's signature and docstring as a stub to complete ("Complete this Python function.
+the function's signature and docstring as a stub to complete (a method: the same inside its
+class header) ("Complete this Python function.
 Reply with code only." and the stub in a ```python fence: the bench's HumanEval wording). The
 docstrings are real text shipped with the interpreter, so no download is needed; the set is
 deterministic for one Python version (sorted, then shuffled from a seed). HumanEval's 164
@@ -52,7 +53,7 @@ def _first_paragraphs(doc: str, limit: int) -> str:
     return out[:limit]
 
 
-def _stub(name: str, function, limit: int) -> str | None:
+def _stub(name: str, function, limit: int, cls: str | None = None) -> str | None:
     doc = inspect.getdoc(function)
     if not doc or len(doc) < 40:
         return None
@@ -63,36 +64,67 @@ def _stub(name: str, function, limit: int) -> str | None:
     if "<" in signature or len(signature) > 120:      # defaults that print as <object at 0x..>
         return None
     body = textwrap.indent(_first_paragraphs(doc, limit).replace('"""', "'''"), "    ")
-    return f'def {name}{signature}:\n    """\n{body}\n    """\n'
+    stub = f'def {name}{signature}:\n    """\n{body}\n    """\n'
+    return f"class {cls}:\n{textwrap.indent(stub, '    ')}" if cls else stub
+
+
+def _public(module, name: str, value) -> bool:
+    return not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+
+
+def _modules():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module_name in MODULES:
+            try:
+                yield importlib.import_module(module_name)
+            except ImportError:
+                continue          # removed in this Python version (uu, for one)
 
 
 def stdlib_functions(limit: int = 600) -> list[tuple[str, str]]:
     """(module.name, stub) for every public, documented pure-Python function in MODULES that the
     module itself defines, sorted by name."""
     found = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for module_name in MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue          # removed in this Python version (uu, for one)
-            for name, function in vars(module).items():
-                if (name.startswith("_") or not inspect.isfunction(function)
-                        or function.__module__ != module.__name__):
-                    continue
+    for module in _modules():
+        for name, function in vars(module).items():
+            if inspect.isfunction(function) and _public(module, name, function):
                 stub = _stub(name, function, limit)
                 if stub:
                     found[f"{module.__name__}.{name}"] = stub
     return sorted(found.items())
 
 
-def training_prompts(count: int = 0, seed: int = 0) -> list[dict]:
-    """Prompt records ({"id", "prompt"}) for `collect`: `count` of the stdlib stubs (0: all),
-    in a shuffle fixed by `seed`."""
+def stdlib_methods(limit: int = 600) -> list[tuple[str, str]]:
+    """(module.Class.name, stub) for every public, documented pure-Python method that a public
+    class of MODULES defines itself (not inherited), sorted by name; the stub is the method in
+    its class header, with `self` in the signature."""
+    found = {}
+    for module in _modules():
+        for class_name, cls in vars(module).items():
+            if not inspect.isclass(cls) or not _public(module, class_name, cls):
+                continue
+            for name, method in vars(cls).items():
+                if name.startswith("_") or not inspect.isfunction(method):
+                    continue
+                stub = _stub(name, method, limit, cls=class_name)
+                if stub:
+                    found[f"{module.__name__}.{class_name}.{name}"] = stub
+    return sorted(found.items())
+
+
+def training_prompts(count: int = 0, seed: int = 0, methods: bool = True) -> list[dict]:
+    """Prompt records ({"id", "prompt"}) for `collect`: `count` (0: all) of the stdlib stubs,
+    the functions in a shuffle fixed by `seed`, then (`methods`) the methods in one too. The
+    functions keep their place whether methods are added or not, so a collection made of the
+    functions alone resumes onto the methods."""
+    rng = random.Random(seed)
     functions = stdlib_functions()
-    random.Random(seed).shuffle(functions)
-    chosen = functions[:count] if count else functions
+    rng.shuffle(functions)
+    more = stdlib_methods() if methods else []
+    rng.shuffle(more)
+    chosen = functions + more
+    chosen = chosen[:count] if count else chosen
     return [{"id": f"stdlib/{name}", "prompt": message(stub)} for name, stub in chosen]
 
 

@@ -133,12 +133,20 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
     import torch
     from tqdm import tqdm
 
-    file = records_path(out, path, s, packed_on(device))
-    done = {r["id"]: r for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
-    todo = [p for p in problems if p["id"] not in done]
+    from ..core.packed_linear import is_packed
+
+    def records(packed: bool) -> tuple[Path, dict, list[dict]]:
+        file = records_path(out, path, s, packed)
+        done = {r["id"]: {"packed_linear": packed, **r}
+                for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
+        return file, done, [p for p in problems if p["id"] not in done]
+
+    file, done, todo = records(packed_on(device))
     if todo:
-        print(f"{path}: {len(todo)} prompts to measure ({file})", file=sys.stderr)
         model, tokenizer = loading.load(path, dtype=torch.float32, device=device, pack=True)
+        if is_packed(model) != packed_on(device):      # oneDNN refused this model at load
+            file, done, todo = records(is_packed(model))
+        print(f"{path}: {len(todo)} prompts to measure ({file})", file=sys.stderr)
         if teacher is not None:
             theirs = next(iter(teacher.values()))["tokenizer"]
             if theirs != tokenizer_identity(tokenizer):
@@ -147,7 +155,8 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
         with jsonl_writer(file, append=True) as write:
             for problem in tqdm(todo, desc=loading.model_name(path), unit="prompt"):
                 reference = None if teacher is None else teacher[problem["id"]]["greedy"]
-                done[problem["id"]] = measure(model, tokenizer, problem, reference, s)
+                done[problem["id"]] = {**measure(model, tokenizer, problem, reference, s),
+                                       "packed_linear": is_packed(model)}
                 write(done[problem["id"]])
     return [done[p["id"]] for p in problems]
 
@@ -229,7 +238,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    info, packed = machine(), packed_on(device)
+    info, packed = machine(), all(r["packed_linear"] for r in base + model)
     summary = {"base": summarize(base), "model": summarize(model)}
     markdown = table(summary["base"], summary["model"], (args.base, args.model), s,
                      f"{device}, fp32" + (", weights prepacked" if packed else ""))
