@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from harness import ar_greedy, char_tokenizer, save_tiny_model, tiny_model
-from fastchat_cllm import jacobi_generate
-from fastchat_cllm.bench.methods import Target, counting_forwards, decoder, timed_run
+from fastchat_cllm import JacobiConfig, jacobi_generate
+from fastchat_cllm.bench.batch import solo_method
+from fastchat_cllm.bench.methods import (Target, counting_forwards, decoder, jacobi_config,
+                                         timed_run)
 from fastchat_cllm.bench.offline import _record, summarize
 from fastchat_cllm.bench.nocache import nocache_generate
 from fastchat_cllm.bench.report import speedup_chart
@@ -18,8 +20,8 @@ from fastchat_cllm.bench.prompts import HUMAN_EVAL, builtin_prompts, encode, rea
 # `python -m fastchat_cllm.bench ARGS`, then say whether the run imported FastChat.
 RUN_MAIN = ("import sys; from fastchat_cllm.bench.__main__ import main; main(sys.argv[1:]); "
             "print('imports fastchat:', any(m.split('.')[0] == 'fastchat' for m in sys.modules))")
-METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nocache", "jacobi-nocache-b4",
-           "pld", "assisted")
+METHODS = ("ar", "jacobi", "jacobi-w4", "jacobi-w4-pool", "jacobi-nolookup", "jacobi-nocache",
+           "jacobi-nocache-b4", "pld", "assisted")
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +125,17 @@ def test_nocache_stops_after_eos():
 
 def test_unknown_methods_are_rejected():
     for name in ("beam", "ar-b4", "jacobi-b", "pld-b2", "ar-pool", "jacobi-nocache-pool",
-                 "jacobi-nocache-w4", "jacobi-w", "batch-b4", "batch-nocache"):
+                 "jacobi-nocache-w4", "jacobi-w", "batch-b4", "batch-nocache",
+                 "jacobi-nolookup-w4", "jacobi-nocache-nolookup", "batch-nolookup-pool"):
         with pytest.raises(ValueError):
             decoder(name)
     with pytest.raises(ValueError):
         decoder("assisted")   # no draft model
     model, target = tiny_model("llama"), Target([1, 7, 8, 9], 12, (), 2)
     assert decoder("jacobi-b4")(model, target).tokens == decoder("jacobi-w4")(model, target).tokens
+    assert jacobi_config("jacobi-w4-pool-nolookup").prompt_lookup == 0
+    assert jacobi_config("jacobi-w4-pool").prompt_lookup == JacobiConfig().prompt_lookup == 3
+    assert jacobi_config(solo_method("batch-w4-nolookup")) == jacobi_config("jacobi-w4-nolookup")
 
 
 def test_tokens_per_forward_is_the_engines_and_tokens_per_model_call_counts_the_prefill():

@@ -55,11 +55,13 @@ def test_the_stub_gives_helpers_and_imports_to_a_full_answer(problems):
     assert extract_code("plain text") == "plain text"
 
 
-def run_evaluation(model, base, out, capsys) -> dict:
+def run_evaluation(model, base, out, capsys, *flags) -> dict:
     assert evaluate_code.main(["--model", str(model), "--base", str(base), "--count", "2",
                                "--max-new-tokens", "16", "--out", str(out), "--threads", "1",
-                               "--device", "cpu"]) == 0
-    assert "| tokens per forward, sliding window of 16 (greedy) |" in capsys.readouterr().out
+                               "--device", "cpu", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "| tokens per forward, sliding window of 16 (greedy, Jacobi's own guesses) |" in printed
+    assert ("prompt lookup 3 (greedy)" in printed) == ("--prompt-lookup" not in flags)
     return json.loads((out / "results.json").read_text())
 
 
@@ -75,7 +77,8 @@ def test_base_against_itself_then_a_cllm_against_the_cached_base(tmp_path, capsy
     assert summary["tpf_sliding"] >= 1.0 and summary["tpf_sampled"] > 0
     assert itself["model"] == summary
     assert itself["packed_linear"] is True
-    packed = next(out.glob("base-*-packed.jsonl"))      # measured on prepacked weights
+    assert summary["lossless_sliding_lookup"] == 100.0 and summary["tpf_sliding_lookup"] >= 1.0
+    packed = next(out.glob("base-*-packed-l3.jsonl"))   # prepacked weights, prompt lookup 3
     records = [json.loads(line) for line in packed.read_text().splitlines()]
     assert [r["id"] for r in records] == itself["prompts"]
     assert all(r["agreement"] == [16, 16] and len(r["greedy"]) == 16 for r in records)
@@ -93,6 +96,9 @@ def test_base_against_itself_then_a_cllm_against_the_cached_base(tmp_path, capsy
     cllm_records = next(out.glob("cllm-*.jsonl")).read_text().splitlines()
     assert len(cllm_records) == 2
     assert "teacher-forced agreement" in (out / "results.md").read_text()
+    without = run_evaluation(cllm, base, out, capsys, "--prompt-lookup", "0")   # records apart
+    assert "tpf_sliding_lookup" not in without["model"] and len(list(out.glob("*.jsonl"))) == 4
+    assert without["model"]["tpf_sliding"] == other["tpf_sliding"]    # same guesses, same count
 
 
 def test_another_tokenizer_than_the_base_is_refused(tmp_path, capsys):
@@ -236,5 +242,5 @@ def test_where_onednn_refuses_the_records_are_kept_as_unpacked(tmp_path, capsys,
     out = tmp_path / "eval"
     results = run_evaluation(base, base, out, capsys)
     assert results["packed_linear"] is False and results["base"]["lossless_sliding"] == 100.0
-    assert [f.name.endswith("-w16.jsonl") for f in out.glob("base-*.jsonl")] == [True]
+    assert [f.name.endswith("-w16-l3.jsonl") for f in out.glob("base-*.jsonl")] == [True]
     assert "weights prepacked" not in (out / "results.md").read_text()

@@ -1,8 +1,8 @@
-"""The `batch[-wN][-pool]` methods: every prompt decoded together on one batched engine.
+"""The `batch[-wN][-pool][-nolookup]` methods: every prompt decoded together on one batched engine.
 
 All N prompts go into one `core.engine.Engine` with N slots (every prompt prefilled in the
 first step's forward), and the engine steps until every request has finished. Its one-by-one
-counterpart is the `jacobi[-wN][-pool]` method of the same options, which runs each prompt alone
+counterpart is the `jacobi[-wN][-pool][-nolookup]` method of the same options, which runs each prompt alone
 on an engine of one slot; the offline benchmark runs both (adding the counterpart when it was not
 asked for) and reports aggregate tokens/s, forwards, tokens per forward of the batch and how
 many batched outputs equal their solo ones.
@@ -17,7 +17,7 @@ from ..core.engine import Engine
 from ..core.stats import tokens_per_forward
 from .methods import Run, Target, counting_forwards, jacobi_config, timed
 
-NAME = re.compile(r"^batch((?:-w\d+)?(?:-pool)?)$")
+NAME = re.compile(r"^batch((?:-w\d+)?(?:-pool)?(?:-nolookup)?)$")
 
 
 def is_batch(name: str) -> bool:
@@ -28,7 +28,8 @@ def solo_method(name: str) -> str:
     """The one-by-one method with the same engine options: batch-w4 -> jacobi-w4."""
     match = NAME.match(name)
     if not match:
-        raise ValueError(f"unknown batch method {name!r}: use batch, batch-wN or batch[-wN]-pool")
+        raise ValueError(f"unknown batch method {name!r}: use batch, batch-wN, batch[-wN]-pool "
+                         "or batch[-wN][-pool]-nolookup")
     return "jacobi" + match[1]
 
 

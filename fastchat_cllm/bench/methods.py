@@ -2,10 +2,11 @@
 
 Names: `ar` (transformers generate, greedy, KV cache), `jacobi` (the engine's adaptive default),
 `jacobi-wN` (the engine at a fixed window of N), `jacobi[-wN]-pool` (the same with the n-gram
-pool on), `jacobi-nocache[-bN]` (re-run-everything Jacobi,
+pool on), `jacobi[-wN][-pool]-nolookup` (the same without prompt-lookup guesses: Jacobi's own
+carried guesses only), `jacobi-nocache[-bN]` (re-run-everything Jacobi,
 block N, default 16), `pld` (transformers prompt-lookup decoding) and `assisted` (transformers
 assisted generation with a draft model). All are greedy, hence lossless up to float rounding.
-The `batch[-wN][-pool]` methods, all prompts decoded together, are in batch.py.
+The `batch[-wN][-pool][-nolookup]` methods, all prompts decoded together, are in batch.py.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ PLD_TOKENS = 10          # prompt_lookup_num_tokens (the value transformers' doc
 NOCACHE_BLOCK = 16       # the block of the 16-token reference checkpoints
 POOL_KEYS = 512          # n-gram pool size of the `-pool` methods
 T = TypeVar("T")
-NAME = re.compile(r"^(?:(ar|pld|assisted)|(jacobi)(?:-w(\d+))?(-pool)?|(jacobi-nocache)(?:-b(\d+))?)$")
+NAME = re.compile(r"^(?:(ar|pld|assisted)|(jacobi)(?:-w(\d+))?(-pool)?(-nolookup)?"
+                  r"|(jacobi-nocache)(?:-b(\d+))?)$")
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,9 @@ def decoder(name: str, draft=None) -> Decoder:
     match = NAME.match(re.sub(r"^jacobi-b(\d)", r"jacobi-w\1", name))   # the former name
     if not match:
         raise ValueError(f"unknown method {name!r}: use ar, pld, assisted, jacobi, jacobi-wN, "
-                         "jacobi[-wN]-pool, jacobi-nocache, jacobi-nocache-bN or batch[-wN][-pool]")
-    plain, _, window, pool, _, block = match.groups()
+                         "jacobi[-wN][-pool][-nolookup], jacobi-nocache, jacobi-nocache-bN or "
+                         "batch[-wN][-pool][-nolookup]")
+    plain, _, window, pool, nolookup, _, block = match.groups()
     if plain == "ar":
         return lambda model, target: _generate(model, target)
     if plain == "pld":
@@ -101,22 +104,24 @@ def decoder(name: str, draft=None) -> Decoder:
         if draft is None:
             raise ValueError("method 'assisted' needs a draft model (--draft-model)")
         return lambda model, target: _generate(model, target, assistant=draft)
-    if match[5]:
+    if match[6]:
         return _nocache(int(block) if block else NOCACHE_BLOCK)
-    return _jacobi(_jacobi_config(window, pool))
+    return _jacobi(_jacobi_config(window, pool, nolookup))
 
 
-def _jacobi_config(window: str | None, pool: str | None) -> JacobiConfig:
+def _jacobi_config(window: str | None, pool: str | None, nolookup: str | None) -> JacobiConfig:
     base = JacobiConfig(ngram_pool=POOL_KEYS if pool else 0)
+    base = base.with_(prompt_lookup=0) if nolookup else base
     return base if window is None else base.with_(window_size=int(window), adaptive=False)
 
 
 def jacobi_config(name: str) -> JacobiConfig:
-    """The engine options of a `jacobi[-wN][-pool]` method (budget and stop tokens unset)."""
+    """The engine options of a `jacobi[-wN][-pool][-nolookup]` method (budget and stop tokens
+    unset)."""
     match = NAME.match(name)
     if not match or not match[2]:
-        raise ValueError(f"{name!r} is not a jacobi[-wN][-pool] method")
-    return _jacobi_config(match[3], match[4])
+        raise ValueError(f"{name!r} is not a jacobi[-wN][-pool][-nolookup] method")
+    return _jacobi_config(match[3], match[4], match[5])
 
 
 @contextmanager

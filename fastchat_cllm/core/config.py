@@ -41,6 +41,14 @@ class JacobiConfig:
         token's logprob (0: the token's own logprob only).
     prompt_logprobs: also report the logprobs of the prompt's tokens (after the first), from the
         prefill (which then keeps all its logits); needs `logprobs`.
+    prompt_lookup: 0 (off) or the longest suffix the context lookup matches: when the context's
+        last N tokens (N from `prompt_lookup` down to 2) occurred before, what followed their
+        latest earlier occurrence becomes the window's guesses, in place of the carried
+        predictions (prompt-lookup decoding's draft, inside the Jacobi window; outputs that
+        copy from the prompt or repeat themselves, e.g. code, gain most). Sliding windows only:
+        fixed blocks iterate the reference's way.
+    lookup_window: with `adaptive`, a window whose lookup proposes more guesses than the chosen
+        size grows to take them, up to this size (and window_size); 1: never grows.
     ngram_pool: 0 (off) or how many keys the n-gram pool keeps: n-grams of `ngram_size` tokens
         from the context and the engine's own predictions, proposed as a window's guesses.
     """
@@ -62,6 +70,8 @@ class JacobiConfig:
     acceptance: str = "gumbel"
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    prompt_lookup: int = 3
+    lookup_window: int = 16
     ngram_pool: int = 0
     ngram_size: int = 4
 
@@ -78,6 +88,9 @@ class JacobiConfig:
         if self.window_cost is not None and not self.window_cost >= 0:
             raise ValueError(f"window_cost must be >= 0, got {self.window_cost!r}")
         self._check_sampling()
+        if self.prompt_lookup != 0:
+            _check_int("prompt_lookup", self.prompt_lookup, 2, 16)
+        _check_int("lookup_window", self.lookup_window, 1, 1024)
         _check_int("ngram_pool", self.ngram_pool, 0, 1 << 20)
         _check_int("ngram_size", self.ngram_size, 2, 64)
 

@@ -1,4 +1,4 @@
-"""The guesses of a window: carried predictions, n-gram pool proposals, fills."""
+"""The guesses of a window: context lookups, carried predictions, n-gram pool proposals, fills."""
 from __future__ import annotations
 
 import random
@@ -10,13 +10,18 @@ class Context:
     """The token sequence so far (prompt + final output) with what the guesses need of it.
 
     `successor` maps a token to the token that followed its latest occurrence: a bigram table
-    that the "lookup" fill walks to continue the context's own patterns. `pool`, when on, holds
-    n-grams of the context and of the engine's own predictions (lookahead-style).
+    that the "lookup" fill walks to continue the context's own patterns. `follower` maps each
+    n-gram of 2..`lookup` tokens to the position after its latest occurrence that has a
+    follower, for `lookup` (prompt-lookup guesses). `pool`, when on, holds n-grams of the
+    context and of the engine's own predictions (lookahead-style).
     """
 
-    def __init__(self, prompt: list[int], seed: int, pool: NGramPool | None = None):
+    def __init__(self, prompt: list[int], seed: int, pool: NGramPool | None = None,
+                 lookup: int = 0):
         self.tokens: list[int] = []
         self.successor: dict[int, int] = {}
+        self.follower: dict[tuple[int, ...], int] = {}
+        self.lookup_sizes = range(lookup, 1, -1)        # longest first
         self.rng = random.Random(seed)
         self.pool = pool
         self.extend(prompt)
@@ -30,7 +35,21 @@ class Context:
             prev = tok
         if self.pool is not None:   # the n-grams that end in the new tokens
             self.pool.add(self.tokens[-(self.pool.n - 1):] + tokens)
-        self.tokens.extend(tokens)
+        for tok in tokens:          # the n-grams ending before `tok` now have a follower
+            i = len(self.tokens)
+            for n in self.lookup_sizes:
+                if i >= n:
+                    self.follower[tuple(self.tokens[i - n:])] = i
+            self.tokens.append(tok)
+
+    def lookup(self, count: int) -> list[int]:
+        """Up to `count` tokens that followed the latest earlier occurrence of the context's
+        longest matching suffix (2..`lookup` tokens); [] when none occurred before."""
+        for n in self.lookup_sizes:
+            start = self.follower.get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return self.tokens[start:start + count]
+        return []
 
     def observe(self, predicted: list[int]) -> None:
         """Feed a predicted continuation (next token + carried guesses) to the pool."""
@@ -53,9 +72,13 @@ def fill(kind: str, context: Context, last: int, count: int) -> list[int]:
 
 def window_guesses(kind: str, context: Context, next_token: int, carried: list[int],
                   count: int) -> list[int]:
-    """`count` guesses after `next_token`: a pool proposal when there is one, else the carried
-    predictions (Jacobi), then fills for what is left."""
-    proposal = context.pool.propose(next_token, count) if context.pool is not None else []
-    guesses = proposal if len(proposal) > len(carried[:count]) else carried[:count]
+    """`count` guesses after `next_token` (the context's last token): what followed the
+    context's suffix before when it occurred before (prompt lookup), else a pool proposal
+    when there is one longer than the carried predictions, else these (Jacobi), then fills
+    for what is left."""
+    guesses = context.lookup(count) if count > 0 else []
+    if not guesses:
+        proposal = context.pool.propose(next_token, count) if context.pool is not None else []
+        guesses = proposal if len(proposal) > len(carried[:count]) else carried[:count]
     return guesses + fill(kind, context, guesses[-1] if guesses else next_token,
                           count - len(guesses))

@@ -47,6 +47,11 @@ def add_jacobi_args(parser: argparse.ArgumentParser) -> None:
     for old, (new, kind) in RENAMED.items():
         group.add_argument(old, dest=new.lstrip("-").replace("-", "_"), type=kind,
                            action=renamed(new), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    group.add_argument("--prompt-lookup", type=int, default=DEFAULTS.prompt_lookup, metavar="N",
+                       help="prompt-lookup guesses (0: off): when the context's last N..2 "
+                            "tokens occurred before, what followed them is the window's guess")
+    group.add_argument("--lookup-window", type=int, default=DEFAULTS.lookup_window,
+                       help="adaptive windows grow to take a lookup's guesses, up to this size")
     group.add_argument("--ngram-pool", type=int, default=DEFAULTS.ngram_pool, metavar="KEYS",
                        help="n-gram pool size in keys (0: off): n-grams of the context and of "
                             "the engine's own predictions proposed as guesses (lookahead-style)")
@@ -60,7 +65,8 @@ def jacobi_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return JacobiConfig(window_size=args.window_size, min_window_size=args.min_window_size,
                             adaptive=not args.no_adaptive, fixed_blocks=args.fixed_blocks,
                             fill=args.fill, window_cost=args.window_cost,
-                            acceptance=args.acceptance,
+                            acceptance=args.acceptance, prompt_lookup=args.prompt_lookup,
+                            lookup_window=args.lookup_window,
                             ngram_pool=args.ngram_pool, ngram_size=args.ngram_size)
     except ValueError as e:
         parser.error(f"bad Jacobi option: {e}")

@@ -5,12 +5,13 @@ python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm \
     [--out runs/evaluate-code]
 
 Per prompt and model: the greedy output (transformers generate: the AR baseline and the
-reference), Jacobi decoding with a sliding window of W (adaptive=False) and with the engine's
-adaptive default (windows up to W), Jacobi sampling (T 0.7, top-p 0.9, sliding window of W),
-teacher-forced agreement (one forward over the prompt and the base model's greedy output: how
+reference), Jacobi decoding with a sliding window of W (adaptive=False) on Jacobi's own guesses
+and, with --prompt-lookup N (default 3; 0: off), on prompt-lookup guesses too, the engine's
+adaptive default (windows up to W; prompt lookup as --prompt-lookup says), Jacobi sampling (T 0.7,
+top-p 0.9, sliding window of W, both kinds of guesses), teacher-forced agreement (one forward over the prompt and the base model's greedy output: how
 often this model's argmax is the base's token), and HumanEval pass@1 of the greedy reply
-(humaneval.py). Records are appended per prompt to OUT/<model>-<key>-n<N>-w<W>.jsonl (the key
-changes with the model's files), so a rerun resumes and the base model, the teacher, is measured
+(humaneval.py). Records are appended per prompt to OUT/<model>-<key>-n<N>-w<W>[-packed][-lN].jsonl
+(the key changes with the model's files), so a rerun resumes and the base model, the teacher, is measured
 once. OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
 --device cuda.
 """
@@ -30,16 +31,22 @@ from .collect import eos_ids, first_line
 from .trajectory import tokenizer_identity
 
 ROWS = (   # (summary key, label); percentages are of prompts unless said
-    ("tpf_sliding", "tokens per forward, sliding window of {w} (greedy)"),
-    ("tpf_adaptive", "tokens per forward, adaptive engine (default, windows up to {w})"),
+    ("tpf_sliding", "tokens per forward, sliding window of {w} (greedy, Jacobi's own guesses)"),
+    ("tpf_sliding_lookup", "tokens per forward, sliding window of {w}, prompt lookup {l} (greedy)"),
+    ("tpf_adaptive", "tokens per forward, adaptive engine (default, windows up to {w}{lookup})"),
     ("tpf_sampled", "tokens per forward, sampling T 0.7 top-p 0.9 (sliding window of {w})"),
+    ("tpf_sampled_lookup", "tokens per forward, sampling T 0.7 top-p 0.9 (sliding {w}, "
+                           "prompt lookup {l})"),
     ("sampled_vs_greedy", "sampling / greedy tokens per forward (%)"),
+    ("sampled_vs_greedy_lookup", "sampling / greedy tokens per forward, prompt lookup {l} (%)"),
     ("agreement", "teacher-forced agreement with the base's greedy tokens (% of positions)"),
     ("identical_to_teacher", "greedy output identical to the base's (%)"),
     ("pass_at_1", "HumanEval pass@1, greedy (%)"),
     ("lossless_sliding", "Jacobi output == own greedy, sliding window (%)"),
+    ("lossless_sliding_lookup", "Jacobi output == own greedy, sliding window, prompt lookup (%)"),
     ("lossless_adaptive", "Jacobi output == own greedy, adaptive (%)"),
     ("speedup_sliding", "wall-clock vs generate, sliding window (x)"),
+    ("speedup_sliding_lookup", "wall-clock vs generate, sliding window, prompt lookup (x)"),
     ("speedup_adaptive", "wall-clock vs generate, adaptive (x)"),
     ("mean_output_tokens", "mean greedy output (tokens)"),
 )
@@ -53,6 +60,12 @@ class Settings:
     top_p: float = 0.9
     timeout: float = 10.0          # seconds per HumanEval check
     seed: int = 0
+    prompt_lookup: int = 3         # 0: no prompt-lookup runs, the adaptive engine without it
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        lookup = ("sliding_lookup", "sampled_lookup") if self.prompt_lookup else ()
+        return ("sliding", "adaptive", "sampled", *lookup)
 
 
 def model_key(path: str) -> str:
@@ -80,7 +93,9 @@ def records_path(out: Path, path: str, settings: Settings, packed: bool = False)
     (timings and near-ties differ from the plain model's, so the records are kept apart)."""
     name = re.sub(r"[^\w.-]+", "_", loading.model_name(path))
     size, window = settings.max_new_tokens, settings.window_size
-    return out / f"{name}-{model_key(path)}-n{size}-w{window}{'-packed' if packed else ''}.jsonl"
+    lookup = f"-l{settings.prompt_lookup}" if settings.prompt_lookup else ""
+    return out / (f"{name}-{model_key(path)}-n{size}-w{window}{'-packed' if packed else ''}"
+                  f"{lookup}.jsonl")
 
 
 def teacher_forced(model, prompt: list[int], teacher: list[int]) -> int:
@@ -106,9 +121,14 @@ def measure(model, tokenizer, problem: dict, teacher: list[int] | None, s: Setti
     eos = eos_ids(tokenizer)
     greedy, greedy_s = timed(model, lambda: decoder("ar")(
         model, Target(ids, s.max_new_tokens, eos, eos[0])).tokens)
-    adaptive = JacobiConfig(s.max_new_tokens, s.window_size, eos, seed=s.seed)
-    runs = {"sliding": adaptive.with_(adaptive=False), "adaptive": adaptive,
-            "sampled": adaptive.with_(adaptive=False, temperature=s.temperature, top_p=s.top_p)}
+    adaptive = JacobiConfig(s.max_new_tokens, s.window_size, eos, seed=s.seed,
+                            prompt_lookup=s.prompt_lookup)
+    sliding = adaptive.with_(adaptive=False, prompt_lookup=0)
+    sampled = sliding.with_(temperature=s.temperature, top_p=s.top_p)
+    runs = {"sliding": sliding, "adaptive": adaptive, "sampled": sampled,
+            "sliding_lookup": sliding.with_(prompt_lookup=s.prompt_lookup),
+            "sampled_lookup": sampled.with_(prompt_lookup=s.prompt_lookup)}
+    runs = {name: runs[name] for name in s.runs}
     record = {"id": problem["id"], "prompt_tokens": len(ids), "greedy": greedy,
               "greedy_seconds": greedy_s}
     for name, config in runs.items():
@@ -170,22 +190,27 @@ def summarize(records: list[dict]) -> dict:
     def percent(count: float, of: float) -> float:
         return 100.0 * count / of if of else 0.0
 
+    runs = [name for name in ("sliding", "adaptive", "sampled", "sliding_lookup",
+                              "sampled_lookup") if records and name in records[0]]
     tpf = {name: tokens_per_forward(total(name, "accepted"), total(name, "forwards"))
-           for name in ("sliding", "adaptive", "sampled")}
+           for name in runs}
+    greedy_runs = [name for name in ("sliding", "adaptive", "sliding_lookup") if name in runs]
+    lookup = {"sampled_vs_greedy_lookup": percent(tpf["sampled_lookup"], tpf["sliding_lookup"])
+              } if "sampled_lookup" in runs else {}
     greedy_tokens = sum(len(r["greedy"]) for r in records)
     ar_rate = greedy_tokens / max(sum(r["greedy_seconds"] for r in records), 1e-9)
     n = len(records)
     return {
         "prompts": n, **{f"tpf_{name}": value for name, value in tpf.items()},
-        "sampled_vs_greedy": percent(tpf["sampled"], tpf["sliding"]),
+        "sampled_vs_greedy": percent(tpf["sampled"], tpf["sliding"]), **lookup,
         "agreement": percent(sum(r["agreement"][0] for r in records),
                              sum(r["agreement"][1] for r in records)),
         "identical_to_teacher": percent(sum(r["identical_to_teacher"] for r in records), n),
         "pass_at_1": percent(sum(r["passed"] for r in records), n),
         **{f"lossless_{name}": percent(sum(r[name]["lossless"] for r in records), n)
-           for name in ("sliding", "adaptive")},
+           for name in greedy_runs},
         **{f"speedup_{name}": total(name, "tokens") / max(total(name, "seconds"), 1e-9) / ar_rate
-           for name in ("sliding", "adaptive")},
+           for name in greedy_runs},
         "mean_output_tokens": greedy_tokens / n if n else 0.0,
     }
 
@@ -195,8 +220,10 @@ def table(base: dict, model: dict, names: tuple[str, str], s: Settings, where: s
 
     header = [f"held-out HumanEval, {base['prompts']} prompts, {s.max_new_tokens} new tokens "
               f"({where})", f"base: {names[0]}", f"CLLM: {names[1]}"]
-    return markdown_table(header, [[label.format(w=s.window_size), base[key], model[key]]
-                                   for key, label in ROWS])
+    words = {"w": s.window_size, "l": s.prompt_lookup,
+             "lookup": f", prompt lookup {s.prompt_lookup}" if s.prompt_lookup else ", no lookup"}
+    return markdown_table(header, [[label.format(**words), base[key], model[key]]
+                                   for key, label in ROWS if key in base])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -208,6 +235,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=20, help="first N HumanEval problems (0: all 164)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--window-size", type=int, default=16)
+    p.add_argument("--prompt-lookup", type=int, default=3,
+                   help="n-gram size of the prompt-lookup guesses (0: off; measured beside "
+                        "Jacobi's own guesses, and on in the adaptive run)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per pass@1 check")
     p.add_argument("--out", type=Path, default=Path("runs/evaluate-code"))
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
@@ -224,10 +254,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = Settings(args.max_new_tokens, args.window_size, timeout=args.timeout)
+    s = Settings(args.max_new_tokens, args.window_size, timeout=args.timeout,
+                 prompt_lookup=args.prompt_lookup)
     try:
         if args.count < 0 or args.max_new_tokens < 1 or args.window_size < 1:
             raise ValueError("--count must be >= 0, --max-new-tokens and --window-size >= 1")
+        if args.prompt_lookup and not 2 <= args.prompt_lookup <= 16:
+            raise ValueError("--prompt-lookup must be 0 (off) or in 2..16")
         problems = held_out_prompts()
         problems = problems[: args.count] if args.count else problems
         args.out.mkdir(parents=True, exist_ok=True)

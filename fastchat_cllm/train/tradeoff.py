@@ -5,7 +5,8 @@ python -m fastchat_cllm.train.tradeoff --snapshots OUT/snapshots [--base smollm2
     [--scales 1,0.5] [--min-agreement 97] [--out runs/tradeoff]
 
 For each snapshot (`distill --snapshot-every N` writes OUT/snapshots/step-N) and the base model:
-tokens per forward with a sliding window (greedy), teacher-forced agreement with the base
+tokens per forward with a sliding window (greedy, on Jacobi's own guesses: no prompt lookup,
+whose gain from copying is alike for every snapshot), teacher-forced agreement with the base
 model's greedy output, and greedy outputs identical to the base's. The base's greedy outputs
 are evaluate_code's records (measured once, shared with it). Writes OUT/tradeoff.md and .json:
 the table from which a snapshot is picked (the one that keeps quality, issue 14). --scales also
@@ -48,7 +49,8 @@ def measure_snapshot(path: str, problems: list[dict], teacher: dict, window: int
 
     model, tokenizer = loading.load(path, dtype=torch.float32, device=device, pack=True)
     eos = eos_ids(tokenizer)
-    config = JacobiConfig(max_new_tokens, window, eos, adaptive=False)
+    # Jacobi's own guesses: prompt lookup would add what copying gains, the same for any snapshot
+    config = JacobiConfig(max_new_tokens, window, eos, adaptive=False, prompt_lookup=0)
     decoded = len(problems) if decoded is None else decoded
     accepted = forwards = agree = positions = identical = 0
     for i, problem in enumerate(tqdm(problems, desc=Path(path).name, unit="prompt")):
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--skip {args.skip} with {agreement_count} problems runs past the "
                              f"{len(held_out_prompts())} HumanEval problems")
         args.out.mkdir(parents=True, exist_ok=True)
-        settings = Settings(args.max_new_tokens, args.window_size)
+        settings = Settings(args.max_new_tokens, args.window_size, prompt_lookup=0)
         base = evaluate_model(args.base, problems, args.out, settings, None, device)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)

@@ -30,7 +30,8 @@ class Request:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None   # what stopped it, when decoding it raised
         self.stats = JacobiStats()
-        self.context = Context(prompt, config.seed, config.make_pool())
+        lookup = 0 if config.fixed_blocks else config.prompt_lookup   # blocks iterate as Jacobi
+        self.context = Context(prompt, config.seed, config.make_pool(), lookup)
         self.sizer = WindowSizer(config.min_window_size, config.window_size, config.adaptive,
                                  config.window_cost, cost_kind or torch.device(device).type)
         self.rule = acceptance_rule(config, torch.tensor(prompt, device=device))
@@ -79,6 +80,8 @@ class Request:
         chosen for a batch), guesses and their ages."""
         if size is None or not self.sized_by_batch:
             size, fresh = self.blocks.next_size(self.sizer, self.tokens_left)
+            if self.sized_by_batch:             # a lookup's guesses may widen the window
+                size = max(size, self.lookup_size())
         else:
             fresh = False
         if fresh:
@@ -93,6 +96,12 @@ class Request:
             self.shadow_guess = make_window(self.config.fill, self.context, self.next_token,
                                             self.guesses, self.ages, 2)[0][1]
         return Row(self.slot, self.window, range(size))
+
+    def lookup_size(self) -> int:
+        """The window that takes all the guesses the context lookup proposes (1: none), at most
+        `lookup_window` (and window_size, and the tokens left)."""
+        cap = min(self.config.lookup_window, self.config.window_size, self.tokens_left)
+        return 1 + len(self.context.lookup(cap - 1)) if cap > 1 else 1
 
     def advance(self, row: Row, logits: torch.Tensor, seconds: float | None) -> Step | None:
         """Take this request's logits [len(row.keep), V] of a forward; the Step it made (None
