@@ -28,10 +28,11 @@ def parser() -> argparse.ArgumentParser:
                    "default: the built-in chat/code/extractive mix")
     p.add_argument("--num-prompts", type=int, default=8, help="use the first N prompts (0: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="ar, jacobi, jacobi-wN, jacobi[-wN]-pool, jacobi-nocache[-bN], pld, "
-                   "assisted, batch[-wN][-pool] (space- or comma-separated); batch: all the "
-                   "prompts decoded together on one engine (a slot each) against "
-                   "jacobi[-wN][-pool] one by one")
+                   help="ar, jacobi, jacobi-wN, jacobi[-wN][-pool][-nolookup], "
+                   "jacobi-nocache[-bN], pld, assisted, batch[-wN][-pool][-nolookup] (space- or "
+                   "comma-separated); -pool: the n-gram pool on; -nolookup: no prompt-lookup "
+                   "guesses; batch: all the prompts decoded together on one engine (a slot "
+                   "each) against jacobi[-wN][-pool][-nolookup] one by one")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1,
                    help="passes over the prompts (serving: requests per stream)")

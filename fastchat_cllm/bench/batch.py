@@ -2,9 +2,9 @@
 
 All N prompts go into one `core.engine.Engine` with N slots (every prompt prefilled in the
 first step's forward), and the engine steps until every request has finished. Its one-by-one
-counterpart is the `jacobi[-wN][-pool][-nolookup]` method of the same options, which runs each prompt alone
-on an engine of one slot; the offline benchmark runs both (adding the counterpart when it was not
-asked for) and reports aggregate tokens/s, forwards, tokens per forward of the batch and how
+counterpart is the `jacobi[-wN][-pool][-nolookup]` method of the same options, which runs each
+prompt alone on an engine of one slot (where prompt lookup may also widen its windows); the
+offline benchmark runs both (adding the counterpart when it was not asked for) and reports aggregate tokens/s, forwards, tokens per forward of the batch and how
 many batched outputs equal their solo ones.
 """
 from __future__ import annotations

@@ -47,8 +47,9 @@ class JacobiConfig:
         predictions (prompt-lookup decoding's draft, inside the Jacobi window; outputs that
         copy from the prompt or repeat themselves, e.g. code, gain most). Sliding windows only:
         fixed blocks iterate the reference's way.
-    lookup_window: with `adaptive`, a window whose lookup proposes more guesses than the chosen
-        size grows to take them, up to this size (and window_size); 1: never grows.
+    lookup_window: with `adaptive`, a request decoding alone grows a window whose lookup
+        proposes more guesses than the chosen size to take them, up to this size (and
+        window_size); 1: never grows. In a batch the engine's width holds.
     ngram_pool: 0 (off) or how many keys the n-gram pool keeps: n-grams of `ngram_size` tokens
         from the context and the engine's own predictions, proposed as a window's guesses.
     """
@@ -89,7 +90,10 @@ class JacobiConfig:
             raise ValueError(f"window_cost must be >= 0, got {self.window_cost!r}")
         self._check_sampling()
         if self.prompt_lookup != 0:
-            _check_int("prompt_lookup", self.prompt_lookup, 2, 16)
+            try:
+                _check_int("prompt_lookup", self.prompt_lookup, 2, 16)
+            except ValueError as e:
+                raise ValueError(f"{e} (or 0: off)") from None
         _check_int("lookup_window", self.lookup_window, 1, 1024)
         _check_int("ngram_pool", self.ngram_pool, 0, 1 << 20)
         _check_int("ngram_size", self.ngram_size, 2, 64)

@@ -77,6 +77,8 @@ def window_guesses(kind: str, context: Context, next_token: int, carried: list[i
     when there is one longer than the carried predictions, else these (Jacobi), then fills
     for what is left."""
     guesses = context.lookup(count) if count > 0 else []
+    if guesses and carried[:len(guesses)] == guesses:   # the same so far: Jacobi's go further
+        guesses = carried[:count]
     if not guesses:
         proposal = context.pool.propose(next_token, count) if context.pool is not None else []
         guesses = proposal if len(proposal) > len(carried[:count]) else carried[:count]

@@ -198,11 +198,18 @@ class WindowSizer:
         """c(n): measured, else the nearest measured size scaled by the prior shape."""
         return self.costs(n)
 
-    def observe(self, window: int, accepted: int, seconds: float | None = None) -> None:
+    def observe(self, window: int, accepted: int, seconds: float | None = None,
+                sized: bool = True) -> None:
         """Record a forward over `window` positions that took `seconds` (None: a batched forward,
-        whose time is not this window's) and finalised `accepted`."""
+        whose time is not this window's) and finalised `accepted`. `sized` False: a prompt
+        lookup grew the window past this sizer's choice, so only its cost is learnt (its
+        copied guesses say little of the next window's, and all right would force the next one
+        as wide)."""
         if seconds is not None:
             self.costs.observe(window, seconds)
+        if not sized:
+            self.outgrown, self.probing = 0, False
+            return
         self.outgrown = window if window >= 2 and accepted >= window else 0
         for i in range(1, min(window, accepted + 1)):
             self.trials[i] = self.trials[i] * DECAY + 1.0

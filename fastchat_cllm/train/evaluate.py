@@ -2,7 +2,8 @@
 
 Per problem, interleaved so that machine noise hits every method alike: `model.generate`
 greedy (the AR baseline and the quality reference), the engine's default adaptive Jacobi
-decoding, and the reference's fixed blocks (block_size, random initial guesses).
+decoding (prompt-lookup guesses included, as by default), and the reference's fixed blocks
+(block_size, random initial guesses).
 """
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ python -m fastchat_cllm.train.evaluate_code --model smollm2-135m-cllm \
 Per prompt and model: the greedy output (transformers generate: the AR baseline and the
 reference), Jacobi decoding with a sliding window of W (adaptive=False) on Jacobi's own guesses
 and, with --prompt-lookup N (default 3; 0: off), on prompt-lookup guesses too, the engine's
-adaptive default (windows up to W; prompt lookup as --prompt-lookup says), Jacobi sampling (T 0.7,
-top-p 0.9, sliding window of W, both kinds of guesses), teacher-forced agreement (one forward over the prompt and the base model's greedy output: how
-often this model's argmax is the base's token), and HumanEval pass@1 of the greedy reply
-(humaneval.py). Records are appended per prompt to OUT/<model>-<key>-n<N>-w<W>[-packed][-lN].jsonl
-(the key changes with the model's files), so a rerun resumes and the base model, the teacher, is measured
-once. OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
+adaptive default (windows up to W; prompt lookup as --prompt-lookup says), Jacobi sampling
+(T 0.7, top-p 0.9, sliding window of W, both kinds of guesses), teacher-forced agreement (one
+forward over the prompt and the base model's greedy output: how often this model's argmax is
+the base's token), and HumanEval pass@1 of the greedy reply (humaneval.py). Records are appended
+per prompt to OUT/<model>-<key>-n<N>-w<W>[-packed][-lN].jsonl (the key changes with the
+model's files), so a rerun resumes and the base model, the teacher, is measured once. OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
 --device cuda.
 """
 from __future__ import annotations
@@ -191,7 +191,7 @@ def summarize(records: list[dict]) -> dict:
         return 100.0 * count / of if of else 0.0
 
     runs = [name for name in ("sliding", "adaptive", "sampled", "sliding_lookup",
-                              "sampled_lookup") if records and name in records[0]]
+                              "sampled_lookup") if name in records[0]]
     tpf = {name: tokens_per_forward(total(name, "accepted"), total(name, "forwards"))
            for name in runs}
     greedy_runs = [name for name in ("sliding", "adaptive", "sliding_lookup") if name in runs]
@@ -250,6 +250,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..bench.report import machine, machine_line
+    from ..core import JacobiConfig
     from .code_prompts import held_out_prompts
 
     torch.set_num_threads(args.threads)
@@ -259,8 +260,7 @@ def main(argv=None) -> int:
     try:
         if args.count < 0 or args.max_new_tokens < 1 or args.window_size < 1:
             raise ValueError("--count must be >= 0, --max-new-tokens and --window-size >= 1")
-        if args.prompt_lookup and not 2 <= args.prompt_lookup <= 16:
-            raise ValueError("--prompt-lookup must be 0 (off) or in 2..16")
+        JacobiConfig(prompt_lookup=args.prompt_lookup)       # a bad size fails here
         problems = held_out_prompts()
         problems = problems[: args.count] if args.count else problems
         args.out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ For each snapshot (`distill --snapshot-every N` writes OUT/snapshots/step-N) and
 tokens per forward with a sliding window (greedy, on Jacobi's own guesses: no prompt lookup,
 whose gain from copying is alike for every snapshot), teacher-forced agreement with the base
 model's greedy output, and greedy outputs identical to the base's. The base's greedy outputs
-are evaluate_code's records (measured once, shared with it). Writes OUT/tradeoff.md and .json:
-the table from which a snapshot is picked (the one that keeps quality, issue 14). --scales also
+are evaluate_code's records (measured once, shared with `evaluate_code --prompt-lookup 0`).
+Writes OUT/tradeoff.md and .json: the table from which a snapshot is picked (the one that keeps quality, issue 14). --scales also
 measures each snapshot scaled down (a fraction of its change to the base, as `train.ship
 --scale` ships it); --snapshots may also be one adapter folder. --skip K measures HumanEval
 problems K .. K+count-1: pick the point on such a split and report it on others (evaluate_code's

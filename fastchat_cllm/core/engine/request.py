@@ -42,6 +42,7 @@ class Request:
         self.ages: list[int] = []               # ages[i]: forwards guesses[i] kept its value
         self.window: list[int] = []             # the window of the forward in flight
         self.window_ages: list[int] = []
+        self.grown = False                      # a lookup grew the window past the sizer's size
         self.shadow_guess: int | None = None     # see window_row
         self.block_start = True                 # the first forward of a call starts a block
 
@@ -78,10 +79,13 @@ class Request:
     def window_row(self, size: int | None = None) -> Row:
         """The next Jacobi window [next_token, guesses...]: its size (the sizer's, or `size`
         chosen for a batch), guesses and their ages."""
+        self.grown = False
         if size is None or not self.sized_by_batch:
             size, fresh = self.blocks.next_size(self.sizer, self.tokens_left)
+            chosen = size
             if self.sized_by_batch:             # a lookup's guesses may widen the window
                 size = max(size, self.lookup_size())
+            self.grown = size > chosen
         else:
             fresh = False
         if fresh:
@@ -133,7 +137,7 @@ class Request:
         k, predictions = verdict.accepted, verdict.predictions
         if self.shadow_guess is not None:
             self.sizer.shadow(self.shadow_guess == verdict.next_token)
-        self.sizer.observe(size, k, seconds)
+        self.sizer.observe(size, k, seconds, sized=not self.grown)
         self.stats.record_forward(size, k, ages)
         tokens = self.made_final(window[1:k] + [verdict.next_token])
         block_forwards = self.blocks.accepted(k)
