@@ -201,7 +201,8 @@ HELD_OUT, NEW_TOKENS, WINDOW = 3, 128, 16
 
 
 def held_out_decoding(model, tokenizer) -> tuple[float, bool, list[tuple[list[int], list[int]]]]:
-    """Tokens per forward (sliding window of 16, greedy) over the first HumanEval prompts, whether
+    """Tokens per forward (sliding window of 16, greedy, on Jacobi's own guesses: what training
+    changes, without what prompt lookup adds by copying) over the first HumanEval prompts, whether
     every Jacobi output equals the model's own greedy output, and the (prompt, greedy) pairs."""
     from fastchat_cllm.chat_prompt import chat_prompt_ids
     from fastchat_cllm.core.stats import tokens_per_forward
@@ -213,7 +214,7 @@ def held_out_decoding(model, tokenizer) -> tuple[float, bool, list[tuple[list[in
     for record in held_out_prompts()[:HELD_OUT]:
         ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": record["prompt"]}])
         out = jacobi_generate(model, ids, max_new_tokens=NEW_TOKENS, window_size=WINDOW,
-                              adaptive=False, eos_token_id=eos)
+                              adaptive=False, eos_token_id=eos, prompt_lookup=0)
         accepted += sum(out.stats.accepted_per_forward)
         forwards += out.stats.forwards
         prompt = torch.tensor([ids])
