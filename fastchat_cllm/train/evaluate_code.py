@@ -12,7 +12,8 @@ adaptive default (windows up to W; prompt lookup as --prompt-lookup says), Jacob
 forward over the prompt and the base model's greedy output: how often this model's argmax is
 the base's token), and HumanEval pass@1 of the greedy reply (humaneval.py). Records are appended
 per prompt to OUT/<model>-<key>-n<N>-w<W>[-packed][-lN].jsonl (the key changes with the
-model's files), so a rerun resumes and the base model, the teacher, is measured once. OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
+model's files), so a rerun resumes and the base model, the teacher, is measured once.
+OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
 --device cuda.
 """
 from __future__ import annotations
@@ -52,6 +53,10 @@ ROWS = (   # (summary key, label); percentages are of prompts unless said
 )
 
 
+# the Jacobi runs of a record; the last two only with --prompt-lookup N > 0
+RUNS = ("sliding", "adaptive", "sampled", "sliding_lookup", "sampled_lookup")
+
+
 @dataclass(frozen=True)
 class Settings:
     max_new_tokens: int = 256
@@ -64,8 +69,7 @@ class Settings:
 
     @property
     def runs(self) -> tuple[str, ...]:
-        lookup = ("sliding_lookup", "sampled_lookup") if self.prompt_lookup else ()
-        return ("sliding", "adaptive", "sampled", *lookup)
+        return RUNS if self.prompt_lookup else RUNS[:3]
 
 
 def model_key(path: str) -> str:
@@ -161,10 +165,11 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
                 for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
         return file, done, [p for p in problems if p["id"] not in done]
 
-    file, done, todo = records(packed_on(device))
+    expected = packed_on(device)
+    file, done, todo = records(expected)
     if todo:
         model, tokenizer = loading.load(path, dtype=torch.float32, device=device, pack=True)
-        if is_packed(model) != packed_on(device):      # oneDNN refused this model at load
+        if is_packed(model) != expected:               # oneDNN refused this model at load
             file, done, todo = records(is_packed(model))
         print(f"{path}: {len(todo)} prompts to measure ({file})", file=sys.stderr)
         if teacher is not None:
@@ -190,8 +195,7 @@ def summarize(records: list[dict]) -> dict:
     def percent(count: float, of: float) -> float:
         return 100.0 * count / of if of else 0.0
 
-    runs = [name for name in ("sliding", "adaptive", "sampled", "sliding_lookup",
-                              "sampled_lookup") if name in records[0]]
+    runs = [name for name in RUNS if name in records[0]]
     tpf = {name: tokens_per_forward(total(name, "accepted"), total(name, "forwards"))
            for name in runs}
     greedy_runs = [name for name in ("sliding", "adaptive", "sliding_lookup") if name in runs]
