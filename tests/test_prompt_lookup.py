@@ -80,23 +80,47 @@ def test_fixed_blocks_ignore_the_lookup(one_thread):
 
 
 def test_a_batch_with_lookup_gives_each_request_its_greedy_output(one_thread):
-    """In a batch the engine's width holds, and the lookup's guesses fill it (the accepted
-    counts differ from Jacobi's own guesses'), with each output still its greedy one."""
+    """In a batch the lookup's guesses fill a request's window (the accepted counts differ from
+    Jacobi's own guesses'), and a window grows past the batch's width to take a longer
+    proposal (lookup_window 1: never, every row the batch's width), each output still its
+    greedy one."""
     model = tiny_model("mistral")
     prompts = [[1] + [3 + i, 4, 5, 6] * 4 for i in range(3)] + [[1, 9, 8, 7]]
     expected = [tiny_greedy("mistral", p, 40) for p in prompts]
-    accepted = {}
-    for lookup in (3, 0):
+    accepted, uneven = {}, {}
+    for lookup, window in ((3, 16), (3, 1), (0, 16)):
         engine = Engine(model, slots=4, max_len=128)
-        ids = [engine.add(p, JacobiConfig(max_new_tokens=40, prompt_lookup=lookup))
-               for p in prompts]
+        ids = [engine.add(p, JacobiConfig(max_new_tokens=40, prompt_lookup=lookup,
+                                          lookup_window=window)) for p in prompts]
         outputs = {i: [] for i in ids}
-        while engine.has_work:
-            for request_id, step in engine.step():
+        uneven[lookup, window] = 0       # steps whose windows (of rows not near their budget)
+        while engine.has_work:           # differ in width
+            steps = engine.step()
+            widths = {len(step.window) for request_id, step in steps
+                      if step.window and len(outputs[request_id]) + 16 < 40}
+            uneven[lookup, window] += len(widths) > 1
+            for request_id, step in steps:
                 outputs[request_id] += step.tokens
-                accepted[lookup, request_id] = step.stats.accepted_per_forward
+                accepted[lookup, window, request_id] = step.stats.accepted_per_forward
         assert [outputs[i] for i in ids] == expected
-    assert any(accepted[3, i] != accepted[0, i] for i in ids)
+    assert any(accepted[3, 1, i] != accepted[0, 16, i] for i in ids)
+    assert uneven[3, 1] == uneven[0, 16] == 0 < uneven[3, 16]
+
+
+def test_a_forward_with_a_grown_window_does_not_price_the_batchs_width(one_thread):
+    """The engine prices forwards by rows and widest window; a row a lookup widened is not
+    what every row that wide costs, so such a forward teaches the batch's cost nothing."""
+    model = tiny_model("llama")
+    engine = Engine(model, slots=2, max_len=128)
+    for tail in (5, 6):
+        engine.add([1] + [3, 4, tail] * 5, JacobiConfig(max_new_tokens=32))
+    engine.step()                                       # both prefilled: windows next
+    for grown in (True, False):
+        _, windows = engine.scheduler.schedule()
+        for request, _ in windows:                      # one row widened, or none
+            request.grown = grown and request is windows[0][0]
+        engine.run(windows, priced=True)
+        assert bool(engine.cost.narrow.seconds) is not grown
 
 
 def test_smollm2_copies_faster_with_lookup_and_stays_exact(smollm2):

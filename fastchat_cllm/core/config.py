@@ -47,9 +47,9 @@ class JacobiConfig:
         predictions (prompt-lookup decoding's draft, inside the Jacobi window; outputs that
         copy from the prompt or repeat themselves, e.g. code, gain most). Sliding windows only:
         fixed blocks iterate the reference's way.
-    lookup_window: with `adaptive`, a request decoding alone grows a window whose lookup
-        proposes more guesses than the chosen size to take them, up to this size (and
-        window_size); 1: never grows. In a batch the engine's width holds.
+    lookup_window: with `adaptive`, a window whose lookup proposes more guesses than its chosen
+        size (the request's own alone, the batch's width in a batch) grows to take them, up to
+        this size (and window_size); 1: never grows.
     ngram_pool: 0 (off) or how many keys the n-gram pool keeps: n-grams of `ngram_size` tokens
         from the context and the engine's own predictions, proposed as a window's guesses.
     """

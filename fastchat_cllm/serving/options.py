@@ -51,8 +51,8 @@ def add_jacobi_args(parser: argparse.ArgumentParser) -> None:
                        help="prompt-lookup guesses (0: off): when the context's last N..2 "
                             "tokens occurred before, what followed them is the window's guess")
     group.add_argument("--lookup-window", type=int, default=DEFAULTS.lookup_window,
-                       help="a request decoding alone grows its adaptive window to take a "
-                            "lookup's guesses, up to this size")
+                       help="an adaptive window (alone, or in a batch past the batch's "
+                            "width) grows to take a lookup's guesses, up to this size (1: never)")
     group.add_argument("--ngram-pool", type=int, default=DEFAULTS.ngram_pool, metavar="KEYS",
                        help="n-gram pool size in keys (0: off): n-grams of the context and of "
                             "the engine's own predictions proposed as guesses (lookahead-style)")

@@ -115,7 +115,8 @@ class Engine:
         """The forward over `batch` and the Steps its requests made of it. When the forward
         raises, each row runs again alone, and a request whose row raises alone fails. A forward
         of windows only (`priced`) is measured for the scheduler's window sizing, by its rows
-        and its widest window."""
+        and its widest window, unless a lookup grew a row past the batch's width (its price is
+        not that of every row that wide)."""
         try:
             out = self.runner.run([row for _, row in batch])
         except Exception as error:
@@ -123,7 +124,7 @@ class Engine:
                 return [made for pair in batch for made in self.run([pair])]
             batch[0][0].fail(error)
             return []
-        if priced:
+        if priced and not any(request.grown for request, _ in batch):
             self.cost.observe(len(batch), max(len(row.tokens) for _, row in batch), out.seconds)
         alone = out.seconds if len(batch) == 1 else None    # a shared forward is priced above
         made = [(request.id, self.advance(request, row, logits, alone))

@@ -78,16 +78,16 @@ class Request:
 
     def window_row(self, size: int | None = None) -> Row:
         """The next Jacobi window [next_token, guesses...]: its size (the sizer's, or `size`
-        chosen for a batch), guesses and their ages."""
-        self.grown = False
+        chosen for a batch; an adaptive window grows to take a lookup's proposal), guesses and
+        their ages."""
         if size is None or not self.sized_by_batch:
             size, fresh = self.blocks.next_size(self.sizer, self.tokens_left)
-            chosen = size
-            if self.sized_by_batch:             # a lookup's guesses may widen the window
-                size = max(size, self.lookup_size())
-            self.grown = size > chosen
         else:
             fresh = False
+        chosen = size
+        if self.sized_by_batch:                 # a lookup's guesses may widen the window
+            size = max(size, self.lookup_size())
+        self.grown = size > chosen
         if fresh:
             self.guesses, self.ages = [], []
         self.block_start = self.block_start or fresh
