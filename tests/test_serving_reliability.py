@@ -22,8 +22,11 @@ pytestmark = pytest.mark.slow
 KEY = "sk-reliability"
 OOM = "OOM-HOOK-7"                # FASTCHAT_CLLM_INJECT_OOM: prompts holding it fail as OOM
 CONCURRENCY = 8                   # --limit-worker-concurrency: 64 streams queue 8 at a time
+WORKER_API_TIMEOUT = 5            # the API server's wait for a worker's next chunk (FastChat's
+#                                   100 s): the 64 streams' queue waits longer than that
 HEARTBEAT = {"FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "2",
-             "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "6", "FASTCHAT_CLLM_INJECT_OOM": OOM}
+             "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "6", "FASTCHAT_CLLM_INJECT_OOM": OOM,
+             "FASTCHAT_WORKER_API_TIMEOUT": str(WORKER_API_TIMEOUT)}
 
 
 @pytest.fixture(scope="module")
@@ -259,18 +262,21 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "Count to f
              "What is 2 + 2?"]
 
 
-def stream_chat(stack, question: str) -> tuple[str, str | None]:
-    """The streamed answer and the error (None when none) of one greedy chat request."""
-    text, error = "", None
+def stream_chat(stack, question: str, waits: list | None = None) -> tuple[str, str | None]:
+    """The streamed answer and the error (None when none) of one greedy chat request; `waits`
+    gets the seconds until its first words."""
+    text, error, started = "", None, time.monotonic()
     with post(stack, "chat/completions", chat_body(question, max_tokens=12, stream=True),
               stream=True) as reply:
         if reply.status_code != 200:
             return text, reply.text
         for chunk in sse_chunks(reply):
-            if "error" in chunk or "code" in chunk:
+            if {"error", "code", "error_code"} & set(chunk):
                 error = str(chunk)
             for choice in chunk.get("choices", []):
                 text += choice["delta"].get("content") or ""
+                if text and waits is not None and len(waits) == 0:
+                    waits.append(time.monotonic() - started)
     return text, error
 
 
@@ -278,12 +284,17 @@ def test_64_concurrent_streams_equal_each_request_alone(stack):
     alone = {q: stream_chat(stack, q) for q in QUESTIONS}
     assert all(error is None and text for text, error in alone.values()), alone
     requests_64 = [QUESTIONS[i % len(QUESTIONS)] for i in range(64)]
+    waits = [[] for _ in requests_64]
     started = time.monotonic()
     with ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(lambda q: stream_chat(stack, q), requests_64))
-    elapsed = time.monotonic() - started
-    print(f"\n64 concurrent streams (12 tokens, limit {CONCURRENCY}): {elapsed:.1f} s")
+        results = list(pool.map(lambda q, w: stream_chat(stack, q, w), requests_64, waits))
+    elapsed, longest = time.monotonic() - started, max(w[0] for w in waits)
+    print(f"\n64 concurrent streams (12 tokens, limit {CONCURRENCY}): {elapsed:.1f} s, the "
+          f"longest wait for a first word {longest:.1f} s")
     assert [error for _, error in results] == [None] * 64
+    # some waited in the worker's queue longer than the API server waits for a next chunk: a
+    # streamed answer's start is not bounded by FASTCHAT_WORKER_API_TIMEOUT
+    assert longest > WORKER_API_TIMEOUT
     assert [text for text, _ in results] == [alone[q][0] for q in requests_64]
     assert wait_idle(stack.worker)["queue_length"] == 0
 
@@ -303,8 +314,17 @@ def test_controller_restart_worker_registers_again(stack):
 
 def test_killed_worker_gets_a_clear_error_not_a_hang(stack):
     worker = next(c for c in stack.children if c.name == "worker")
-    worker.process.kill()
-    worker.process.wait(30)
+    with post(stack, "chat/completions", chat_body("Write a long story.", max_tokens=400,
+                                                   stream=True), stream=True) as streamed:
+        lines = streamed.iter_lines()
+        for line in lines:            # killed mid-answer: an error chunk, then [DONE]
+            if line.startswith(b"data: {") and b'"content"' in line:
+                worker.process.kill()
+                worker.process.wait(30)
+                break
+        rest = [line for line in lines if line.startswith(b"data:")]
+    print(f"\nkilled mid-answer, the stream ended: {rest[-2:]}")
+    assert rest[-1] == b"data: [DONE]" and b'"error_code": 50005' in rest[-2], rest[-3:]
     started = time.monotonic()
     reply = post(stack, "chat/completions", chat_body())     # the controller still lists it
     print(f"\nworker killed: {reply.status_code} {reply.text}")

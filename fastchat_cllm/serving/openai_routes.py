@@ -12,7 +12,12 @@ checks) and add:
 - streamed completions: each chunk carries its own tokens' logprobs; choices are numbered across
   prompts x n, as in the non-streamed answer;
 - `stream_options: {"include_usage": true}`: a last chunk carries the usage (with the Jacobi
-  forwards and tokens per forward), as OpenAI's API does.
+  forwards and tokens per forward), as OpenAI's API does;
+- a streamed answer waits for its worker as long as a non-streamed one (3 h; a request queued
+  behind `--limit-worker-concurrency` gets no byte until a slot frees), not FastChat's
+  FASTCHAT_WORKER_API_TIMEOUT (100 s), which bounds each wait for the next chunk once the answer
+  streams; a worker that falls silent that long or drops the connection mid-answer ends the
+  stream with an error chunk (50006 / 50005) and [DONE], not a broken stream.
 Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) usage.
 """
 import asyncio
@@ -21,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
+import httpx
 import shortuuid
 from fastapi import Depends
 from fastchat.constants import ErrorCode
@@ -32,6 +38,8 @@ from .stock import StockMismatch
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 DONE = "data: [DONE]\n\n"
+START_SECONDS = 3 * 3600   # a streamed answer's wait for its worker to start: FastChat's bound
+#                            on a whole non-streamed call (fetch_remote)
 
 
 def install(app, server) -> None:
@@ -55,6 +63,42 @@ def install(app, server) -> None:
     guard = [Depends(server.check_api_key)]
     app.add_api_route(CHAT, chat, methods=["POST"], dependencies=guard)
     app.add_api_route(COMPLETIONS, completions, methods=["POST"], dependencies=guard)
+
+
+async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
+    """The worker's answer chunks for `params` (/worker_generate_stream). The wait for the
+    answer to start is bounded by START_SECONDS, each wait for a next chunk by FastChat's
+    WORKER_API_TIMEOUT (FASTCHAT_WORKER_API_TIMEOUT); a wait that runs out or a connection
+    that fails ends the answer with an error chunk, FastChat's {"text", "error_code"}."""
+    from fastchat.constants import WORKER_API_TIMEOUT
+
+    url, waited = worker + "/worker_generate_stream", START_SECONDS
+    timeout = httpx.Timeout(WORKER_API_TIMEOUT, read=None)    # reads: bounded below
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            request = client.build_request("POST", url, json=params,
+                                           headers={"User-Agent": "FastChat API Server"})
+            response = await asyncio.wait_for(client.send(request, stream=True), waited)
+            try:
+                raw, buffer, waited = response.aiter_raw(), b"", WORKER_API_TIMEOUT
+                while True:
+                    try:
+                        buffer += await asyncio.wait_for(anext(raw), waited)
+                    except StopAsyncIteration:
+                        return
+                    *chunks, buffer = buffer.split(b"\0")
+                    for chunk in chunks:
+                        if chunk:
+                            yield json.loads(chunk.decode())
+            finally:
+                await response.aclose()
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
+               "text": f"the worker sent nothing for {waited} s ({url})"}
+    except httpx.HTTPError as error:
+        yield {"error_code": ErrorCode.CONTROLLER_NO_WORKER,
+               "text": f"the worker's answer broke off ({type(error).__name__}"
+                       f"{f': {error}' if str(error) else ''})"}
 
 
 def per_choice(params: dict, n: int, seed: Optional[int], first: int = 0) -> list[dict]:
@@ -212,7 +256,7 @@ class Routes:
                 if first is not None:
                     yield sse(dict(header, choices=[first]))
                 sent, content = Sent(), None
-                async for content in self.server.generate_completion_stream(params, worker):
+                async for content in worker_stream(params, worker):
                     if content["error_code"] != 0:
                         yield sse(content)
                         yield DONE
