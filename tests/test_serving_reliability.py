@@ -4,6 +4,7 @@ module with a 2 s heartbeat, then bad requests, an injected CUDA OOM, a client h
 64 concurrent streams, a controller restart and a killed worker, in that order."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -312,16 +313,46 @@ def test_controller_restart_worker_registers_again(stack):
     assert post(stack, "chat/completions", chat_body()).status_code == 200
 
 
+def until_words(lines) -> None:
+    """Read a streamed chat reply's lines up to its first chunk of answer text (the worker's
+    answer has started)."""
+    for line in lines:
+        if line.startswith(b"data: {") and any(
+                choice["delta"].get("content") for choice in json.loads(line[6:])["choices"]):
+            return
+    raise AssertionError("the stream ended before any answer text")
+
+
+def test_a_worker_silent_mid_answer_ends_the_stream_with_an_error(stack):
+    """A worker that stops sending (SIGSTOP) for longer than FASTCHAT_WORKER_API_TIMEOUT: the
+    stream ends with a 50006 chunk and [DONE]; resumed, the worker serves again."""
+    worker = next(c for c in stack.children if c.name == "worker")
+    try:
+        with post(stack, "chat/completions", chat_body("Write a long story.", max_tokens=400,
+                                                       stream=True), stream=True) as streamed:
+            lines = streamed.iter_lines()
+            until_words(lines)
+            worker.process.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            rest = [line for line in lines if line.startswith(b"data:")]
+            silent = time.monotonic() - stopped
+    finally:
+        worker.process.send_signal(signal.SIGCONT)
+    print(f"\nworker stopped mid-answer: the stream ended after {silent:.1f} s: {rest[-2:]}")
+    assert rest[-1] == b"data: [DONE]" and b'"error_code": 50006' in rest[-2], rest[-3:]
+    assert silent > WORKER_API_TIMEOUT - 1       # (its last chunk may have come just before)
+    wait_for(lambda: post(stack, "chat/completions", chat_body()).status_code == 200, 60,
+             "the worker serves again", check=stack.check_alive)
+
+
 def test_killed_worker_gets_a_clear_error_not_a_hang(stack):
     worker = next(c for c in stack.children if c.name == "worker")
     with post(stack, "chat/completions", chat_body("Write a long story.", max_tokens=400,
                                                    stream=True), stream=True) as streamed:
         lines = streamed.iter_lines()
-        for line in lines:            # killed mid-answer: an error chunk, then [DONE]
-            if line.startswith(b"data: {") and b'"content"' in line:
-                worker.process.kill()
-                worker.process.wait(30)
-                break
+        until_words(lines)            # killed mid-answer: an error chunk, then [DONE]
+        worker.process.kill()
+        worker.process.wait(30)
         rest = [line for line in lines if line.startswith(b"data:")]
     print(f"\nkilled mid-answer, the stream ended: {rest[-2:]}")
     assert rest[-1] == b"data: [DONE]" and b'"error_code": 50005' in rest[-2], rest[-3:]
