@@ -9,6 +9,7 @@ import torch
 from harness import ARCHITECTURES, chat_ids, tiny_greedy, tiny_model
 from fastchat_cllm import JacobiConfig, jacobi_generate
 from fastchat_cllm.core.engine import Engine
+from fastchat_cllm.core.engine.engine import widest
 from fastchat_cllm.core.guesses import Context, window_guesses
 
 
@@ -108,19 +109,26 @@ def test_a_batch_with_lookup_gives_each_request_its_greedy_output(one_thread):
 
 
 def test_a_forward_with_a_grown_window_does_not_price_the_batchs_width(one_thread):
-    """The engine prices forwards by rows and widest window; a row a lookup widened is not
-    what every row that wide costs, so such a forward teaches the batch's cost nothing."""
-    model = tiny_model("llama")
-    engine = Engine(model, slots=2, max_len=128)
-    for tail in (5, 6):
-        engine.add([1] + [3, 4, tail] * 5, JacobiConfig(max_new_tokens=32))
-    engine.step()                                       # both prefilled: windows next
-    for grown in (True, False):
+    """The engine prices forwards by rows and widest window; a row a lookup widened past every
+    other row is not what every row that wide costs, so such a forward leaves the batch's cost
+    as it was, while the batch's other forwards of two rows or more move it."""
+    model = tiny_model("mistral")
+    engine = Engine(model, slots=4, max_len=128)
+    for p in [[1] + [3 + i, 4, 5, 6] * 4 for i in range(3)] + [[1, 9, 8, 7]]:
+        engine.add(p, JacobiConfig(max_new_tokens=40))
+    engine.step()                                       # all prefilled: windows next
+    priced = {True: 0, False: 0}
+    while engine.has_work:
         _, windows = engine.scheduler.schedule()
-        for request, _ in windows:                      # one row widened, or none
-            request.grown = grown and request is windows[0][0]
+        grown = widest(windows, grown=True) > widest(windows, grown=False)
+        before = dict(engine.cost.narrow.seconds), dict(engine.cost.factor.seconds)
         engine.run(windows, priced=True)
-        assert bool(engine.cost.narrow.seconds) is not grown
+        after = dict(engine.cost.narrow.seconds), dict(engine.cost.factor.seconds)
+        if len(windows) > 1:
+            assert (after == before) is grown
+            priced[grown] += 1
+        engine.scheduler.release_finished()
+    assert priced[True] and priced[False]
 
 
 def test_smollm2_copies_faster_with_lookup_and_stays_exact(smollm2):

@@ -15,8 +15,8 @@ checks) and add:
   forwards and tokens per forward), as OpenAI's API does;
 - a streamed answer waits for its worker as long as a non-streamed one (3 h; a request queued
   behind `--limit-worker-concurrency` gets no byte until a slot frees), not FastChat's
-  FASTCHAT_WORKER_API_TIMEOUT (100 s), which bounds each wait for the next chunk once the answer
-  streams; a worker that falls silent that long or drops the connection mid-answer ends the
+  FASTCHAT_WORKER_API_TIMEOUT (100 s), which bounds each wait for the next chunk once the worker
+  has replied; a worker that falls silent that long or drops the connection mid-answer ends the
   stream with an error chunk (50006 / 50005) and [DONE], not a broken stream.
 Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) usage.
 """
@@ -67,9 +67,10 @@ def install(app, server) -> None:
 
 async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
     """The worker's answer chunks for `params` (/worker_generate_stream). The wait for the
-    answer to start is bounded by START_SECONDS, each wait for a next chunk by FastChat's
-    WORKER_API_TIMEOUT (FASTCHAT_WORKER_API_TIMEOUT); a wait that runs out or a connection
-    that fails ends the answer with an error chunk, FastChat's {"text", "error_code"}."""
+    worker's reply to start is bounded by START_SECONDS, each wait for a next chunk by FastChat's
+    WORKER_API_TIMEOUT (FASTCHAT_WORKER_API_TIMEOUT); a wait that runs out, a connection that
+    fails or a reply that is not 200 ends the answer with an error chunk, FastChat's
+    {"text", "error_code"}."""
     from fastchat.constants import WORKER_API_TIMEOUT
 
     url, waited = worker + "/worker_generate_stream", START_SECONDS
@@ -80,7 +81,14 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                                            headers={"User-Agent": "FastChat API Server"})
             response = await asyncio.wait_for(client.send(request, stream=True), waited)
             try:
-                raw, buffer, waited = response.aiter_raw(), b"", WORKER_API_TIMEOUT
+                waited = WORKER_API_TIMEOUT
+                if response.status_code != 200:
+                    body = await asyncio.wait_for(response.aread(), waited)
+                    yield {"error_code": ErrorCode.INTERNAL_ERROR,
+                           "text": f"the worker answered {response.status_code}: "
+                                   f"{body.decode(errors='replace')[:200]}"}
+                    return
+                raw, buffer = response.aiter_raw(), b""
                 while True:
                     try:
                         buffer += await asyncio.wait_for(anext(raw), waited)
@@ -92,9 +100,13 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                             yield json.loads(chunk.decode())
             finally:
                 await response.aclose()
-    except (asyncio.TimeoutError, httpx.TimeoutException):
+    except asyncio.TimeoutError:
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
                "text": f"the worker sent nothing for {waited} s ({url})"}
+    except httpx.TimeoutException as error:      # connecting, sending the request
+        yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
+               "text": f"the worker did not take the request within {WORKER_API_TIMEOUT} s "
+                       f"({type(error).__name__}, {url})"}
     except httpx.HTTPError as error:
         yield {"error_code": ErrorCode.CONTROLLER_NO_WORKER,
                "text": f"the worker's answer broke off ({type(error).__name__}"

@@ -65,6 +65,11 @@ class BatchTotals:
         return tokens_per_forward(self.tokens, self.forwards)
 
 
+def widest(batch: list[tuple[Request, Row]], grown: bool) -> int:
+    """The widest window of the batch's rows that a lookup grew (`grown`) or did not; 0: none."""
+    return max((len(row.tokens) for request, row in batch if request.grown is grown), default=0)
+
+
 class Engine:
     def __init__(self, model, slots: int = 4, max_len: int = 2048, chunk: int = 64,
                  prefix_cache: bool = True, compile: bool = False):
@@ -115,8 +120,8 @@ class Engine:
         """The forward over `batch` and the Steps its requests made of it. When the forward
         raises, each row runs again alone, and a request whose row raises alone fails. A forward
         of windows only (`priced`) is measured for the scheduler's window sizing, by its rows
-        and its widest window, unless a lookup grew a row past the batch's width (its price is
-        not that of every row that wide)."""
+        and its widest window, unless that window is a row a lookup grew past every other row
+        (its price is not that of every row that wide)."""
         try:
             out = self.runner.run([row for _, row in batch])
         except Exception as error:
@@ -124,7 +129,7 @@ class Engine:
                 return [made for pair in batch for made in self.run([pair])]
             batch[0][0].fail(error)
             return []
-        if priced and not any(request.grown for request, _ in batch):
+        if priced and widest(batch, grown=True) <= widest(batch, grown=False):
             self.cost.observe(len(batch), max(len(row.tokens) for _, row in batch), out.seconds)
         alone = out.seconds if len(batch) == 1 else None    # a shared forward is priced above
         made = [(request.id, self.advance(request, row, logits, alone))

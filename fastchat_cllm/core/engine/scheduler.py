@@ -23,7 +23,8 @@ width for the adaptive rows, the one with the best expected tokens per second ov
 (`cost`: a BatchCost, c(rows) x g(width), measured by the engine on forwards of windows only);
 each adaptive row runs min(width, its own largest window), or the widest fixed window beside it
 when that is wider (on a CPU, where a forward's weight reads dominate, a few more tokens cost
-little).
+little). An adaptive row whose prompt lookup proposes more guesses than that then grows to take
+them (up to its lookup_window), as it does alone (Request.window_row).
 """
 from __future__ import annotations
 
