@@ -194,13 +194,15 @@ def test_ten_clients_hanging_up_free_their_slots(stack, alone):
     with ThreadPoolExecutor(10) as pool:
         list(pool.map(hang_up, range(10)))
 
-    def freed():          # the last two may join only as the first eight leave
+    def settled():        # the last two may join only as the first eight leave
         now = batch(stack)
-        done = now["cancelled"] - before["cancelled"] == 10 and now["active_slots"] == 0
-        return now if done else None
+        ended = sum(now[k] - before[k] for k in ("cancelled", "finished", "failed"))
+        return now if ended >= 10 and now["active_slots"] == 0 else None
 
-    after = wait_for(freed, 60, "ten requests cancelled, no slot in use")
+    after = wait_for(settled, 60, "ten requests ended, no slot in use")
     print(f"\nafter 10 hang-ups: {after}")
+    assert after["cancelled"] - before["cancelled"] == 10, \
+        f"a request whose client hung up ran on: {after}"
     assert after["finished"] == before["finished"] and after["waiting"] == 0
     assert wait_idle(stack.worker)["queue_length"] == 0
     with ThreadPoolExecutor(8) as pool:

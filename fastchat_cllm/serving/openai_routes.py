@@ -17,12 +17,14 @@ checks) and add:
   behind `--limit-worker-concurrency` gets no byte until a slot frees), not FastChat's
   FASTCHAT_WORKER_API_TIMEOUT (100 s), which bounds each wait for the next chunk once the worker
   has replied; a worker that falls silent that long or drops the connection mid-answer ends the
-  stream with an error chunk (50006 / 50005) and [DONE], not a broken stream.
+  stream with an error chunk (50006 / 50005) and [DONE], not a broken stream; a client that
+  hangs up closes the connection to the worker at once (which cancels its decoding there).
 Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) usage.
 """
 import asyncio
 import json
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -30,10 +32,11 @@ import httpx
 import shortuuid
 from fastapi import Depends
 from fastchat.constants import ErrorCode
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from . import api_models
+from .responses import ClosingStream
 from .stock import StockMismatch
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -252,7 +255,7 @@ class Routes:
         return total.model_dump()
 
     def stream(self, request, kind: str, choices: list[dict], worker: str,
-               chunk_choice) -> StreamingResponse:
+               chunk_choice) -> ClosingStream:
         """SSE chunks of every choice in turn; chunk_choice(index, content, delta) -> the
         chunk's choice, or None when the chunk adds nothing. With stream_options.include_usage,
         a last chunk with no choices carries the usage of all (Jacobi counts included)."""
@@ -268,22 +271,23 @@ class Routes:
                 if first is not None:
                     yield sse(dict(header, choices=[first]))
                 sent, content = Sent(), None
-                async for content in worker_stream(params, worker):
-                    if content["error_code"] != 0:
-                        yield sse(content)
-                        yield DONE
-                        return
-                    choice = chunk_choice(index, content, sent.delta(content))
-                    if choice is not None:
-                        sent.advance(content)
-                        yield sse(dict(header, choices=[choice]))
+                async with aclosing(worker_stream(params, worker)) as contents:
+                    async for content in contents:
+                        if content["error_code"] != 0:
+                            yield sse(content)
+                            yield DONE
+                            return
+                        choice = chunk_choice(index, content, sent.delta(content))
+                        if choice is not None:
+                            sent.advance(content)
+                            yield sse(dict(header, choices=[choice]))
                 if content is not None:
                     finals.append(content)
             if with_usage:
                 yield sse(dict(header, choices=[], usage=self.usage(finals)))
             yield DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStream(events(), media_type="text/event-stream")   # hung up: closed now
 
     async def chat(self, request) -> Any:
         worker, error = await self.checked(request)

@@ -20,7 +20,7 @@ NAMES = {
     "fastchat.serve.gradio_web_server": (
         "set_global_vars", "get_model_list", "build_demo", "parse_gradio_auth_creds",
         "model_worker_stream_iter", "get_conversation_template", "State"),
-    "fastchat.serve.base_model_worker": ("BaseModelWorker", "app"),
+    "fastchat.serve.base_model_worker": ("BaseModelWorker",),
     "fastchat.serve.inference": ("get_generate_stream_function", "chat_loop"),
     "fastchat.serve.cli": ("main",),
     "fastchat.model.model_adapter": (

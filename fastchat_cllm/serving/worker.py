@@ -6,14 +6,16 @@ server's /v1/models asks it to check every worker.
 
 One batched engine serves every request: `--limit-worker-concurrency` slots of `--max-len`
 positions, allocated at start-up and driven by one thread (core/engine/loop.py). Each request's
-gate runs in FastChat's thread pool, hands its prompt to that thread and streams its own Steps;
-FastChat's semaphore holds requests beyond the slots. A client that hangs up closes the gate,
-which cancels its request before the next forward. Usage carries per-request Jacobi counts; the
-status their totals and the batch's (slots in use, tokens per forward of the whole batch).
+gate runs in Starlette's thread pool, hands its prompt to that thread and streams its own Steps;
+a semaphore holds requests beyond the slots. The routes are FastChat's model-worker protocol on
+an app of our own (worker_app): a client that hangs up closes the gate at once, which cancels
+its request before the next forward. Usage carries per-request Jacobi counts; the status their
+totals and the batch's (slots in use, tokens per forward of the whole batch).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import logging
@@ -28,7 +30,9 @@ import requests
 import torch
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
 from fastchat.model.model_adapter import add_model_args
-from fastchat.serve.base_model_worker import BaseModelWorker, app
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastchat.serve.base_model_worker import BaseModelWorker
 from fastchat.utils import str_to_torch_dtype
 
 from .. import loading
@@ -41,6 +45,7 @@ from .counting import count_prompt_tokens, max_chars_per_token
 from .faults import maybe_inject_fault, maybe_inject_oom
 from .options import add_jacobi_args, jacobi_config
 from .params import ParamError
+from .responses import ClosingStream
 from .stream import generate_stream, vocab_size
 
 log = logging.getLogger("fastchat_cllm.worker")
@@ -379,6 +384,50 @@ def create_worker(argv: list[str] | None = None):
         parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
+def worker_app(worker: JacobiWorker) -> FastAPI:
+    """FastChat's model-worker routes (the paths and bodies of fastchat.serve.base_model_worker's
+    app) for `worker`, on an app of its own: a streamed answer's gate is closed, which cancels
+    its engine request, and its place in the semaphore released the moment the stream ends,
+    client hung up or not (responses.ClosingStream), not when the gate is garbage collected."""
+    app = FastAPI()
+    worker.semaphore = asyncio.Semaphore(worker.limit_worker_concurrency)   # queue_length's
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(request: Request):
+        params = await request.json()
+        await worker.semaphore.acquire()
+        return ClosingStream(worker.generate_stream_gate(params),
+                             on_close=worker.semaphore.release)
+
+    @app.post("/worker_generate")
+    async def generate(request: Request):
+        params = await request.json()
+        async with worker.semaphore:
+            return JSONResponse(await asyncio.to_thread(worker.generate_gate, params))
+
+    @app.post("/worker_get_embeddings")
+    async def embeddings(request: Request):
+        return JSONResponse(worker.get_embeddings(await request.json()))
+
+    @app.post("/worker_get_status")
+    async def status(request: Request):
+        return worker.get_status()
+
+    @app.post("/count_token")
+    async def count_token(request: Request):
+        return worker.count_token(await request.json())
+
+    @app.post("/worker_get_conv_template")
+    async def conv_template(request: Request):
+        return worker.get_conv_template()
+
+    @app.post("/model_details")
+    async def model_details(request: Request):
+        return {"context_length": worker.context_len}
+
+    return app
+
+
 def register_when_listening(worker: JacobiWorker, server) -> None:
     """Register (and start heartbeats) once `server` accepts connections; stop it if the
     controller refuses, so a worker never runs unlisted."""
@@ -405,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("fastchat_cllm").setLevel(logging.DEBUG)
     ssl = {"ssl_keyfile": os.environ["SSL_KEYFILE"], "ssl_certfile": os.environ["SSL_CERTFILE"]} \
         if args.ssl else {}
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+    server = uvicorn.Server(uvicorn.Config(worker_app(worker), host=args.host, port=args.port,
                                            log_level="debug" if args.debug else "info", **ssl))
     if not args.no_register:
         threading.Thread(target=register_when_listening, args=(worker, server),
