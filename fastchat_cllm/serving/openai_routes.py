@@ -24,7 +24,7 @@ Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) us
 import asyncio
 import json
 import time
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -101,8 +101,9 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                     for chunk in chunks:
                         if chunk:
                             yield json.loads(chunk.decode())
-            finally:
-                await response.aclose()
+            finally:        # an error here would be yielded into a generator being closed
+                with suppress(httpx.HTTPError):
+                    await response.aclose()
     except asyncio.TimeoutError:
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
                "text": f"the worker sent nothing for {waited} s ({url})"}

@@ -8,9 +8,10 @@ One batched engine serves every request: `--limit-worker-concurrency` slots of `
 positions, allocated at start-up and driven by one thread (core/engine/loop.py). Each request's
 gate runs in Starlette's thread pool, hands its prompt to that thread and streams its own Steps;
 a semaphore holds requests beyond the slots. The routes are FastChat's model-worker protocol on
-an app of our own (worker_app): a client that hangs up closes the gate at once, which cancels
-its request before the next forward. Usage carries per-request Jacobi counts; the status their
-totals and the batch's (slots in use, tokens per forward of the whole batch).
+an app of our own (worker_app): a client that hangs up mid-stream closes the gate after its
+next Step, which cancels its request before the next forward. Usage carries per-request Jacobi
+counts; the status their totals and the batch's (slots in use, tokens per forward of the whole
+batch).
 """
 from __future__ import annotations
 
@@ -385,44 +386,48 @@ def create_worker(argv: list[str] | None = None):
 
 
 def worker_app(worker: JacobiWorker) -> FastAPI:
-    """FastChat's model-worker routes (the paths and bodies of fastchat.serve.base_model_worker's
-    app) for `worker`, on an app of its own: a streamed answer's gate is closed, which cancels
-    its engine request, and its place in the semaphore released the moment the stream ends,
-    client hung up or not (responses.ClosingStream), not when the gate is garbage collected."""
+    """FastChat's model-worker routes (the paths, requests and replies of
+    fastchat.serve.base_model_worker's app) for `worker`, on an app of its own: a streamed
+    answer's gate is closed when the stream ends, client hung up or not (which cancels its
+    engine request after its next Step), not when it is garbage collected, and its place in
+    the semaphore released then (responses.ClosingStream). Unlike the stock routes, both
+    generate routes release their place when the gate raises, and /worker_get_embeddings (an
+    error: NO_EMBEDDINGS) takes none. A non-streamed request still decodes to its end when its
+    client hangs up, as in FastChat."""
     app = FastAPI()
     worker.semaphore = asyncio.Semaphore(worker.limit_worker_concurrency)   # queue_length's
 
     @app.post("/worker_generate_stream")
-    async def generate_stream(request: Request):
+    async def api_generate_stream(request: Request):
         params = await request.json()
         await worker.semaphore.acquire()
         return ClosingStream(worker.generate_stream_gate(params),
                              on_close=worker.semaphore.release)
 
     @app.post("/worker_generate")
-    async def generate(request: Request):
+    async def api_generate(request: Request):
         params = await request.json()
         async with worker.semaphore:
             return JSONResponse(await asyncio.to_thread(worker.generate_gate, params))
 
     @app.post("/worker_get_embeddings")
-    async def embeddings(request: Request):
+    async def api_get_embeddings(request: Request):
         return JSONResponse(worker.get_embeddings(await request.json()))
 
     @app.post("/worker_get_status")
-    async def status(request: Request):
+    async def api_get_status(request: Request):
         return worker.get_status()
 
     @app.post("/count_token")
-    async def count_token(request: Request):
+    async def api_count_token(request: Request):
         return worker.count_token(await request.json())
 
     @app.post("/worker_get_conv_template")
-    async def conv_template(request: Request):
+    async def api_get_conv(request: Request):
         return worker.get_conv_template()
 
     @app.post("/model_details")
-    async def model_details(request: Request):
+    async def api_model_details(request: Request):
         return {"context_length": worker.context_len}
 
     return app
