@@ -1,10 +1,11 @@
 """The stack under faults, load and bad input (issue 7), on loopback: the launcher's Stack
 (controller, Jacobi worker on SmolLM2 fp32, API server with --api-keys) started once for the
 module with a 2 s heartbeat and a 10 s worker timeout, then bad requests, an injected CUDA
-OOM, a client hanging up, 64 concurrent streams, a stream queued past the worker timeout, a
-controller restart, a worker stopped mid-answer and a killed worker, in that order."""
+OOM, clients hanging up (streamed and not), 64 concurrent streams, a stream queued past the
+worker timeout, a controller restart, a worker stopped mid-answer and a killed worker, in that order."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -257,6 +258,28 @@ def test_client_hanging_up_frees_its_slot_and_stops_decoding(stack):
     assert idle["queue_length"] == 0 and after["queue_length"] == 0
     assert after["jacobi"]["forwards"] == idle["jacobi"]["forwards"]     # decoding stopped
     assert after["jacobi"]["tokens"] - before["tokens"] < 100             # well short of 300
+    assert after["jacobi"]["requests"] == before["requests"]              # never finished
+
+
+def test_client_hanging_up_a_non_streamed_request_stops_its_decoding(stack):
+    before = worker_status(stack.worker)["jacobi"]
+    body = json.dumps(chat_body("Write a long story about a dragon.", max_tokens=300))
+    host, port = stack.api.split("//")[1].split("/")[0].split(":")
+    client = http.client.HTTPConnection(host, int(port), timeout=60)
+    client.request("POST", "/v1/chat/completions", body,
+                   {"Content-Type": "application/json", **auth(KEY)})
+    wait_for(lambda: worker_status(stack.worker)["jacobi"]["tokens"] - before["tokens"] >= 10,
+             60, "the answer decoding")
+    client.close()                                  # hung up mid-answer, nothing read
+    idle = wait_idle(stack.worker, timeout=60)      # the hang-up reached the worker
+    time.sleep(3)
+    after = worker_status(stack.worker)
+    print(f"\nforwards: before {before['forwards']}, at hang-up {idle['jacobi']['forwards']}, "
+          f"3 s later {after['jacobi']['forwards']}; tokens "
+          f"{after['jacobi']['tokens'] - before['tokens']}")
+    assert idle["queue_length"] == 0 and after["queue_length"] == 0
+    assert after["jacobi"]["forwards"] == idle["jacobi"]["forwards"]     # decoding stopped
+    assert after["jacobi"]["tokens"] - before["tokens"] < 200             # well short of 300
     assert after["jacobi"]["requests"] == before["requests"]              # never finished
 
 

@@ -13,24 +13,28 @@ checks) and add:
   prompts x n, as in the non-streamed answer;
 - `stream_options: {"include_usage": true}`: a last chunk carries the usage (with the Jacobi
   forwards and tokens per forward), as OpenAI's API does;
-- a streamed answer waits for its worker as long as a non-streamed one (3 h; a request queued
-  behind `--limit-worker-concurrency` gets no byte until a slot frees), not FastChat's
-  FASTCHAT_WORKER_API_TIMEOUT (100 s), which bounds each wait for the next chunk once the worker
-  has replied; a worker that falls silent that long or drops the connection mid-answer ends the
-  stream with an error chunk (50006 / 50005) and [DONE], not a broken stream; a client that
-  hangs up closes the connection to the worker at once (which cancels its decoding there).
+- a streamed answer waits for its worker's first chunk as long as a non-streamed one (3 h; a
+  request queued behind `--limit-worker-concurrency` gets no byte until a slot frees), not
+  FastChat's FASTCHAT_WORKER_API_TIMEOUT (100 s), which bounds each wait for the next chunk;
+  a worker that falls silent that long or drops the connection mid-answer ends the stream
+  with an error chunk (50006 / 50005) and [DONE], not a broken stream; a client that hangs up
+  closes the connection to the worker at once (which cancels its decoding there);
+- a non-streamed answer is read from the worker's stream as well (FastChat calls
+  /worker_generate, which decodes to the end whether its client waits or not): a client that
+  hangs up is noticed within 0.5 s and its decoding cancelled; a worker that cannot be reached
+  or falls silent is answered 503 (50005 / 50006).
 Responses are written as plain JSON with FastChat's ids, objects and (Jacobi) usage.
 """
-import asyncio
 import json
 import time
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
+import anyio
 import httpx
 import shortuuid
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastchat.constants import ErrorCode
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -41,6 +45,8 @@ from .stock import StockMismatch
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 DONE = "data: [DONE]\n\n"
+T = TypeVar("T")
+UNREACHABLE = (ErrorCode.CONTROLLER_NO_WORKER, ErrorCode.CONTROLLER_WORKER_TIMEOUT)  # 503
 START_SECONDS = 3 * 3600   # a streamed answer's wait for its worker to start: FastChat's bound
 #                            on a whole non-streamed call (fetch_remote)
 
@@ -52,11 +58,11 @@ def install(app, server) -> None:
 
     routes = Routes(server)
 
-    async def chat(request: protocol.ChatCompletionRequest):
-        return await routes.chat(request)
+    async def chat(request: protocol.ChatCompletionRequest, client: Request):
+        return await routes.chat(request, client)
 
-    async def completions(request: protocol.CompletionRequest):
-        return await routes.completions(request)
+    async def completions(request: protocol.CompletionRequest, client: Request):
+        return await routes.completions(request, client)
 
     replaced = [r for r in app.router.routes
                 if isinstance(r, APIRoute) and r.path in (CHAT, COMPLETIONS)]
@@ -70,10 +76,11 @@ def install(app, server) -> None:
 
 async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
     """The worker's answer chunks for `params` (/worker_generate_stream). The wait for the
-    worker's reply to start is bounded by START_SECONDS, each wait for a next chunk by FastChat's
-    WORKER_API_TIMEOUT (FASTCHAT_WORKER_API_TIMEOUT); a wait that runs out, a connection that
-    fails or a reply that is not 200 ends the answer with an error chunk, FastChat's
-    {"text", "error_code"}."""
+    worker's first chunk (a queue for a slot, the prefill) is bounded by START_SECONDS, each
+    wait for a next chunk by FastChat's WORKER_API_TIMEOUT (FASTCHAT_WORKER_API_TIMEOUT); a wait
+    that runs out, a connection that fails or a reply that is not 200 ends the answer with an
+    error chunk, FastChat's {"text", "error_code"}. (Bounded with anyio, not asyncio.wait_for,
+    which in Python 3.11 drops a cancellation that lands as its chunk arrives.)"""
     from fastchat.constants import WORKER_API_TIMEOUT
 
     url, waited = worker + "/worker_generate_stream", START_SECONDS
@@ -82,11 +89,13 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
         async with httpx.AsyncClient(timeout=timeout) as client:
             request = client.build_request("POST", url, json=params,
                                            headers={"User-Agent": "FastChat API Server"})
-            response = await asyncio.wait_for(client.send(request, stream=True), waited)
+            with anyio.fail_after(waited):
+                response = await client.send(request, stream=True)
             try:
-                waited = WORKER_API_TIMEOUT
                 if response.status_code != 200:
-                    body = await asyncio.wait_for(response.aread(), waited)
+                    waited = WORKER_API_TIMEOUT
+                    with anyio.fail_after(waited):
+                        body = await response.aread()
                     yield {"error_code": ErrorCode.INTERNAL_ERROR,
                            "text": f"the worker answered {response.status_code}: "
                                    f"{body.decode(errors='replace')[:200]}"}
@@ -94,9 +103,11 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                 raw, buffer = response.aiter_raw(), b""
                 while True:
                     try:
-                        buffer += await asyncio.wait_for(anext(raw), waited)
+                        with anyio.fail_after(waited):
+                            buffer += await anext(raw)
                     except StopAsyncIteration:
                         return
+                    waited = WORKER_API_TIMEOUT         # the worker has started answering
                     *chunks, buffer = buffer.split(b"\0")
                     for chunk in chunks:
                         if chunk:
@@ -104,7 +115,7 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
             finally:        # an error here would be yielded into a generator being closed
                 with suppress(httpx.HTTPError):
                     await response.aclose()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
                "text": f"the worker sent nothing for {waited} s ({url})"}
     except httpx.TimeoutException as error:      # connecting, sending the request
@@ -115,6 +126,46 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
         yield {"error_code": ErrorCode.CONTROLLER_NO_WORKER,
                "text": f"the worker's answer broke off ({type(error).__name__}"
                        f"{f': {error}' if str(error) else ''})"}
+
+
+def error_response(code: int, message: str, status: int) -> JSONResponse:
+    """FastChat's error body {"object": "error", "message", "code"} with an HTTP status."""
+    return JSONResponse({"object": "error", "message": message, "code": code}, status_code=status)
+
+
+async def final_answer(params: dict, worker: str) -> dict:
+    """The worker's last chunk for `params` (what /worker_generate answers), or its error."""
+    content = {"error_code": ErrorCode.INTERNAL_ERROR, "text": "the worker sent no answer"}
+    async with aclosing(worker_stream(params, worker)) as contents:
+        async for content in contents:
+            if content["error_code"] != 0:
+                break
+    return content
+
+
+async def unless_hung_up(client: Request, works: list[Awaitable[T]],
+                         every: float = 0.5) -> Optional[list[T]]:
+    """The works' results, run together, or None when the client hangs up first (asked every
+    `every` s): the works left are cancelled then (the worker streams they read are closed,
+    which cancels their decoding). One that raises cancels the others."""
+    results: list = [None] * len(works)
+
+    async def run(i: int, work: Awaitable[T]) -> None:
+        results[i] = await work
+
+    async with anyio.create_task_group() as watching:
+        async def watch() -> None:
+            while not await client.is_disconnected():
+                await anyio.sleep(every)
+            watching.cancel_scope.cancel()
+
+        watching.start_soon(watch)
+        async with anyio.create_task_group() as group:
+            for i, work in enumerate(works):
+                group.start_soon(run, i, work)
+        watching.cancel_scope.cancel()          # all answered: stop watching
+        return results
+    return None                                 # hung up
 
 
 def per_choice(params: dict, n: int, seed: Optional[int], first: int = 0) -> list[dict]:
@@ -237,13 +288,20 @@ class Routes:
                 f"prompt has {len(prompt.ids)} tokens. Please reduce the length of the prompt."))
         return room, None
 
-    async def generate_all(self, choices: list[dict], worker: str):
-        """Every choice's final worker answer, or the first error as a response."""
-        generate = self.server.generate_completion
-        contents = await asyncio.gather(*(generate(params, worker) for params in choices))
+    async def generate_all(self, choices: list[dict], worker: str, client: Request):
+        """Every choice's final worker answer, or the first error as a response. Each is read
+        from the worker's stream, so that a client that hangs up first cancels their
+        decoding (unless_hung_up), which FastChat's /worker_generate would finish."""
+        contents = await unless_hung_up(client, [final_answer(params, worker)
+                                                 for params in choices])
+        if contents is None:            # nobody reads this answer: nginx's "client closed"
+            return None, error_response(ErrorCode.INTERNAL_ERROR, "the client hung up", 499)
         for content in contents:
-            if content["error_code"] != 0:
-                return None, self.error(content["error_code"], content["text"])
+            code = content["error_code"]
+            if code in UNREACHABLE:     # as compat's answer to a worker that cannot be reached
+                return None, error_response(code, content["text"], 503)
+            if code != 0:
+                return None, self.error(code, content["text"])
         return contents, None
 
     def usage(self, contents: list[dict]) -> dict:
@@ -290,7 +348,7 @@ class Routes:
 
         return ClosingStream(events(), media_type="text/event-stream")   # hung up: closed now
 
-    async def chat(self, request) -> Any:
+    async def chat(self, request, client: Request) -> Any:
         worker, error = await self.checked(request)
         if error is not None:
             return error
@@ -306,7 +364,7 @@ class Routes:
         if request.stream:
             return self.stream(request, "chat", choices, worker,
                                lambda i, content, delta: chat_chunk(i, content, delta, top))
-        contents, error = await self.generate_all(choices, worker)
+        contents, error = await self.generate_all(choices, worker, client)
         if error is not None:
             return error
         return {"id": f"chatcmpl-{shortuuid.random()}", "object": "chat.completion",
@@ -318,7 +376,7 @@ class Routes:
                             for i, c in enumerate(contents)],
                 "usage": self.usage(contents)}
 
-    async def completions(self, request) -> Any:
+    async def completions(self, request, client: Request) -> Any:
         worker, error = await self.checked(request)
         if error is not None:
             return error
@@ -343,7 +401,7 @@ class Routes:
             choices += per_choice(params, request.n or 1, request.seed, len(choices))
         if request.stream:
             return self.stream(request, "completion", choices, worker, completion_chunk)
-        contents, error = await self.generate_all(choices, worker)
+        contents, error = await self.generate_all(choices, worker, client)
         if error is not None:
             return error
         return {"id": f"cmpl-{shortuuid.random()}", "object": "text_completion",

@@ -16,7 +16,7 @@ NAMES = {
     "fastchat.serve.openai_api_server": (
         "app", "app_settings", "create_openai_api_server", "check_api_key",
         "create_error_response", "check_model", "check_requests", "get_worker_address",
-        "get_gen_params", "check_length", "generate_completion", "fetch_remote", "UsageInfo"),
+        "get_gen_params", "check_length", "fetch_remote", "UsageInfo"),
     "fastchat.serve.gradio_web_server": (
         "set_global_vars", "get_model_list", "build_demo", "parse_gradio_auth_creds",
         "model_worker_stream_iter", "get_conversation_template", "State"),

@@ -392,8 +392,8 @@ def worker_app(worker: JacobiWorker) -> FastAPI:
     engine request after its next Step), not when it is garbage collected, and its place in
     the semaphore released then (responses.ClosingStream). Unlike the stock routes, both
     generate routes release their place when the gate raises, and /worker_get_embeddings (an
-    error: NO_EMBEDDINGS) takes none. A non-streamed request still decodes to its end when its
-    client hangs up, as in FastChat."""
+    error: NO_EMBEDDINGS) takes none. /worker_generate (which FastChat's /api/v1 routes call,
+    our /v1 ones not) decodes to the end whether its client waits or not, as FastChat's does."""
     app = FastAPI()
     worker.semaphore = asyncio.Semaphore(worker.limit_worker_concurrency)   # queue_length's
 
