@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -332,18 +333,34 @@ def test_a_stream_queued_past_the_worker_timeout_is_answered(stack):
         for lines in streams:
             until_words(lines)                            # each holds a slot
         waits: list[float] = []
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             queued = pool.submit(stream_chat, stack, question, waits)
+            web_ui = pool.submit(web_ui_answer, stack.worker, "The capital of France is")
             time.sleep(WORKER_API_TIMEOUT + 3)
             assert not queued.done() and not waits        # still queued, past the timeout
+            assert not web_ui.done()
             busy[0].close()                               # a slot frees
             answer = queued.result(timeout=120)
+            busy[1].close()
+            web_ui_chunks = web_ui.result(timeout=120)
     finally:
         for reply in busy:
             reply.close()
-    print(f"\nqueued {waits[0]:.1f} s, then: {answer}")
+    print(f"\nqueued {waits[0]:.1f} s, then: {answer}; the web UI's: {web_ui_chunks[-1]}")
     assert answer == alone and waits[0] > WORKER_API_TIMEOUT
+    assert web_ui_chunks[-1]["error_code"] == 0 and web_ui_chunks[-1]["text"]
     assert wait_idle(stack.worker)["queue_length"] == 0
+
+
+def web_ui_answer(worker: str, prompt: str) -> list[dict]:
+    """The chunks FastChat's web UI reads from the worker for `prompt`, with its read timeout
+    set to the stack's worker timeout (the worker sends empty chunks while it is queued)."""
+    from fastchat.serve import gradio_web_server
+
+    conv = SimpleNamespace(stop_str=None, stop_token_ids=None)
+    with mock.patch.object(gradio_web_server, "WORKER_API_TIMEOUT", WORKER_API_TIMEOUT):
+        return list(gradio_web_server.model_worker_stream_iter(
+            conv, MODEL, worker, prompt, 0.0, 1.0, 1.0, 12, []))
 
 
 def test_controller_restart_worker_registers_again(stack):

@@ -107,10 +107,10 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                             buffer += await anext(raw)
                     except StopAsyncIteration:
                         return
-                    waited = WORKER_API_TIMEOUT         # the worker has started answering
                     *chunks, buffer = buffer.split(b"\0")
                     for chunk in chunks:
-                        if chunk:
+                        if chunk:                       # (an empty one: queued, alive)
+                            waited = WORKER_API_TIMEOUT         # it has started answering
                             yield json.loads(chunk.decode())
             finally:        # an error here would be yielded into a generator being closed
                 with suppress(httpx.HTTPError):

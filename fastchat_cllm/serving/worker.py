@@ -27,6 +27,7 @@ import uuid
 from contextlib import closing
 from functools import partial
 
+import anyio
 import requests
 import torch
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
@@ -35,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastchat.serve.base_model_worker import BaseModelWorker
 from fastchat.utils import str_to_torch_dtype
+from starlette.concurrency import iterate_in_threadpool
 
 from .. import loading
 from ..core.engine import CompileError, Engine, EngineLoop, SlotCache
@@ -385,12 +387,42 @@ def create_worker(argv: list[str] | None = None):
         parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
+def keep_alive_seconds() -> float:
+    """How often a queued stream gets an empty chunk: a quarter of FastChat's worker timeout
+    (FASTCHAT_WORKER_API_TIMEOUT, 100 s), which its readers put on each read."""
+    from fastchat.constants import WORKER_API_TIMEOUT
+    return WORKER_API_TIMEOUT / 4
+
+
+async def queued_answer(worker: JacobiWorker, params: dict, every: float):
+    """The gate's chunks once the request has a place in the worker's semaphore; until then
+    an empty chunk (a lone b"\\0", which every FastChat reader skips) each `every` s, so that
+    no reader's per-read timeout (the web UI's, FastChat's API server's) runs out in the queue.
+    Closed (by ClosingStream) it closes the gate, which cancels its engine request, and gives
+    its place back."""
+    gate, placed = worker.generate_stream_gate(params), False
+    try:
+        while not placed:
+            with anyio.move_on_after(every):
+                await worker.semaphore.acquire()
+                placed = True
+            if not placed:
+                yield b"\0"
+        async for chunk in iterate_in_threadpool(gate):   # a next() in flight is waited for
+            yield chunk
+    finally:
+        gate.close()
+        if placed:
+            worker.semaphore.release()
+
+
 def worker_app(worker: JacobiWorker) -> FastAPI:
     """FastChat's model-worker routes (the paths, requests and replies of
     fastchat.serve.base_model_worker's app) for `worker`, on an app of its own: a streamed
     answer's gate is closed when the stream ends, client hung up or not (which cancels its
     engine request after its next Step), not when it is garbage collected, and its place in
-    the semaphore released then (responses.ClosingStream). Unlike the stock routes, both
+    the semaphore released then (responses.ClosingStream); while it waits for a place, its
+    reader gets empty chunks (queued_answer). Unlike the stock routes, both
     generate routes release their place when the gate raises, and /worker_get_embeddings (an
     error: NO_EMBEDDINGS) takes none. /worker_generate (which FastChat's /api/v1 routes call,
     our /v1 ones not) decodes to the end whether its client waits or not, as FastChat's does."""
@@ -400,9 +432,7 @@ def worker_app(worker: JacobiWorker) -> FastAPI:
     @app.post("/worker_generate_stream")
     async def api_generate_stream(request: Request):
         params = await request.json()
-        await worker.semaphore.acquire()
-        return ClosingStream(worker.generate_stream_gate(params),
-                             on_close=worker.semaphore.release)
+        return ClosingStream(queued_answer(worker, params, keep_alive_seconds()))
 
     @app.post("/worker_generate")
     async def api_generate(request: Request):
