@@ -84,6 +84,7 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
     from fastchat.constants import WORKER_API_TIMEOUT
 
     url, waited = worker + "/worker_generate_stream", START_SECONDS
+    first = anyio.current_time() + START_SECONDS      # the first chunk's deadline (None: had)
     timeout = httpx.Timeout(WORKER_API_TIMEOUT, read=None)    # reads: bounded below
     try:
         async with httpx.AsyncClient(timeout=timeout) as client:
@@ -102,15 +103,16 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                     return
                 raw, buffer = response.aiter_raw(), b""
                 while True:
-                    try:
-                        with anyio.fail_after(waited):
+                    try:                # queued, the worker's empty chunks do not count
+                        with anyio.fail_after(first - anyio.current_time() if first
+                                              else waited):
                             buffer += await anext(raw)
                     except StopAsyncIteration:
                         return
                     *chunks, buffer = buffer.split(b"\0")
                     for chunk in chunks:
                         if chunk:                       # (an empty one: queued, alive)
-                            waited = WORKER_API_TIMEOUT         # it has started answering
+                            first, waited = None, WORKER_API_TIMEOUT    # it has started
                             yield json.loads(chunk.decode())
             finally:        # an error here would be yielded into a generator being closed
                 with suppress(httpx.HTTPError):

@@ -27,7 +27,6 @@ import uuid
 from contextlib import closing
 from functools import partial
 
-import anyio
 import requests
 import torch
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
@@ -400,20 +399,22 @@ async def queued_answer(worker: JacobiWorker, params: dict, every: float):
     no reader's per-read timeout (the web UI's, FastChat's API server's) runs out in the queue.
     Closed (by ClosingStream) it closes the gate, which cancels its engine request, and gives
     its place back."""
-    gate, placed = worker.generate_stream_gate(params), False
+    gate = worker.generate_stream_gate(params)
+    place = asyncio.ensure_future(worker.semaphore.acquire())    # in line once: FIFO kept
     try:
-        while not placed:
-            with anyio.move_on_after(every):
-                await worker.semaphore.acquire()
-                placed = True
-            if not placed:
-                yield b"\0"
+        while not (await asyncio.wait({place}, timeout=every))[0]:
+            yield b"\0"
+        place.result()
         async for chunk in iterate_in_threadpool(gate):   # a next() in flight is waited for
             yield chunk
     finally:
-        gate.close()
-        if placed:
-            worker.semaphore.release()
+        try:
+            gate.close()
+        finally:
+            if not place.done():
+                place.cancel()          # (a place handed over meanwhile: acquire gives it back)
+            elif not place.cancelled() and place.exception() is None:
+                worker.semaphore.release()
 
 
 def worker_app(worker: JacobiWorker) -> FastAPI:
