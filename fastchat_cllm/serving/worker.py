@@ -397,8 +397,8 @@ async def queued_answer(worker: JacobiWorker, params: dict, every: float):
     """The gate's chunks once the request has a place in the worker's semaphore; until then
     an empty chunk (a lone b"\\0", which every FastChat reader skips) each `every` s, so that
     no reader's per-read timeout (the web UI's, FastChat's API server's) runs out in the queue.
-    Closed (by ClosingStream) it closes the gate, which cancels its engine request, and gives
-    its place back."""
+    Closed (by ClosingStream), it closes the gate, which cancels its engine request, and then
+    gives its place back, even when closing the gate raised."""
     gate = worker.generate_stream_gate(params)
     place = asyncio.ensure_future(worker.semaphore.acquire())    # in line once: FIFO kept
     try:
@@ -422,18 +422,19 @@ def worker_app(worker: JacobiWorker) -> FastAPI:
     fastchat.serve.base_model_worker's app) for `worker`, on an app of its own: a streamed
     answer's gate is closed when the stream ends, client hung up or not (which cancels its
     engine request after its next Step), not when it is garbage collected, and its place in
-    the semaphore released then (responses.ClosingStream); while it waits for a place, its
-    reader gets empty chunks (queued_answer). Unlike the stock routes, both
+    the semaphore given back then (responses.ClosingStream, queued_answer); while it waits for
+    a place, its reader gets empty chunks. Unlike the stock routes, both
     generate routes release their place when the gate raises, and /worker_get_embeddings (an
     error: NO_EMBEDDINGS) takes none. /worker_generate (which FastChat's /api/v1 routes call,
     our /v1 ones not) decodes to the end whether its client waits or not, as FastChat's does."""
     app = FastAPI()
     worker.semaphore = asyncio.Semaphore(worker.limit_worker_concurrency)   # queue_length's
+    every = keep_alive_seconds()
 
     @app.post("/worker_generate_stream")
     async def api_generate_stream(request: Request):
         params = await request.json()
-        return ClosingStream(queued_answer(worker, params, keep_alive_seconds()))
+        return ClosingStream(queued_answer(worker, params, every))
 
     @app.post("/worker_generate")
     async def api_generate(request: Request):
