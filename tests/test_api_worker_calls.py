@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import time
+from contextlib import suppress
 
 from starlette.requests import Request
 
@@ -52,3 +53,61 @@ def test_a_client_that_hung_up_closes_the_workers_streams():
                     pass                    # the request, then EOF: the API server closed it
                 closed += 1
         assert closed == 2
+
+
+def stream_from(parts, status: int = 200, seconds: float = 0.3, first: float = 0.6) -> list[dict]:
+    """The chunks worker_stream makes of a worker that answers `status` and then sends each
+    (delay in s, bytes) of `parts` as an HTTP chunk, then stays silent (an error ends its body); FastChat's worker
+    timeout patched to `seconds`, START_SECONDS to `first`. Each chunk gets its arrival time."""
+    from fastchat import constants
+    from fastchat_cllm.serving import openai_routes
+
+    async def answer(reader, writer):
+        await reader.read(65536)                        # the request
+        writer.write(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for delay, data in parts:
+            await asyncio.sleep(delay)
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+        if status != 200:
+            writer.write(b"0\r\n\r\n")                     # the error's body ends
+        with suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    async def run():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        out, began = [], time.monotonic()
+        async for content in openai_routes.worker_stream({"prompt": "Hi"}, url):
+            out.append(dict(content, at=time.monotonic() - began))
+        server.close()
+        return out
+
+    saved = constants.WORKER_API_TIMEOUT, openai_routes.START_SECONDS
+    constants.WORKER_API_TIMEOUT, openai_routes.START_SECONDS = seconds, first
+    try:
+        return asyncio.run(run())
+    finally:
+        constants.WORKER_API_TIMEOUT, openai_routes.START_SECONDS = saved
+
+
+def chunk(text: str) -> bytes:
+    return json.dumps({"text": text, "error_code": 0}).encode() + b"\0"
+
+
+def test_keep_alives_do_not_start_the_answer_and_a_silent_worker_times_out():
+    # queued: empty chunks every 0.1 s (more often than the 0.3 s per chunk) for 1 s
+    queued = stream_from([(0.1, b"\0")] * 10)
+    assert len(queued) == 1 and queued[0]["error_code"] == 50006
+    assert "sent nothing for 0.6 s" in queued[0]["text"] and 0.5 < queued[0]["at"] < 1.0
+    # started: two chunks (the second split across HTTP chunks), then silent
+    talked = stream_from([(0.1, chunk("a")), (0.1, chunk("ab")[:5]), (0.1, chunk("ab")[5:])])
+    assert [c["text"] for c in talked[:2]] == ["a", "ab"]
+    assert talked[2]["error_code"] == 50006 and "sent nothing for 0.3 s" in talked[2]["text"]
+    assert 0.55 < talked[2]["at"] < 1.2
+
+
+def test_a_worker_reply_that_is_not_200_is_one_error_chunk():
+    out = stream_from([(0, b"no such model")], status=400)
+    assert len(out) == 1 and out[0]["error_code"] != 0
+    assert out[0]["text"].startswith("the worker answered 400") and "no such model" in out[0]["text"]

@@ -114,13 +114,18 @@ def fix_protocol() -> None:
     api_models.install()
 
 
-async def _worker_unreachable(request, exc):
+def error_response(code: int, message: str, status: int):
+    """FastChat's error body {"object": "error", "message", "code"} with an HTTP status."""
     from fastapi.responses import JSONResponse
+
+    return JSONResponse({"object": "error", "message": message, "code": code}, status_code=status)
+
+
+async def _worker_unreachable(request, exc):
     from fastchat.constants import ErrorCode
 
     message = f"the worker serving this model cannot be reached ({type(exc).__name__}: {exc})"
-    return JSONResponse({"object": "error", "message": message,
-                         "code": ErrorCode.CONTROLLER_NO_WORKER}, status_code=503)
+    return error_response(ErrorCode.CONTROLLER_NO_WORKER, message, 503)
 
 
 def answer_unreachable_worker(app) -> None:

@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from . import api_models
+from .compat import error_response
 from .responses import ClosingStream
 from .stock import StockMismatch
 
@@ -83,43 +84,22 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
     which in Python 3.11 drops a cancellation that lands as its chunk arrives.)"""
     from fastchat.constants import WORKER_API_TIMEOUT
 
-    url, waited = worker + "/worker_generate_stream", START_SECONDS
-    first = anyio.current_time() + START_SECONDS      # the first chunk's deadline (None: had)
-    timeout = httpx.Timeout(WORKER_API_TIMEOUT, read=None)    # reads: bounded below
+    url = worker + "/worker_generate_stream"
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(WORKER_API_TIMEOUT, read=None)) as client:
             request = client.build_request("POST", url, json=params,
                                            headers={"User-Agent": "FastChat API Server"})
-            with anyio.fail_after(waited):
+            with anyio.fail_after(START_SECONDS):     # (the worker sends its headers at once)
                 response = await client.send(request, stream=True)
             try:
-                if response.status_code != 200:
-                    waited = WORKER_API_TIMEOUT
-                    with anyio.fail_after(waited):
-                        body = await response.aread()
-                    yield {"error_code": ErrorCode.INTERNAL_ERROR,
-                           "text": f"the worker answered {response.status_code}: "
-                                   f"{body.decode(errors='replace')[:200]}"}
-                    return
-                raw, buffer = response.aiter_raw(), b""
-                while True:
-                    try:                # queued, the worker's empty chunks do not count
-                        with anyio.fail_after(first - anyio.current_time() if first
-                                              else waited):
-                            buffer += await anext(raw)
-                    except StopAsyncIteration:
-                        return
-                    *chunks, buffer = buffer.split(b"\0")
-                    for chunk in chunks:
-                        if chunk:                       # (an empty one: queued, alive)
-                            first, waited = None, WORKER_API_TIMEOUT    # it has started
-                            yield json.loads(chunk.decode())
+                async for content in answer_chunks(response, START_SECONDS, WORKER_API_TIMEOUT):
+                    yield content
             finally:        # an error here would be yielded into a generator being closed
                 with suppress(httpx.HTTPError):
                     await response.aclose()
-    except TimeoutError:
+    except TimeoutError as error:
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
-               "text": f"the worker sent nothing for {waited} s ({url})"}
+               "text": f"{error or f'the worker did not answer within {START_SECONDS} s'} ({url})"}
     except httpx.TimeoutException as error:      # connecting, sending the request
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
                "text": f"the worker did not take the request within {WORKER_API_TIMEOUT} s "
@@ -130,9 +110,37 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                        f"{f': {error}' if str(error) else ''})"}
 
 
-def error_response(code: int, message: str, status: int) -> JSONResponse:
-    """FastChat's error body {"object": "error", "message", "code"} with an HTTP status."""
-    return JSONResponse({"object": "error", "message": message, "code": code}, status_code=status)
+async def answer_chunks(response: httpx.Response, first_within: float,
+                        within: float) -> AsyncIterator[dict]:
+    """The chunks of a worker's streamed answer: JSON objects split at b"\\0", empty ones
+    skipped (a queued request's keep-alives, which do not count as a start). The first must
+    come within `first_within` s, each next one within `within` s of the one before, else
+    TimeoutError saying how long it waited; a reply that is not 200 is one error chunk (with
+    what came of its body within `within` s)."""
+    if response.status_code != 200:
+        body = b""
+        with anyio.move_on_after(within):
+            body = await response.aread()
+        yield {"error_code": ErrorCode.INTERNAL_ERROR,
+               "text": f"the worker answered {response.status_code}: "
+                       f"{body.decode(errors='replace')[:200]}"}
+        return
+    raw, buffer = response.aiter_raw(), b""
+    first_by, started = anyio.current_time() + first_within, False
+    while True:
+        try:
+            with anyio.fail_after(within if started else first_by - anyio.current_time()):
+                buffer += await anext(raw)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            waited = within if started else first_within
+            raise TimeoutError(f"the worker sent nothing for {waited} s") from None
+        *chunks, buffer = buffer.split(b"\0")
+        for chunk in chunks:
+            if chunk:
+                started = True
+                yield json.loads(chunk.decode())
 
 
 async def final_answer(params: dict, worker: str) -> dict:
