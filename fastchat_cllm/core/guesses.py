@@ -24,6 +24,7 @@ class Context:
         self.lookup_sizes = range(lookup, 1, -1)        # longest first
         self.rng = random.Random(seed)
         self.pool = pool
+        self.matched: tuple[int, int | None] = (-1, None)    # (len(tokens), match_start())
         self.extend(prompt)
 
     def extend(self, tokens: list[int]) -> None:
@@ -42,14 +43,24 @@ class Context:
                     self.follower[tuple(self.tokens[i - n:])] = i
             self.tokens.append(tok)
 
+    def match_start(self) -> int | None:
+        """Where the tokens that followed the latest earlier occurrence of the context's longest
+        matching suffix (2..`lookup` tokens) begin; None when none occurred before. Found once
+        per context length (a window asks for its size, its guesses and its shadow guess)."""
+        if self.matched[0] != len(self.tokens):
+            start = None
+            for n in self.lookup_sizes:
+                start = self.follower.get(tuple(self.tokens[-n:]))
+                if start is not None:
+                    break
+            self.matched = (len(self.tokens), start)
+        return self.matched[1]
+
     def lookup(self, count: int) -> list[int]:
         """Up to `count` tokens that followed the latest earlier occurrence of the context's
         longest matching suffix (2..`lookup` tokens); [] when none occurred before."""
-        for n in self.lookup_sizes:
-            start = self.follower.get(tuple(self.tokens[-n:]))
-            if start is not None:
-                return self.tokens[start:start + count]
-        return []
+        start = self.match_start()
+        return [] if start is None else self.tokens[start:start + count]
 
     def observe(self, predicted: list[int]) -> None:
         """Feed a predicted continuation (next token + carried guesses) to the pool."""

@@ -91,14 +91,13 @@ class Request:
         if fresh:
             self.guesses, self.ages = [], []
         self.block_start = self.block_start or fresh
-        self.window, self.window_ages = make_window(self.config.fill, self.context,
-                                                    self.next_token, self.guesses, self.ages, size)
         # a 1-token window: the guess a window of 2 would carry, checked for free when the token
         # arrives (the lookup fill is deterministic; a random fill would move the seeded stream)
-        self.shadow_guess = None
-        if size == 1 and self.config.adaptive and self.config.fill == "lookup":
-            self.shadow_guess = make_window(self.config.fill, self.context, self.next_token,
-                                            self.guesses, self.ages, 2)[0][1]
+        shadow = size == 1 and self.config.adaptive and self.config.fill == "lookup"
+        window, ages = make_window(self.config.fill, self.context, self.next_token,
+                                   self.guesses, self.ages, 2 if shadow else size)
+        self.shadow_guess = window[1] if shadow else None
+        self.window, self.window_ages = window[:size], ages[:size]
         return Row(self.slot, self.window, range(size))
 
     def lookup_size(self) -> int:
