@@ -101,6 +101,44 @@ def test_base_against_itself_then_a_cllm_against_the_cached_base(tmp_path, capsy
     assert without["model"]["tpf_sliding"] == other["tpf_sliding"]    # same guesses, same count
 
 
+def test_pass_at_1_only_decodes_once_per_prompt_and_compares_the_verdicts(tmp_path, capsys):
+    """--pass-at-1-only: its own records and summary beside the full evaluation's; the replies
+    are the greedy ones the full evaluation found (the engine is lossless); one of the base's
+    replies replaced by a right answer shows in pass@1 and in the verdicts."""
+    base = tiny_folder(tmp_path / "base")
+    cllm = save_adapter(tmp_path / "cllm", str(base), seed=3)
+    out = tmp_path / "eval"
+    argv = ["--model", str(cllm), "--base", str(base), "--count", "2", "--max-new-tokens", "16",
+            "--out", str(out), "--threads", "1", "--device", "cpu"]
+    assert evaluate_code.main(argv) == 0
+    full = {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in out.glob("*.jsonl")}
+    assert evaluate_code.main(argv + ["--pass-at-1-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "| HumanEval pass@1, greedy (%) | 0.00 | 0.00 |" in printed
+    assert "by the base only: 0, by the CLLM only: 0, by neither: 2" in printed
+    summary = json.loads((out / "pass-at-1.json").read_text())
+    assert summary["base"]["identical_to_teacher"] == 100.0 and summary["base"]["passed"] == 0
+    assert (out / "results.json").exists() and (out / "pass-at-1.md").exists()
+    for name, records in full.items():                  # the same greedy replies, decoded once
+        replies = out / name.replace(".jsonl", "-pass.jsonl")
+        assert [r["greedy"] for r in records] == \
+            [json.loads(line)["greedy"] for line in replies.read_text().splitlines()]
+    cllm_ids = [r["greedy"] for r in full[next(n for n in full if n.startswith("cllm"))]]
+    base_ids = [r["greedy"] for r in full[next(n for n in full if n.startswith("base"))]]
+    assert summary["model"]["identical_to_teacher"] == \
+        100.0 * sum(c == b for c, b in zip(cllm_ids, base_ids)) / 2
+
+    base_file = next(out.glob("base-*-pass.jsonl"))     # a resumed run reads the records
+    records = [json.loads(line) for line in base_file.read_text().splitlines()]
+    records[0]["passed"] = True
+    base_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluate_code.main(argv + ["--pass-at-1-only"]) == 0
+    again = json.loads((out / "pass-at-1.json").read_text())
+    assert again["base"]["pass_at_1"] == 50.0
+    assert again["verdicts"] == {"both": 0, "base_only": 1, "model_only": 0, "neither": 1}
+
+
 def test_another_tokenizer_than_the_base_is_refused(tmp_path, capsys):
     from harness import char_tokenizer, tiny_model
 

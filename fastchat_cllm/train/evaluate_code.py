@@ -15,6 +15,12 @@ per prompt to OUT/<model>-<key>-n<N>-w<W>[-packed][-lN].jsonl (the key changes w
 model's files), so a rerun resumes and the base model, the teacher, is measured once.
 OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32 unless
 --device cuda.
+
+--pass-at-1-only: per prompt and model one decode, the engine's default (adaptive windows up to
+W, prompt lookup as --prompt-lookup says; lossless, so the model's greedy reply), its HumanEval
+check, and whether the reply is the base's; cheap enough for all 164 problems (--count 0), where
+the 2-point resolution of a pass@1 comparison needs more prompts than the full table can afford.
+Records in OUT/<model>-...-pass.jsonl (resumed), summary in OUT/pass-at-1.json / .md.
 """
 from __future__ import annotations
 
@@ -50,6 +56,15 @@ ROWS = (   # (summary key, label); percentages are of prompts unless said
     ("speedup_sliding_lookup", "wall-clock vs generate, sliding window, prompt lookup (x)"),
     ("speedup_adaptive", "wall-clock vs generate, adaptive (x)"),
     ("mean_output_tokens", "mean greedy output (tokens)"),
+)
+
+
+PASS_ROWS = (
+    ("pass_at_1", "HumanEval pass@1, greedy (%)"),
+    ("passed", "problems passed"),
+    ("identical_to_teacher", "greedy reply identical to the base's (%)"),
+    ("tpf_adaptive", "tokens per forward, adaptive engine (default, windows up to {w}{lookup})"),
+    ("mean_output_tokens", "mean greedy reply (tokens)"),
 )
 
 
@@ -92,14 +107,16 @@ def packed_on(device: str) -> bool:
     return refusal(device, torch.float32) is None
 
 
-def records_path(out: Path, path: str, settings: Settings, packed: bool = False) -> Path:
+def records_path(out: Path, path: str, settings: Settings, packed: bool = False,
+                 kind: str = "") -> Path:
     """The record file of `path` under `settings`; `packed`: measured on prepacked weights
-    (timings and near-ties differ from the plain model's, so the records are kept apart)."""
+    (timings and near-ties differ from the plain model's, so the records are kept apart);
+    `kind`: "pass" for --pass-at-1-only's records."""
     name = re.sub(r"[^\w.-]+", "_", loading.model_name(path))
     size, window = settings.max_new_tokens, settings.window_size
     lookup = f"-l{settings.prompt_lookup}" if settings.prompt_lookup else ""
     return out / (f"{name}-{model_key(path)}-n{size}-w{window}{'-packed' if packed else ''}"
-                  f"{lookup}.jsonl")
+                  f"{lookup}{f'-{kind}' if kind else ''}.jsonl")
 
 
 def teacher_forced(model, prompt: list[int], teacher: list[int]) -> int:
@@ -150,17 +167,39 @@ def measure(model, tokenizer, problem: dict, teacher: list[int] | None, s: Setti
     return record
 
 
+def measure_reply(model, tokenizer, problem: dict, teacher: list[int] | None,
+                  s: Settings) -> dict:
+    """One prompt's record for --pass-at-1-only: the greedy reply by the engine's default
+    decoding (lossless), its HumanEval check, whether it is the base's (`teacher`)."""
+    from ..chat_prompt import chat_prompt_ids
+    from ..core import JacobiConfig, jacobi_generate
+    from .humaneval import pass_at_1
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
+    config = JacobiConfig(s.max_new_tokens, s.window_size, eos_ids(tokenizer), seed=s.seed,
+                          prompt_lookup=s.prompt_lookup)
+    out = jacobi_generate(model, ids, config)
+    reply = tokenizer.decode(out.tokens, skip_special_tokens=True)
+    check = pass_at_1(reply, problem, s.timeout)
+    return {"id": problem["id"], "greedy": out.tokens, "reply": reply, "passed": check.passed,
+            "check": check.result, "identical_to_teacher": teacher in (None, out.tokens),
+            "adaptive": {"accepted": sum(out.stats.accepted_per_forward),
+                         "forwards": out.stats.forwards},
+            "tokenizer": tokenizer_identity(tokenizer)}
+
+
 def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
-                   teacher: dict | None, device: str) -> list[dict]:
+                   teacher: dict | None, device: str, pass_only: bool = False) -> list[dict]:
     """This model's records for `problems`, measuring only those not yet in its record file
-    (teacher: problem id -> the base's record; None for the base itself)."""
+    (teacher: problem id -> the base's record; None for the base itself). `pass_only`: the
+    records of --pass-at-1-only (measure_reply), in their own file."""
     import torch
     from tqdm import tqdm
 
     from ..core.packed_linear import is_packed
 
     def records(packed: bool) -> tuple[Path, dict, list[dict]]:
-        file = records_path(out, path, s, packed)
+        file = records_path(out, path, s, packed, "pass" if pass_only else "")
         done = {r["id"]: {"packed_linear": packed, **r}
                 for r in read_jsonl(file, torn_end=True)} if file.exists() else {}
         return file, done, [p for p in problems if p["id"] not in done]
@@ -180,8 +219,9 @@ def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
         with jsonl_writer(file, append=True) as write:
             for problem in tqdm(todo, desc=loading.model_name(path), unit="prompt"):
                 reference = None if teacher is None else teacher[problem["id"]]["greedy"]
-                done[problem["id"]] = {**measure(model, tokenizer, problem, reference, s),
-                                       "packed_linear": is_packed(model)}
+                record = (measure_reply if pass_only else measure)(model, tokenizer, problem,
+                                                                   reference, s)
+                done[problem["id"]] = {**record, "packed_linear": is_packed(model)}
                 write(done[problem["id"]])
     return [done[p["id"]] for p in problems]
 
@@ -219,7 +259,28 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def table(base: dict, model: dict, names: tuple[str, str], s: Settings, where: str) -> str:
+def summarize_replies(records: list[dict]) -> dict:
+    """The summary of --pass-at-1-only's records."""
+    from ..core.stats import tokens_per_forward
+
+    n = len(records)
+    return {"prompts": n, "passed": sum(r["passed"] for r in records),
+            "pass_at_1": 100.0 * sum(r["passed"] for r in records) / n,
+            "identical_to_teacher": 100.0 * sum(r["identical_to_teacher"] for r in records) / n,
+            "tpf_adaptive": tokens_per_forward(sum(r["adaptive"]["accepted"] for r in records),
+                                               sum(r["adaptive"]["forwards"] for r in records)),
+            "mean_output_tokens": sum(len(r["greedy"]) for r in records) / n}
+
+
+def verdicts(base: list[dict], model: list[dict]) -> dict:
+    """How the two models' pass@1 verdicts compare, problem by problem."""
+    pairs = [(b["passed"], m["passed"]) for b, m in zip(base, model)]
+    return {"both": pairs.count((True, True)), "base_only": pairs.count((True, False)),
+            "model_only": pairs.count((False, True)), "neither": pairs.count((False, False))}
+
+
+def table(base: dict, model: dict, names: tuple[str, str], s: Settings, where: str,
+          rows=ROWS) -> str:
     from ..bench.report import markdown_table
 
     header = [f"held-out HumanEval, {base['prompts']} prompts, {s.max_new_tokens} new tokens "
@@ -227,7 +288,7 @@ def table(base: dict, model: dict, names: tuple[str, str], s: Settings, where: s
     words = {"w": s.window_size, "l": s.prompt_lookup,
              "lookup": f", prompt lookup {s.prompt_lookup}" if s.prompt_lookup else ", no lookup"}
     return markdown_table(header, [[label.format(**words), base[key], model[key]]
-                                   for key, label in ROWS if key in base])
+                                   for key, label in rows if key in base])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,6 +307,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/evaluate-code"))
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--pass-at-1-only", action="store_true",
+                   help="only the greedy reply's pass@1 (one decode per prompt; see above)")
     return p.parse_args(argv)
 
 
@@ -268,24 +331,33 @@ def main(argv=None) -> int:
         problems = held_out_prompts()
         problems = problems[: args.count] if args.count else problems
         args.out.mkdir(parents=True, exist_ok=True)
-        base = evaluate_model(args.base, problems, args.out, s, None, device)
+        only = args.pass_at_1_only
+        base = evaluate_model(args.base, problems, args.out, s, None, device, only)
         teacher = {r["id"]: r for r in base}
         model = base if loading.base_name(args.model) == loading.base_name(args.base) else \
-            evaluate_model(args.model, problems, args.out, s, teacher, device)
+            evaluate_model(args.model, problems, args.out, s, teacher, device, only)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     info, packed = machine(), all(r["packed_linear"] for r in base + model)
-    summary = {"base": summarize(base), "model": summarize(model)}
+    summary = {"base": (summarize_replies if only else summarize)(base),
+               "model": (summarize_replies if only else summarize)(model)}
     markdown = table(summary["base"], summary["model"], (args.base, args.model), s,
-                     f"{device}, fp32" + (", weights prepacked" if packed else ""))
+                     f"{device}, fp32" + (", weights prepacked" if packed else ""),
+                     PASS_ROWS if only else ROWS)
     results = {"base": args.base, "model": args.model, "settings": asdict(s), "device": device,
                "packed_linear": packed, "machine": info,
                "prompts": [p["id"] for p in problems], **summary}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(f"{markdown}\n\nmachine: {machine_line(info)}\n")
+    if only:
+        results["verdicts"] = verdicts(base, model)
+        markdown += ("\n\nproblems passed by both: {both}, by the base only: {base_only}, by "
+                     "the CLLM only: {model_only}, by neither: {neither}").format(
+                         **results["verdicts"])
+    name = "pass-at-1" if only else "results"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(f"{markdown}\n\nmachine: {machine_line(info)}\n")
     print(markdown)
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    print(f"wrote {args.out / f'{name}.json'} and {args.out / f'{name}.md'}")
     return 0
 
 
