@@ -55,23 +55,26 @@ def test_a_client_that_hung_up_closes_the_workers_streams():
         assert closed == 2
 
 
-def stream_from(parts, status: int = 200, seconds: float = 0.3, first: float = 0.6) -> list[dict]:
-    """The chunks worker_stream makes of a worker that answers `status` and then sends each
-    (delay in s, bytes) of `parts` as an HTTP chunk, then stays silent (an error ends its body); FastChat's worker
-    timeout patched to `seconds`, START_SECONDS to `first`. Each chunk gets its arrival time."""
+def stream_from(parts, status: int | None = 200, seconds: float = 1.0,
+                first: float = 2.0) -> list[dict]:
+    """The chunks worker_stream makes of a worker that answers `status` (None: sends no
+    headers at all), then sends each (delay in s, bytes) of `parts` as an HTTP chunk, then
+    stays silent (an error ends its body); FastChat's worker timeout patched to `seconds`,
+    START_SECONDS to `first`. Each chunk gets its arrival time."""
     from fastchat import constants
     from fastchat_cllm.serving import openai_routes
 
     async def answer(reader, writer):
         await reader.read(65536)                        # the request
-        writer.write(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-        for delay, data in parts:
-            await asyncio.sleep(delay)
-            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-            await writer.drain()
-        if status != 200:
-            writer.write(b"0\r\n\r\n")                     # the error's body ends
         with suppress(asyncio.CancelledError):
+            if status is not None:
+                writer.write(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+                for delay, data in parts:
+                    await asyncio.sleep(delay)
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await writer.drain()
+                if status != 200:
+                    writer.write(b"0\r\n\r\n")          # the error's body ends
             await asyncio.sleep(30)
 
     async def run():
@@ -96,18 +99,23 @@ def chunk(text: str) -> bytes:
 
 
 def test_keep_alives_do_not_start_the_answer_and_a_silent_worker_times_out():
-    # queued: empty chunks every 0.1 s (more often than the 0.3 s per chunk) for 1 s
-    queued = stream_from([(0.1, b"\0")] * 10)
+    # queued: empty chunks every 0.25 s (more often than the 1 s per read) for 3 s
+    queued = stream_from([(0.25, b"\0")] * 12)
     assert len(queued) == 1 and queued[0]["error_code"] == 50006
-    assert "sent nothing for 0.6 s" in queued[0]["text"] and 0.5 < queued[0]["at"] < 1.0
+    assert "did not answer within 2.0 s" in queued[0]["text"] and 1.9 < queued[0]["at"] < 4
     # started: two chunks (the second split across HTTP chunks), then silent
-    talked = stream_from([(0.1, chunk("a")), (0.1, chunk("ab")[:5]), (0.1, chunk("ab")[5:])])
+    talked = stream_from([(0.25, chunk("a")), (0.25, chunk("ab")[:5]), (0.25, chunk("ab")[5:])])
     assert [c["text"] for c in talked[:2]] == ["a", "ab"]
-    assert talked[2]["error_code"] == 50006 and "sent nothing for 0.3 s" in talked[2]["text"]
-    assert 0.55 < talked[2]["at"] < 1.2
+    assert talked[2]["error_code"] == 50006 and "sent nothing for 1.0 s" in talked[2]["text"]
+    assert 1.6 < talked[2]["at"] < 3.5
+    # not even headers: the request's send is bounded by START_SECONDS too
+    mute = stream_from([], status=None)
+    assert len(mute) == 1 and mute[0]["error_code"] == 50006
+    assert mute[0]["text"].startswith("the worker did not answer within 2.0 s (http://")
+    assert 1.9 < mute[0]["at"] < 4
 
 
 def test_a_worker_reply_that_is_not_200_is_one_error_chunk():
     out = stream_from([(0, b"no such model")], status=400)
     assert len(out) == 1 and out[0]["error_code"] != 0
-    assert out[0]["text"].startswith("the worker answered 400") and "no such model" in out[0]["text"]
+    assert out[0]["text"] == "the worker answered 400: no such model"

@@ -115,7 +115,7 @@ def test_pass_at_1_only_decodes_once_per_prompt_and_compares_the_verdicts(tmp_pa
             for p in out.glob("*.jsonl")}
     assert evaluate_code.main(argv + ["--pass-at-1-only"]) == 0
     printed = capsys.readouterr().out
-    assert "| HumanEval pass@1, greedy (%) | 0.00 | 0.00 |" in printed
+    assert "| HumanEval pass@1, greedy reply of the default engine (%) | 0.00 | 0.00 |" in printed
     assert "by the base only: 0, by the CLLM only: 0, by neither: 2" in printed
     summary = json.loads((out / "pass-at-1.json").read_text())
     assert summary["base"]["identical_to_teacher"] == 100.0 and summary["base"]["passed"] == 0

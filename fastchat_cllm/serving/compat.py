@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..core.stats import tokens_per_forward
 from . import api_models
 from .stock import StockMismatch
+
+if TYPE_CHECKING:
+    from fastapi.responses import JSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ def fix_protocol() -> None:
     api_models.install()
 
 
-def error_response(code: int, message: str, status: int):
+def error_response(code: int, message: str, status: int) -> JSONResponse:
     """FastChat's error body {"object": "error", "message", "code"} with an HTTP status."""
     from fastapi.responses import JSONResponse
 

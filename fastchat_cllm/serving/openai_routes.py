@@ -84,22 +84,25 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
     which in Python 3.11 drops a cancellation that lands as its chunk arrives.)"""
     from fastchat.constants import WORKER_API_TIMEOUT
 
-    url = worker + "/worker_generate_stream"
+    url, started_by = worker + "/worker_generate_stream", anyio.current_time() + START_SECONDS
+    timeout = httpx.Timeout(WORKER_API_TIMEOUT, read=None)     # reads: bounded by answer_chunks
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(WORKER_API_TIMEOUT, read=None)) as client:
+        async with httpx.AsyncClient(timeout=timeout) as client:
             request = client.build_request("POST", url, json=params,
                                            headers={"User-Agent": "FastChat API Server"})
-            with anyio.fail_after(START_SECONDS):     # (the worker sends its headers at once)
+            with anyio.fail_after(START_SECONDS):
                 response = await client.send(request, stream=True)
             try:
-                async for content in answer_chunks(response, START_SECONDS, WORKER_API_TIMEOUT):
-                    yield content
+                async with aclosing(answer_chunks(response, started_by,
+                                                  WORKER_API_TIMEOUT)) as contents:
+                    async for content in contents:
+                        yield content
             finally:        # an error here would be yielded into a generator being closed
                 with suppress(httpx.HTTPError):
                     await response.aclose()
-    except TimeoutError as error:
-        yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
-               "text": f"{error or f'the worker did not answer within {START_SECONDS} s'} ({url})"}
+    except TimeoutError as error:       # the answer had not started: no message
+        waited = str(error) or f"the worker did not answer within {START_SECONDS} s"
+        yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT, "text": f"{waited} ({url})"}
     except httpx.TimeoutException as error:      # connecting, sending the request
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
                "text": f"the worker did not take the request within {WORKER_API_TIMEOUT} s "
@@ -110,32 +113,33 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
                        f"{f': {error}' if str(error) else ''})"}
 
 
-async def answer_chunks(response: httpx.Response, first_within: float,
+async def answer_chunks(response: httpx.Response, started_by: float,
                         within: float) -> AsyncIterator[dict]:
     """The chunks of a worker's streamed answer: JSON objects split at b"\\0", empty ones
     skipped (a queued request's keep-alives, which do not count as a start). The first must
-    come within `first_within` s, each next one within `within` s of the one before, else
-    TimeoutError saying how long it waited; a reply that is not 200 is one error chunk (with
-    what came of its body within `within` s)."""
+    come by `started_by` (anyio.current_time()), else TimeoutError(); once it has, each read
+    of the connection must bring bytes within `within` s, else TimeoutError saying so. A reply
+    that is not 200 is one error chunk, with what came of its body within `within` s."""
     if response.status_code != 200:
         body = b""
         with anyio.move_on_after(within):
-            body = await response.aread()
+            async for part in response.aiter_bytes():
+                body += part
         yield {"error_code": ErrorCode.INTERNAL_ERROR,
                "text": f"the worker answered {response.status_code}: "
                        f"{body.decode(errors='replace')[:200]}"}
         return
-    raw, buffer = response.aiter_raw(), b""
-    first_by, started = anyio.current_time() + first_within, False
+    raw, buffer, started = response.aiter_raw(), b"", False
     while True:
         try:
-            with anyio.fail_after(within if started else first_by - anyio.current_time()):
+            with anyio.fail_after(within if started else started_by - anyio.current_time()):
                 buffer += await anext(raw)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            waited = within if started else first_within
-            raise TimeoutError(f"the worker sent nothing for {waited} s") from None
+            if not started:
+                raise
+            raise TimeoutError(f"the worker sent nothing for {within} s") from None
         *chunks, buffer = buffer.split(b"\0")
         for chunk in chunks:
             if chunk:

@@ -60,7 +60,7 @@ ROWS = (   # (summary key, label); percentages are of prompts unless said
 
 
 PASS_ROWS = (
-    ("pass_at_1", "HumanEval pass@1, greedy (%)"),
+    ("pass_at_1", "HumanEval pass@1, greedy reply of the default engine (%)"),
     ("passed", "problems passed"),
     ("identical_to_teacher", "greedy reply identical to the base's (%)"),
     ("tpf_adaptive", "tokens per forward, adaptive engine (default, windows up to {w}{lookup})"),
@@ -131,19 +131,36 @@ def teacher_forced(model, prompt: list[int], teacher: list[int]) -> int:
     return int((logits.argmax(-1).cpu() == torch.tensor(teacher)).sum())
 
 
+def prompt_and_config(tokenizer, problem: dict, s: Settings):
+    """The problem's chat prompt ids and the engine's default config for it (adaptive windows
+    up to W, prompt lookup as set)."""
+    from ..chat_prompt import chat_prompt_ids
+    from ..core import JacobiConfig
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
+    return ids, JacobiConfig(s.max_new_tokens, s.window_size, eos_ids(tokenizer), seed=s.seed,
+                             prompt_lookup=s.prompt_lookup)
+
+
+def checked_reply(tokenizer, tokens: list[int], problem: dict, s: Settings) -> dict:
+    """The reply's text, its HumanEval check and the tokenizer's identity, for a record."""
+    from .humaneval import pass_at_1
+
+    reply = tokenizer.decode(tokens, skip_special_tokens=True)
+    check = pass_at_1(reply, problem, s.timeout)
+    return {"reply": reply, "passed": check.passed, "check": check.result,
+            "tokenizer": tokenizer_identity(tokenizer)}
+
+
 def measure(model, tokenizer, problem: dict, teacher: list[int] | None, s: Settings) -> dict:
     """One prompt's record (teacher None: this model is the teacher)."""
     from ..bench.methods import Target, decoder, timed
-    from ..chat_prompt import chat_prompt_ids
-    from ..core import JacobiConfig, jacobi_generate
-    from .humaneval import pass_at_1
+    from ..core import jacobi_generate
 
-    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
-    eos = eos_ids(tokenizer)
+    ids, adaptive = prompt_and_config(tokenizer, problem, s)
+    eos = list(adaptive.eos_token_id)
     greedy, greedy_s = timed(model, lambda: decoder("ar")(
         model, Target(ids, s.max_new_tokens, eos, eos[0])).tokens)
-    adaptive = JacobiConfig(s.max_new_tokens, s.window_size, eos, seed=s.seed,
-                            prompt_lookup=s.prompt_lookup)
     sliding = adaptive.with_(adaptive=False, prompt_lookup=0)
     sampled = sliding.with_(temperature=s.temperature, top_p=s.top_p)
     runs = {"sliding": sliding, "adaptive": adaptive, "sampled": sampled,
@@ -160,32 +177,23 @@ def measure(model, tokenizer, problem: dict, teacher: list[int] | None, s: Setti
     reference = greedy if teacher is None else teacher
     record["agreement"] = [teacher_forced(model, ids, reference), len(reference)]
     record["identical_to_teacher"] = greedy == reference
-    record["reply"] = tokenizer.decode(greedy, skip_special_tokens=True)
-    check = pass_at_1(record["reply"], problem, s.timeout)
-    record["passed"], record["check"] = check.passed, check.result
-    record["tokenizer"] = tokenizer_identity(tokenizer)
-    return record
+    return {**record, **checked_reply(tokenizer, greedy, problem, s)}
 
 
 def measure_reply(model, tokenizer, problem: dict, teacher: list[int] | None,
                   s: Settings) -> dict:
-    """One prompt's record for --pass-at-1-only: the greedy reply by the engine's default
-    decoding (lossless), its HumanEval check, whether it is the base's (`teacher`)."""
-    from ..chat_prompt import chat_prompt_ids
-    from ..core import JacobiConfig, jacobi_generate
-    from .humaneval import pass_at_1
+    """One prompt's record for --pass-at-1-only: the reply of the engine's default decoding
+    (greedy; equal to transformers' greedy output wherever the full evaluation measured it,
+    its lossless_adaptive), its HumanEval check, whether it is the base's (`teacher`)."""
+    from ..core import jacobi_generate
 
-    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": problem["prompt"]}])
-    config = JacobiConfig(s.max_new_tokens, s.window_size, eos_ids(tokenizer), seed=s.seed,
-                          prompt_lookup=s.prompt_lookup)
+    ids, config = prompt_and_config(tokenizer, problem, s)
     out = jacobi_generate(model, ids, config)
-    reply = tokenizer.decode(out.tokens, skip_special_tokens=True)
-    check = pass_at_1(reply, problem, s.timeout)
-    return {"id": problem["id"], "greedy": out.tokens, "reply": reply, "passed": check.passed,
-            "check": check.result, "identical_to_teacher": teacher in (None, out.tokens),
+    return {"id": problem["id"], "greedy": out.tokens,
+            "identical_to_teacher": teacher in (None, out.tokens),
             "adaptive": {"accepted": sum(out.stats.accepted_per_forward),
                          "forwards": out.stats.forwards},
-            "tokenizer": tokenizer_identity(tokenizer)}
+            **checked_reply(tokenizer, out.tokens, problem, s)}
 
 
 def evaluate_model(path: str, problems: list[dict], out: Path, s: Settings,
@@ -263,8 +271,8 @@ def summarize_replies(records: list[dict]) -> dict:
     """The summary of --pass-at-1-only's records."""
     from ..core.stats import tokens_per_forward
 
-    n = len(records)
-    return {"prompts": n, "passed": sum(r["passed"] for r in records),
+    n = max(len(records), 1)
+    return {"prompts": len(records), "passed": sum(r["passed"] for r in records),
             "pass_at_1": 100.0 * sum(r["passed"] for r in records) / n,
             "identical_to_teacher": 100.0 * sum(r["identical_to_teacher"] for r in records) / n,
             "tpf_adaptive": tokens_per_forward(sum(r["adaptive"]["accepted"] for r in records),
