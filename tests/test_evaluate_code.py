@@ -119,6 +119,9 @@ def test_pass_at_1_only_decodes_once_per_prompt_and_compares_the_verdicts(tmp_pa
     assert "by the base only: 0, by the CLLM only: 0, by neither: 2" in printed
     summary = json.loads((out / "pass-at-1.json").read_text())
     assert summary["base"]["identical_to_teacher"] == 100.0 and summary["base"]["passed"] == 0
+    assert summary["base"]["agreement"] == 100.0
+    full_summary = json.loads((out / "results.json").read_text())
+    assert summary["model"]["agreement"] == full_summary["model"]["agreement"] < 100.0
     assert (out / "results.json").exists() and (out / "pass-at-1.md").exists()
     for name, records in full.items():                  # the same greedy replies, decoded once
         replies = out / name.replace(".jsonl", "-pass.jsonl")

@@ -18,7 +18,8 @@ OUT/results.json and OUT/results.md hold the summary, base beside CLLM. CPU fp32
 
 --pass-at-1-only: per prompt and model one decode, the engine's default (adaptive windows up to
 W, prompt lookup as --prompt-lookup says; lossless, so the model's greedy reply), its HumanEval
-check, and whether the reply is the base's; cheap enough for all 164 problems (--count 0), where
+check, whether the reply is the base's, and the teacher-forced agreement on the base's reply
+(one forward); cheap enough for all 164 problems (--count 0), where
 the 2-point resolution of a pass@1 comparison needs more prompts than the full table can afford.
 Records in OUT/<model>-...-pass.jsonl (resumed), summary in OUT/pass-at-1.json / .md.
 """
@@ -63,6 +64,7 @@ PASS_ROWS = (
     ("pass_at_1", "HumanEval pass@1, greedy reply of the default engine (%)"),
     ("passed", "problems passed"),
     ("identical_to_teacher", "greedy reply identical to the base's (%)"),
+    ("agreement", "teacher-forced agreement with the base's greedy tokens (% of positions)"),
     ("tpf_adaptive", "tokens per forward, adaptive engine (default, windows up to {w}{lookup})"),
     ("mean_output_tokens", "mean greedy reply (tokens)"),
 )
@@ -184,13 +186,16 @@ def measure_reply(model, tokenizer, problem: dict, teacher: list[int] | None,
                   s: Settings) -> dict:
     """One prompt's record for --pass-at-1-only: the reply of the engine's default decoding
     (greedy; equal to transformers' greedy output wherever the full evaluation measured it,
-    its lossless_adaptive), its HumanEval check, whether it is the base's (`teacher`)."""
+    its lossless_adaptive), its HumanEval check, whether it is the base's reply (`teacher`),
+    and the teacher-forced agreement on that (one more forward)."""
     from ..core import jacobi_generate
 
     ids, config = prompt_and_config(tokenizer, problem, s)
     out = jacobi_generate(model, ids, config)
+    reference = out.tokens if teacher is None else teacher
     return {"id": problem["id"], "greedy": out.tokens,
-            "identical_to_teacher": teacher in (None, out.tokens),
+            "identical_to_teacher": out.tokens == reference,
+            "agreement": [teacher_forced(model, ids, reference), len(reference)],
             "adaptive": {"accepted": sum(out.stats.accepted_per_forward),
                          "forwards": out.stats.forwards},
             **checked_reply(tokenizer, out.tokens, problem, s)}
@@ -275,6 +280,8 @@ def summarize_replies(records: list[dict]) -> dict:
     return {"prompts": len(records), "passed": sum(r["passed"] for r in records),
             "pass_at_1": 100.0 * sum(r["passed"] for r in records) / n,
             "identical_to_teacher": 100.0 * sum(r["identical_to_teacher"] for r in records) / n,
+            "agreement": 100.0 * sum(r["agreement"][0] for r in records) / max(
+                sum(r["agreement"][1] for r in records), 1),
             "tpf_adaptive": tokens_per_forward(sum(r["adaptive"]["accepted"] for r in records),
                                                sum(r["adaptive"]["forwards"] for r in records)),
             "mean_output_tokens": sum(len(r["greedy"]) for r in records) / n}
