@@ -183,6 +183,22 @@ def test_offline_cli_runs_every_method_losslessly(tiny_dirs, tmp_path):
     assert "imports fastchat: False" in done.stdout
 
 
+def test_an_output_that_is_a_folder_is_refused_before_the_run(tiny_dirs, tmp_path, monkeypatch):
+    """--out / --plot naming a folder: one line at once, not a traceback after the run; a
+    folder that does not exist yet is made."""
+    from fastchat_cllm.bench import __main__ as bench
+
+    monkeypatch.setattr(bench, "offline", lambda args, info: pytest.fail("the run started"))
+    base = ["--model", str(tiny_dirs[0]), "--methods", "ar", "--num-prompts", "1"]
+    for flags in (["--out", str(tmp_path)],
+                  ["--out", str(tmp_path / "r.json"), "--plot", str(tmp_path)]):
+        with pytest.raises(SystemExit, match=r"is a folder: give a file, e.g. "):
+            bench.main(base + flags)
+    monkeypatch.setattr(bench, "offline", lambda args, info: {"mode": "offline"})
+    bench.main(base + ["--out", str(tmp_path / "new" / "r.json")])
+    assert json.loads((tmp_path / "new" / "r.json").read_text()) == {"mode": "offline"}
+
+
 def test_no_pack_runs_torchs_linear_layers(tiny_dirs, tmp_path):
     out = tmp_path / "plain.json"
     cmd = [sys.executable, "-c", RUN_MAIN, "--model", str(tiny_dirs[0]), "--methods", "ar",

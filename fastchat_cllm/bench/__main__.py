@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import report
 from .extras import MissingExtra, need
@@ -171,9 +172,25 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
 
 
+def output_file(path: str, flag: str) -> Path:
+    """`path` as a file the run writes at its end, checked now (its folder made): SystemExit
+    with one line when it is a folder, rather than a traceback after the measurements."""
+    out = Path(path)
+    if out.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder: give a file, e.g. "
+                         f"{out / ('results.json' if flag == '--out' else 'results.png')}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot make its folder ({e})") from None
+    return out
+
+
 def _run(args) -> dict:
+    output_file(args.out, "--out")       # checked before the run, not after it
     if args.plot:
-        need("matplotlib", "--plot")     # checked before the run, not after it
+        output_file(args.plot, "--plot")
+        need("matplotlib", "--plot")
     if args.threads:
         import torch
 
