@@ -102,7 +102,8 @@ def test_keep_alives_do_not_start_the_answer_and_a_silent_worker_times_out():
     # queued: empty chunks every 0.25 s (more often than the 1 s per read) for 3 s
     queued = stream_from([(0.25, b"\0")] * 12)
     assert len(queued) == 1 and queued[0]["error_code"] == 50006
-    assert "did not answer within 2.0 s" in queued[0]["text"] and 1.9 < queued[0]["at"] < 4
+    assert "did not start its answer within 2.0 s" in queued[0]["text"]
+    assert 1.9 < queued[0]["at"] < 4
     # started: two chunks (the second split across HTTP chunks), then silent
     talked = stream_from([(0.25, chunk("a")), (0.25, chunk("ab")[:5]), (0.25, chunk("ab")[5:])])
     assert [c["text"] for c in talked[:2]] == ["a", "ab"]
@@ -111,7 +112,7 @@ def test_keep_alives_do_not_start_the_answer_and_a_silent_worker_times_out():
     # not even headers: the request's send is bounded by START_SECONDS too
     mute = stream_from([], status=None)
     assert len(mute) == 1 and mute[0]["error_code"] == 50006
-    assert mute[0]["text"].startswith("the worker did not answer within 2.0 s (http://")
+    assert mute[0]["text"].startswith("the worker did not start its answer within 2.0 s (http://")
     assert 1.9 < mute[0]["at"] < 4
 
 
@@ -119,3 +120,10 @@ def test_a_worker_reply_that_is_not_200_is_one_error_chunk():
     out = stream_from([(0, b"no such model")], status=400)
     assert len(out) == 1 and out[0]["error_code"] != 0
     assert out[0]["text"] == "the worker answered 400: no such model"
+
+
+def test_a_chunk_that_is_not_fastchats_json_is_an_error_chunk():
+    for bad in (b"not json", b"\xff\xfe", b"[1, 2]", b'{"text": "no error code"}'):
+        out = stream_from([(0, chunk("a")), (0, bad + b"\0")])
+        assert out[0]["text"] == "a" and out[1]["error_code"] != 0, bad
+        assert out[1]["text"].startswith("the worker sent a chunk that is not FastChat's"), bad

@@ -190,7 +190,7 @@ def test_an_output_that_is_a_folder_is_refused_before_the_run(tiny_dirs, tmp_pat
 
     monkeypatch.setattr(bench, "offline", lambda args, info: pytest.fail("the run started"))
     base = ["--model", str(tiny_dirs[0]), "--methods", "ar", "--num-prompts", "1"]
-    for flags in (["--out", str(tmp_path)],
+    for flags in (["--out", str(tmp_path)], ["--out", f"{tmp_path}/not-yet/"],
                   ["--out", str(tmp_path / "r.json"), "--plot", str(tmp_path)]):
         with pytest.raises(SystemExit, match=r"is a folder: give a file, e.g. "):
             bench.main(base + flags)

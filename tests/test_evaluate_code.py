@@ -101,10 +101,15 @@ def test_base_against_itself_then_a_cllm_against_the_cached_base(tmp_path, capsy
     assert without["model"]["tpf_sliding"] == other["tpf_sliding"]    # same guesses, same count
 
 
-def test_pass_at_1_only_decodes_once_per_prompt_and_compares_the_verdicts(tmp_path, capsys):
-    """--pass-at-1-only: its own records and summary beside the full evaluation's; the replies
-    are the greedy ones the full evaluation found (the engine is lossless); one of the base's
-    replies replaced by a right answer shows in pass@1 and in the verdicts."""
+def test_pass_at_1_only_decodes_once_per_prompt_and_compares_the_verdicts(tmp_path, capsys,
+                                                                        monkeypatch):
+    """--pass-at-1-only: one decode per prompt and model, its own records and summary beside
+    the full evaluation's; the replies are the greedy ones the full evaluation found (the
+    engine is lossless); one of the base's replies replaced by a right answer shows in pass@1
+    and in the verdicts."""
+    from fastchat_cllm import core
+    from fastchat_cllm.bench import methods
+
     base = tiny_folder(tmp_path / "base")
     cllm = save_adapter(tmp_path / "cllm", str(base), seed=3)
     out = tmp_path / "eval"
@@ -113,7 +118,12 @@ def test_pass_at_1_only_decodes_once_per_prompt_and_compares_the_verdicts(tmp_pa
     assert evaluate_code.main(argv) == 0
     full = {p.name: [json.loads(line) for line in p.read_text().splitlines()]
             for p in out.glob("*.jsonl")}
+    decodes, generate = [], core.jacobi_generate
+    monkeypatch.setattr(core, "jacobi_generate", lambda *a, **k: decodes.append(1) or
+                        generate(*a, **k))
+    monkeypatch.setattr(methods, "decoder", lambda name: pytest.fail("an AR decode"))
     assert evaluate_code.main(argv + ["--pass-at-1-only"]) == 0
+    assert len(decodes) == 4                            # 2 prompts x 2 models, one decode each
     printed = capsys.readouterr().out
     assert "| HumanEval pass@1, greedy reply of the default engine (%) | 0.00 | 0.00 |" in printed
     assert "by the base only: 0, by the CLLM only: 0, by neither: 2" in printed

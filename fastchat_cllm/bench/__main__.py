@@ -176,7 +176,7 @@ def output_file(path: str, flag: str) -> Path:
     """`path` as a file the run writes at its end, checked now (its folder made): SystemExit
     with one line when it is a folder, rather than a traceback after the measurements."""
     out = Path(path)
-    if out.is_dir():
+    if out.is_dir() or path.endswith("/"):
         raise SystemExit(f"error: {flag} {path} is a folder: give a file, e.g. "
                          f"{out / ('results.json' if flag == '--out' else 'results.png')}")
     try:

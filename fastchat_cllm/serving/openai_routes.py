@@ -100,8 +100,8 @@ async def worker_stream(params: dict, worker: str) -> AsyncIterator[dict]:
             finally:        # an error here would be yielded into a generator being closed
                 with suppress(httpx.HTTPError):
                     await response.aclose()
-    except TimeoutError as error:       # the answer had not started: no message
-        waited = str(error) or f"the worker did not answer within {START_SECONDS} s"
+    except TimeoutError as error:       # no message: the answer had not started by started_by
+        waited = str(error) or f"the worker did not start its answer within {START_SECONDS} s"
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT, "text": f"{waited} ({url})"}
     except httpx.TimeoutException as error:      # connecting, sending the request
         yield {"error_code": ErrorCode.CONTROLLER_WORKER_TIMEOUT,
@@ -144,7 +144,20 @@ async def answer_chunks(response: httpx.Response, started_by: float,
         for chunk in chunks:
             if chunk:
                 started = True
-                yield json.loads(chunk.decode())
+                yield parsed(chunk)
+
+
+def parsed(chunk: bytes) -> dict:
+    """A worker's chunk as FastChat's {"text", "error_code", ...}; one that is not such a JSON
+    object becomes an error chunk (which ends the answer), not an exception."""
+    try:
+        content = json.loads(chunk.decode())
+    except ValueError:                  # (a UnicodeDecodeError is one too)
+        content = None
+    if not isinstance(content, dict) or "error_code" not in content:
+        return {"error_code": ErrorCode.INTERNAL_ERROR,
+                "text": f"the worker sent a chunk that is not FastChat's: {chunk[:100]!r}"}
+    return content
 
 
 async def final_answer(params: dict, worker: str) -> dict:
