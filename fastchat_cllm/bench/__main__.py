@@ -7,6 +7,7 @@ same --model and measures both alike. The exit status is 1 when any served reque
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
                         "prepacked for oneDNN (the default, ~2x faster forwards; every method, "
                         "and the draft model, runs the same way; serving modes measure the "
                         "worker as it runs)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="offline on the CPU: run a GGUF model on float32 weights dequantized "
+                        "at load (by default its linear layers read the file's quantized "
+                        "blocks, as the worker's do; --no-pack implies it)")
     p.add_argument("--serve-url", help="measure a running stack instead, e.g. "
                    "http://127.0.0.1:8000/v1")
     p.add_argument("--compare-stock-worker", action="store_true",
@@ -53,6 +58,17 @@ def parser() -> argparse.ArgumentParser:
                    "server), then the same with FastChat's stock fastchat.serve.model_worker, on "
                    "--model (a GGUF or LoRA is first saved as a Hugging Face folder), --device "
                    "and --dtype; measure both at each --concurrency and report them side by side")
+    p.add_argument("--compare-llamacpp", metavar="PATH",
+                   help="serving: start our stack and llama.cpp's llama-server (the binary at "
+                   "PATH; building it: docs/llamacpp.md) on the same GGUF (--model's), same "
+                   "threads and slots (--limit-worker-concurrency, default 8), both up at once; "
+                   "measure them in turns, wave by wave, at each --concurrency")
+    p.add_argument("--llamacpp-spec", action="store_true",
+                   help="--compare-llamacpp: also a llama-server with its n-gram speculation "
+                   "(--spec-type ngram-simple, n 3, m 16)")
+    p.add_argument("--worker-args", default="",
+                   help="--compare-llamacpp: more flags for our worker, one string (e.g. "
+                   "'--compile off --window-size 8')")
     p.add_argument("--limit-worker-concurrency", type=int,
                    help="--compare-stock-worker: passed to both workers (requests each decodes "
                    "at once); default: each worker's own")
@@ -88,10 +104,12 @@ def offline(args, info: dict) -> dict:
     prompts = select_prompts(args.prompts, args.num_prompts)
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
     try:
-        model, tokenizer = load(args.model, dtype=dtype, device=device, pack=not args.no_pack)
+        model, tokenizer = load(args.model, dtype=dtype, device=device, pack=not args.no_pack,
+                                quantized=not (args.no_pack or args.dequantize))
     except (ValueError, FileNotFoundError) as e:     # a missing path or adapter file: one line
         raise SystemExit(f"error: {e}") from None
-    draft = (load(args.draft_model, dtype=dtype, device=device, pack=not args.no_pack)[0]
+    draft = (load(args.draft_model, dtype=dtype, device=device, pack=not args.no_pack,
+                  quantized=not (args.no_pack or args.dequantize))[0]
              if args.draft_model else None)
     results = run_offline(config, model, tokenizer, prompts, draft)
     run = {"mode": "offline", "model": args.model or DEFAULT_MODEL,
@@ -159,6 +177,32 @@ def compare(args, info: dict) -> dict:
     return run
 
 
+def compare_llamacpp(args, info: dict) -> dict:
+    from ..serving.stack import StackError
+    from .llamacpp import LlamaCompareConfig, find_binary, run_llamacpp_compare, table
+
+    need("openai", "--compare-llamacpp")
+    if args.serve_url:
+        raise SystemExit("error: --compare-llamacpp starts its own servers: drop --serve-url")
+    try:
+        config = LlamaCompareConfig(find_binary(args.compare_llamacpp), args.model,
+                                    _levels(args.concurrency), args.max_new_tokens,
+                                    args.limit_worker_concurrency or 8, args.threads or 0,
+                                    args.llamacpp_spec, args.timeout,
+                                    args.logdir or "/tmp/fastchat-cllm-llamacpp-logs",
+                                    (("--dequantize",) if args.dequantize else ())
+                                    + tuple(shlex.split(args.worker_args)))
+        results = run_llamacpp_compare(config, select_prompts(args.prompts, args.num_prompts))
+    except (ValueError, RuntimeError, StackError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(table(results))
+    for side, levels in results["sides"].items():
+        for line in report.failures(levels):
+            print(f"{side}: {line}", file=sys.stderr)
+    return {"mode": "serving-llamacpp", "machine": info, "max_new_tokens": args.max_new_tokens,
+            **results}
+
+
 def _levels(text: str) -> tuple[int, ...]:
     return tuple(int(c) for c in text.split(",") if c)
 
@@ -198,6 +242,8 @@ def _run(args) -> dict:
     info = report.machine()
     if args.compare_stock_worker:
         run = compare(args, info)
+    elif args.compare_llamacpp:
+        run = compare_llamacpp(args, info)
     else:
         run = serving(args, info) if args.serve_url else offline(args, info)
     print(f"machine: {report.machine_line(info)}")
@@ -208,7 +254,9 @@ def _run(args) -> dict:
 def exit_status(run: dict) -> int:
     """1 when a served request failed (the verdict of a load test), else 0."""
     sides = [run] + list(run.get("workers", {}).values())
-    return int(any(level["failed"] for side in sides for level in side.get("levels", ())))
+    levels = [level for side in sides for level in side.get("levels", ())]
+    levels += [level for side in run.get("sides", {}).values() for level in side]
+    return int(any(level["failed"] for level in levels))
 
 
 if __name__ == "__main__":

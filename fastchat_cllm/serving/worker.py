@@ -39,6 +39,7 @@ from starlette.concurrency import iterate_in_threadpool
 
 from .. import loading
 from ..core.engine import CompileError, Engine, EngineLoop, SlotCache
+from ..core.gguf_linear import is_quantized
 from ..core.packed_linear import is_packed, pack_for_inference
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
@@ -161,7 +162,9 @@ class JacobiWorker(BaseModelWorker):
                  self.engine.status()["cache_mib"], "off" if args.no_prefix_cache else "on")
         compiled = self.engine.engine.runner.compile_seconds
         log.info("engine step: %s", f"compiled in {compiled:.0f} s" if compiled else
-                 "eager" + (", linear layers prepacked" if is_packed(model) else ""))
+                 "eager" + (", linear layers prepacked" if is_packed(model) else "")
+                 + (", linear layers on the GGUF file's quantized blocks"
+                    if is_quantized(model) else ""))
 
     def count_token(self, params: dict) -> dict:
         """The prompt's token count for the API server's length check, tokenizing no more of a
@@ -213,7 +216,7 @@ def load(args: argparse.Namespace, dtype, revision):
     """(model, tokenizer) of --model-path; StartupError when it cannot be loaded."""
     try:
         return loading.load(args.model_path, dtype, args.device, args.num_gpus,
-                            args.max_gpu_memory, revision)
+                            args.max_gpu_memory, revision, quantized=not args.dequantize)
     except Exception as e:   # whatever the loaders raise: one line at start-up
         raise StartupError(f"cannot load --model-path {args.model_path}: "
                            f"{type(e).__name__}: {e}") from e
@@ -312,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "weights, and the compile took about a minute on 2 cores, unless "
                              "the memory left is less than 1.5x the weights and the slot cache: it keeps a second, prepacked copy of the weights; "
                              "off on CUDA, not measured there yet)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="run a GGUF model on float32 weights dequantized at load (by "
+                             "default, on the CPU in float32, its linear layers read the file's "
+                             "quantized blocks: Q4_0, Q4_1, Q8_0; other types are dequantized, "
+                             "named in the log)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,
