@@ -13,7 +13,7 @@ import torch
 
 from harness import chat_ids
 from fastchat_cllm import jacobi_generate, loading
-from fastchat_cllm.core import gguf_linear
+from fastchat_cllm.core import cpu_kernels, gguf_linear
 from fastchat_cllm.core.gguf_linear import GGUFLinear
 
 TYPES = ("Q4_0", "Q4_1", "Q8_0")
@@ -31,7 +31,7 @@ def quantized_layer(qtype: str, out_features: int, in_features: int, seed: int =
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_kernel_equals_the_dequantized_matrix(qtype):
-    gguf_linear.kernel_ready()
+    cpu_kernels.load()
     layer, values = quantized_layer(qtype, 13, 96)       # 13: no multiple of any tile
     for rows in (1, 2, 3, 4, 5, 9):
         x = torch.randn(rows, 96)
@@ -46,7 +46,7 @@ def test_kernel_equals_the_dequantized_matrix(qtype):
 @pytest.mark.parametrize("qtype", TYPES)
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype):
     """Bit for bit: what makes a Jacobi window's logits those of AR steps."""
-    gguf_linear.kernel_ready()
+    cpu_kernels.load()
     layer, _ = quantized_layer(qtype, 20, 128, seed=1)
     x = torch.randn(11, 128)
     together = layer(x)
@@ -57,7 +57,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype):
 
 
 def test_lora_delta_is_added_unmerged():
-    gguf_linear.kernel_ready()
+    cpu_kernels.load()
     layer, values = quantized_layer("Q4_1", 8, 64)
     a, b = torch.randn(4, 64), torch.randn(8, 4)
     layer.add_lora(a, b, 0.5)
@@ -67,7 +67,7 @@ def test_lora_delta_is_added_unmerged():
 
 
 def test_a_layer_refuses_what_it_cannot_do():
-    gguf_linear.kernel_ready()
+    cpu_kernels.load()
     layer, _ = quantized_layer("Q8_0", 4, 32)
     with pytest.raises(ValueError, match="float32"):
         layer(torch.randn(1, 32, dtype=torch.float64))

@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp-spec", action="store_true",
                    help="--compare-llamacpp: also a llama-server with its n-gram speculation "
                    "(--spec-type ngram-simple, n 3, m 16)")
+    p.add_argument("--with-dequantized", action="store_true",
+                   help="--compare-llamacpp: also our stack on float32 weights (--dequantize)")
     p.add_argument("--worker-args", default="",
                    help="--compare-llamacpp: more flags for our worker, one string (e.g. "
                    "'--compile off --window-size 8')")
@@ -188,10 +190,9 @@ def compare_llamacpp(args, info: dict) -> dict:
         config = LlamaCompareConfig(find_binary(args.compare_llamacpp), args.model,
                                     _levels(args.concurrency), args.max_new_tokens,
                                     args.limit_worker_concurrency or 8, args.threads or 0,
-                                    args.llamacpp_spec, args.timeout,
+                                    args.llamacpp_spec, args.with_dequantized, args.timeout,
                                     args.logdir or "/tmp/fastchat-cllm-llamacpp-logs",
-                                    (("--dequantize",) if args.dequantize else ())
-                                    + tuple(shlex.split(args.worker_args)))
+                                    tuple(shlex.split(args.worker_args)))
         results = run_llamacpp_compare(config, select_prompts(args.prompts, args.num_prompts))
     except (ValueError, RuntimeError, StackError) as e:
         raise SystemExit(f"error: {e}") from None

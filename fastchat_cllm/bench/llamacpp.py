@@ -4,7 +4,9 @@ on the same GGUF file, both up at once and measured in turns.
 llama-server gets the file our worker loads (the default model's, or --model's base when that
 is a LoRA folder on a GGUF), the same thread count (-t, torch's) and slots (-np: the worker's
 --limit-worker-concurrency), each slot the worker's context; with --llamacpp-spec a second
-llama-server also runs with its n-gram speculation (ngram-simple, n 3, m 16). At each
+llama-server also runs with its n-gram speculation (ngram-simple, n 3, m 16), and with
+--with-dequantized a second stack of ours on float32 weights (the worker's --dequantize: how we
+ran before the file's blocks were kept). At each
 concurrency c the prompts go in waves of c streams; each wave runs on every server in turn,
 the order rotating wave by wave (A B C, B C A, ...), so a drifting machine hits them alike. A
 side's rate at a level is its completion tokens over the sum of its waves' walls; tokens are
@@ -43,6 +45,7 @@ class LlamaCompareConfig:
     slots: int = 8
     threads: int = 0                     # 0: torch's thread count
     spec: bool = False                   # also llama-server with n-gram speculation
+    dequantized: bool = False            # also our stack with --dequantize (the float32 path)
     timeout: float = 600.0
     logdir: str = "/tmp/fastchat-cllm-llamacpp-logs"
     worker_flags: tuple[str, ...] = field(default_factory=tuple)
@@ -110,7 +113,7 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 @contextmanager
-def our_stack(config: LlamaCompareConfig):
+def our_stack(config: LlamaCompareConfig, side: str = "fastchat-cllm", extra: tuple = ()):
     """Our stack on free ports with the same slots; yields its /v1 URL and served name."""
     from ..serving.stack import Stack, free_ports, parse
 
@@ -119,9 +122,9 @@ def our_stack(config: LlamaCompareConfig):
     args, worker_args = parse(["--model-path", config.model or loading.DEFAULT_MODEL,
                                "--controller-port", str(controller), "--worker-port",
                                str(worker), "--api-port", str(api), "--logdir",
-                               str(Path(config.logdir) / "fastchat-cllm"), "--model-names", name,
+                               str(Path(config.logdir) / side), "--model-names", name,
                                "--limit-worker-concurrency", str(config.slots),
-                               *config.worker_flags])
+                               *config.worker_flags, *extra])
     stack = Stack(args, worker_args)
     try:
         with redirect_stdout(sys.stderr):
@@ -193,6 +196,9 @@ def run_llamacpp_compare(config: LlamaCompareConfig, prompts: list[Prompt]) -> d
     ports = free_ports(2)
     with ExitStack() as stack:
         sides = {"fastchat-cllm": stack.enter_context(our_stack(config))}
+        if config.dequantized:
+            sides["fastchat-cllm-dequantized"] = stack.enter_context(
+                our_stack(config, "fastchat-cllm-dequantized", ("--dequantize",)))
         url = stack.enter_context(llama_server(config, ports[0], "llama-server", ()))
         sides["llama-server"] = (url, "llama")
         if config.spec:

@@ -5,7 +5,7 @@ forward of SmolLM2-135M then reads 540 MB where the file holds 96 MB. `keep_quan
 each nn.Linear whose weight the file stores in a type the kernel runs (Q4_0, Q4_1, Q8_0) for a
 GGUFLinear holding the file's blocks, bytes as they are, and a forward multiplies them with
 float32 activations and float32 accumulation (kernels/gguf_linear.cpp, built for this CPU at
-first use). The numbers are the dequantized model's: each weight is exactly its float32 value,
+first use: cpu_kernels.py). The numbers are the dequantized model's: each weight is exactly its float32 value,
 only the order of the sums differs. A weight of any other type stays dequantized, named in one
 log line. Each swap is checked: the blocks, dequantized, must equal the layer's weight bit for
 bit (after the row order transformers gives Llama's q/k projections), else the layer stays.
@@ -17,9 +17,7 @@ Inference only, like packed_linear: no backward, no state_dict, no other dtype o
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,52 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cpu_kernels
+from .cpu_kernels import KernelError
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "gguf_linear.cpp"
 BLOCK = 32                                   # weights per block in every type the kernel runs
 KERNEL_TYPES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}       # bytes per block of each
-_built: list = []
-
-
-class KernelError(RuntimeError):
-    """The kernel could not be built or loaded here (no compiler, ...)."""
-
-
-def cpu_tag() -> str:
-    """What a build for this CPU depends on (-march=native): its model and flags, hashed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in info.splitlines()
-                 if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = [platform.processor(), platform.machine()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
-
-
-def kernel() -> None:
-    """Build (first use on this CPU, ~20 s; then loaded from torch's extension folder) and load
-    the kernel, registering its ops (fastchat_cllm_gguf::q4_linear, q8_linear). KernelError
-    when it cannot."""
-    if _built:
-        return
-    from torch.utils import cpp_extension
-
-    name = f"fastchat_cllm_gguf_linear_{cpu_tag()}"
-    try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"],
-                           verbose=False)
-    except Exception as e:       # a compiler missing or failing: said in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise KernelError(f"cannot build the GGUF kernel ({SOURCE.name}): {first}") from e
-    _built.append(name)
-
-
-def _fake(x, qs, d, m=None):
-    """The ops' output for torch.compile: [M, N]."""
-    return x.new_empty(x.shape[0], qs.shape[0])
 
 
 def split_blocks(blocks: np.ndarray, qtype: str, in_features: int):
@@ -89,15 +48,6 @@ def split_blocks(blocks: np.ndarray, qtype: str, in_features: int):
     qs = torch.from_numpy(raw[:, :, first:].copy().reshape(rows, in_features // 2))
     d = scale(0)
     return qs, d, scale(2) if qtype == "Q4_1" else -8 * d
-
-
-def kernel_ready() -> None:
-    """kernel(), plus the op's shape function for torch.compile (once)."""
-    first = not _built
-    kernel()
-    if first:
-        for op in ("q4_linear", "q8_linear"):
-            torch.library.register_fake(f"fastchat_cllm_gguf::{op}")(_fake)
 
 
 class GGUFLinear(nn.Module):
@@ -132,9 +82,9 @@ class GGUFLinear(nn.Module):
                                "keep_quantized for training")
         flat = x.reshape(-1, self.in_features)                              # [N, in]
         if self.m is None:
-            y = torch.ops.fastchat_cllm_gguf.q8_linear(flat, self.qs, self.d)
+            y = torch.ops.fastchat_cllm_cpu.q8_linear(flat, self.qs, self.d)
         else:
-            y = torch.ops.fastchat_cllm_gguf.q4_linear(flat, self.qs, self.d, self.m)
+            y = torch.ops.fastchat_cllm_cpu.q4_linear(flat, self.qs, self.d, self.m)
         if self.lora is not None:
             a, b, scale = self.lora
             y = y + (flat @ a.T) @ (b.T * scale)
@@ -216,7 +166,7 @@ def keep_quantized(model: nn.Module, gguf_path: Path) -> Report:
     why = refusal(model)
     if why is not None:
         raise ValueError(f"cannot keep the GGUF weights quantized: {why}")
-    kernel_ready()
+    cpu_kernels.load()
     reader = gguf.GGUFReader(str(gguf_path))
     tensors = {t.name: t for t in reader.tensors}
     names = name_map(model, reader)
@@ -282,3 +232,16 @@ def swap_for(name: str, module: nn.Linear, tensor, config) -> tuple[GGUFLinear |
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, GGUFLinear) for m in model.modules())
+
+
+def summary(model: nn.Module) -> str:
+    """One line on what a model's linear layers read: GGUF blocks (by type) and float32."""
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    floats = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    types: dict[str, int] = {}
+    for m in layers:
+        types[m.qtype] = types.get(m.qtype, 0) + 1
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
+    return (f"{len(layers)} on the GGUF file's blocks ({kinds}, "
+            f"{sum(m.nbytes for m in layers) / 2**20:.0f} MiB)"
+            + (f", {len(floats)} dequantized" if floats else ""))

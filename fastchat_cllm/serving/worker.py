@@ -40,6 +40,7 @@ from starlette.concurrency import iterate_in_threadpool
 from .. import loading
 from ..core.engine import CompileError, Engine, EngineLoop, SlotCache
 from ..core.gguf_linear import is_quantized
+from ..core.gguf_linear import summary as quantized_summary
 from ..core.packed_linear import is_packed, pack_for_inference
 from ..core.stats import tokens_per_forward
 from .adapter import CllmAdapter
@@ -162,9 +163,9 @@ class JacobiWorker(BaseModelWorker):
                  self.engine.status()["cache_mib"], "off" if args.no_prefix_cache else "on")
         compiled = self.engine.engine.runner.compile_seconds
         log.info("engine step: %s", f"compiled in {compiled:.0f} s" if compiled else
-                 "eager" + (", linear layers prepacked" if is_packed(model) else "")
-                 + (", linear layers on the GGUF file's quantized blocks"
-                    if is_quantized(model) else ""))
+                 "eager" + (", linear layers prepacked" if is_packed(model) else ""))
+        if is_quantized(model):
+            log.info("linear layers: %s", quantized_summary(model))
 
     def count_token(self, params: dict) -> dict:
         """The prompt's token count for the API server's length check, tokenizing no more of a

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .. import cpu_kernels
 from ..kv_cache import cache_kwarg
 from .slot_cache import SlotCache
 
@@ -87,12 +88,13 @@ def group_mask(starts: torch.Tensor, width: int, kv_len: int) -> torch.Tensor:
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      packing: list[Group] | tuple[torch.Tensor, torch.Tensor] | None = None,
-                     **kwargs):
+                     packed_native: bool = False, **kwargs):
     """AttentionInterface function: query [1, H, T, D] of the packed sequence; key/value: the
     layer's whole stores (SlotLayer.update, already holding this forward's tokens). Returns
     [1, T, H, D]. `packing`: the groups, or in a compiled step their encoding (`encode`), which
-    goes through the custom op `fastchat_cllm::packed_attention`: opaque to the compiler, so the
-    step is one graph whatever the groups are."""
+    goes through a custom op, opaque to the compiler, so the step is one graph whatever the
+    groups are: `packed_native`, the C++ kernel's (cpu_kernels: float32 on the CPU, no Python
+    per layer), else `fastchat_cllm::packed_attention` (SDPA per group)."""
     if packing is None:
         raise RuntimeError(f"the {PACKED!r} attention runs only inside the engine's forward")
     unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
@@ -100,6 +102,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError(f"the engine's attention does not support {unsupported}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(packing, tuple):
+        if packed_native:
+            return torch.ops.fastchat_cllm_cpu.packed_attention(query, key, value, *packing,
+                                                                scale), None
         return packed_attention_op(query, key, value, *packing, scale), None
     return attend(query, key, value, packing, scale), None
 
@@ -225,6 +230,9 @@ class Runner:
                              f"cannot (set_attn_implementation)")
         self.model, self.cache = model, cache
         self.cache_kwarg = cache_kwarg(type(model))
+        # the attention's C++ kernel where it runs (float32 on the CPU, built here)
+        self.native = (model.device.type == "cpu" and model.dtype == torch.float32
+                       and cpu_kernels.available())
         self.compiled, self.compile_seconds, self.eager_steps = None, 0.0, 0
         self.stance, self.refused = "fail_on_recompile", 0    # refused: in a row
         if compile:
@@ -269,7 +277,8 @@ class Runner:
         with packed_attention_of(self.model):
             if self.compiled is None:
                 out = self.model(input_ids=ids, position_ids=positions, logits_to_keep=columns,
-                                 use_cache=True, packing=groups,
+                                 use_cache=True, packed_native=self.native,
+                                 packing=encode(groups) if self.native else groups,
                                  **{self.cache_kwarg: self.cache})
             else:
                 if len(columns) == 1:                  # no size 1: see encode
@@ -278,7 +287,7 @@ class Runner:
                     with torch.compiler.set_stance(self.stance):
                         out = self.compiled(input_ids=ids, position_ids=positions,
                                             logits_to_keep=columns, use_cache=True,
-                                            packing=encode(groups),
+                                            packing=encode(groups), packed_native=self.native,
                                             **{self.cache_kwarg: self.cache})
                 except RuntimeError as error:
                     if "fail_on_recompile" not in str(error):

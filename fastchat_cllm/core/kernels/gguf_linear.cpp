@@ -211,11 +211,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY(fastchat_cllm_gguf, lib) {
+TORCH_LIBRARY_FRAGMENT(fastchat_cllm_cpu, lib) {
     lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
     lib.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(fastchat_cllm_gguf, CPU, lib) {
+TORCH_LIBRARY_IMPL(fastchat_cllm_cpu, CPU, lib) {
     lib.impl("q4_linear", &q4_linear);
     lib.impl("q8_linear", &q8_linear);
 }
