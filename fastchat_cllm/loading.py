@@ -179,12 +179,30 @@ def attention_implementation(device: str, dtype) -> str:
     return "sdpa"
 
 
+def check_gguf(path: Path) -> None:
+    """ValueError naming `path` when it is not a whole GGUF file (truncated, corrupt): read
+    its header and tensor table, and that every tensor's data lies within the file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+    except Exception as e:          # whatever gguf-py raises on a broken file
+        raise ValueError(f"{path} is not a whole GGUF file (truncated or corrupt: "
+                         f"{type(e).__name__}: {e})") from None
+
+
 def load_causal_lm(source: ModelSource, dtype=None, device: str = "cpu", **kwargs):
     """A causal LM in eval mode on `device` (GGUF weights are dequantized on load)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
+    if source.gguf_file:
+        check_gguf(source.folder / source.gguf_file)
     kwargs.setdefault("attn_implementation", attention_implementation(device, dtype))
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **source.kwargs, **kwargs)
     if "device_map" not in kwargs:
@@ -263,7 +281,21 @@ def keep_gguf_quantized(model, source: ModelSource):
         log.warning("%s; running the model on dequantized float32 weights", e)
         return model
     log.info("%s", report)
+    give_back_freed_memory()
     return model
+
+
+def give_back_freed_memory() -> None:
+    """Return the freed float32 weights to the system (glibc keeps freed heap pages: the
+    resident size of a quantized SmolLM2 fell from ~1.07 GB to ~0.66 GB with this)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to do
+        pass
 
 
 def load(path: str | None = None, dtype=None, device: str = "cpu", num_gpus: int = 1,

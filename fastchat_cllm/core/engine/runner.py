@@ -234,6 +234,11 @@ class Runner:
         self.native = (model.device.type == "cpu" and model.dtype == torch.float32
                        and cpu_kernels.available())
         self.compiled, self.compile_seconds, self.eager_steps = None, 0.0, 0
+        # float32 nn.Linear weights are frozen into the graph (inductor prepacks them for
+        # oneDNN); a model whose linear layers are all GGUF blocks (ops of their own) has
+        # nothing to prepack, and unfrozen its compiled graph is reused by later starts
+        # (inductor's and AOTAutograd's caches refuse frozen graphs)
+        self.freezes = any(type(m) is torch.nn.Linear for m in model.modules())
         self.stance, self.refused = "fail_on_recompile", 0    # refused: in a row
         if compile:
             self.run([Row(0, [0] * 5, range(2, 5))])     # eagerly first: the model's own errors
@@ -331,7 +336,8 @@ class Runner:
             self.compiled = compiled
 
     def warm_up(self) -> float:
-        """Compile the step on slot 0 (left empty after), weights frozen into the graph; seconds.
+        """Compile the step on slot 0 (left empty after), float32 weights frozen into the graph
+        (`freezes`); seconds.
 
         torch.compile gives sizes that are equal when it compiles one symbol, and the graph
         would then run only where they are equal again; so the warm-up's sizes differ: tokens
@@ -345,7 +351,7 @@ class Runner:
             torch._dynamo.mark_static(layer.values)
         started, self.stance = time.perf_counter(), "default"
         try:
-            with torch._inductor.config.patch(freezing=True):   # (not read from options=)
+            with torch._inductor.config.patch(freezing=self.freezes):   # (not options=)
                 self.run([Row(0, [0] * 5, range(2, 5))])
         finally:
             self.stance = "fail_on_recompile"     # then: a step that would compile runs eagerly
