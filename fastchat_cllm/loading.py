@@ -224,12 +224,31 @@ def load_model(source: ModelSource, dtype=None, device: str = "cpu", quantized: 
     base_source = lora_base(source)
     base = load_model(base_source, dtype, device, **kwargs)   # a LoRA on a LoRA too
     adapted = PeftModel.from_pretrained(base, source.folder)
-    if not (quantized and base_source.gguf_file):
+    unmerged = quantized and base_source.gguf_file and plain_lora(adapted)
+    if not unmerged:
         return adapted.merge_and_unload().eval()
     deltas = lora_deltas(adapted)
     model = keep_gguf_quantized(adapted.unload().eval(), base_source)
     add_lora(model, deltas)
     return model
+
+
+def plain_lora(adapted) -> bool:
+    """Whether every adapted layer is a plain LoRA on a linear layer (x A^T B^T s, nothing
+    else): only such an adapter is kept unmerged on GGUF blocks (lora_deltas); DoRA, a LoRA
+    bias, fan_in_fan_out, embedding LoRA or modules_to_save are merged, as before, and logged."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    config = adapted.peft_config[adapted.active_adapter]
+    extras = [name for name in ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
+                                "trainable_token_indices") if getattr(config, name, None)]
+    layers = [m for m in adapted.modules() if isinstance(m, LoraLayer)]
+    if not extras and all(type(m) is LoraLinear for m in layers):
+        return True
+    log.info("the LoRA adapter is merged into dequantized weights (%s)",
+             ", ".join(extras) or "a layer that is not a linear one")
+    return False
 
 
 def lora_deltas(adapted) -> dict:
@@ -265,8 +284,9 @@ def add_lora(model, deltas: dict) -> None:
 
 def keep_gguf_quantized(model, source: ModelSource):
     """`model` (loaded from `source`) with its linear layers on the GGUF file's blocks where
-    core/gguf_linear can run them here; unchanged, with one warning, where it cannot (not a
-    GGUF file: unchanged, silently)."""
+    core/gguf_linear can run them here; unchanged where it cannot: with a warning when the
+    kernels cannot be built or nothing maps, with an info line off the CPU or not in float32
+    (not a GGUF file: unchanged, silently)."""
     if not source.gguf_file:
         return model
     from .core import gguf_linear

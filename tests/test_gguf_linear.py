@@ -86,7 +86,7 @@ def quantized():
 
 
 @pytest.mark.slow
-def test_every_linear_layer_of_smollm2_reads_the_files_blocks(quantized, caplog):
+def test_every_linear_layer_of_smollm2_reads_the_files_blocks(quantized):
     model, _ = quantized
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     assert not [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -135,11 +135,16 @@ def test_the_shipped_cllm_runs_as_quantized_base_plus_its_lora(smollm2):
     q_proj = quantized.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, GGUFLinear) and q_proj.lora is not None
     assert q_proj.lora[0].dtype == torch.float32                  # the delta, not re-quantized
-    ids = torch.tensor([chat_ids(tokenizer, "def fibonacci(n):")])
+    ids = chat_ids(tokenizer, "def fibonacci(n):")
     with torch.inference_mode():
-        a, b = quantized(ids).logits, merged(ids).logits
+        a, b = quantized(torch.tensor([ids])).logits, merged(torch.tensor([ids])).logits
     assert (a - b).abs().max() < 1e-3
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # Jacobi equals AR on it: the LoRA term too is computed row by row
+    ar = jacobi_generate(quantized, ids, max_new_tokens=48, window_size=1, prompt_lookup=0)
+    for window in (4, 16):
+        assert jacobi_generate(quantized, ids, max_new_tokens=48,
+                               window_size=window).tokens == ar.tokens
 
 
 @pytest.mark.slow
@@ -147,15 +152,14 @@ def test_a_truncated_gguf_is_refused_naming_the_file(tmp_path):
     source = loading.smollm2_gguf()
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(source.read_bytes()[: 5 * 2**20])
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(ValueError, match=r"broken\.gguf is not a whole GGUF file"):
         loading.load(str(broken), dtype=torch.float32, quantized=True)
-    assert "broken.gguf" in str(caught.value) or "broken.gguf" in repr(caught.value.__cause__)
 
 
 @pytest.mark.slow
 def test_layers_of_other_types_stay_dequantized_with_a_warning(quantized, caplog, monkeypatch):
     """A type the kernel does not run (here: Q8_0 taken out of its list) is left float32,
-    named in the log, and the model still computes the same tokens."""
+    named in the log, and the model still computes the same logits (to float rounding)."""
     monkeypatch.setattr(gguf_linear, "KERNEL_TYPES", {"Q4_1": 20})
     model, tokenizer = loading.load(None, dtype=torch.float32)
     with caplog.at_level(logging.WARNING):
@@ -163,7 +167,7 @@ def test_layers_of_other_types_stay_dequantized_with_a_warning(quantized, caplog
     assert report.kept == {"lm_head": "its type Q8_0 has no kernel here"}
     assert type(model.lm_head) is torch.nn.Linear
     assert "lm_head stays dequantized" in caplog.text
-    ids = chat_ids(tokenizer, "Name three colours.")
+    ids = torch.tensor([chat_ids(tokenizer, "Name three colours.")])
     full, _ = quantized
-    assert (jacobi_generate(model, ids, max_new_tokens=24, window_size=1).tokens
-            == jacobi_generate(full, ids, max_new_tokens=24, window_size=1).tokens)
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, full(ids).logits, atol=1e-3, rtol=1e-4)

@@ -187,12 +187,13 @@ def compare_llamacpp(args, info: dict) -> dict:
     if args.serve_url:
         raise SystemExit("error: --compare-llamacpp starts its own servers: drop --serve-url")
     try:
-        config = LlamaCompareConfig(find_binary(args.compare_llamacpp), args.model,
-                                    _levels(args.concurrency), args.max_new_tokens,
-                                    args.limit_worker_concurrency or 8, args.threads or 0,
-                                    args.llamacpp_spec, args.with_dequantized, args.timeout,
-                                    args.logdir or "/tmp/fastchat-cllm-llamacpp-logs",
-                                    tuple(shlex.split(args.worker_args)))
+        config = LlamaCompareConfig(
+            binary=find_binary(args.compare_llamacpp), model=args.model,
+            concurrency=_levels(args.concurrency), max_new_tokens=args.max_new_tokens,
+            slots=args.limit_worker_concurrency or 8, threads=args.threads or 0,
+            spec=args.llamacpp_spec, dequantized=args.with_dequantized, timeout=args.timeout,
+            logdir=args.logdir or "/tmp/fastchat-cllm-llamacpp-logs",
+            worker_flags=tuple(shlex.split(args.worker_args)))
         results = run_llamacpp_compare(config, select_prompts(args.prompts, args.num_prompts))
     except (ValueError, RuntimeError, StackError) as e:
         raise SystemExit(f"error: {e}") from None

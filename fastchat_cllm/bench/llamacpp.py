@@ -2,7 +2,8 @@
 on the same GGUF file, both up at once and measured in turns.
 
 llama-server gets the file our worker loads (the default model's, or --model's base when that
-is a LoRA folder on a GGUF), the same thread count (-t, torch's) and slots (-np: the worker's
+is a LoRA folder on a GGUF), the same thread count (-t, and OMP_NUM_THREADS for our worker:
+torch's, or --threads) and slots (-np: the worker's
 --limit-worker-concurrency), each slot the worker's context; with --llamacpp-spec a second
 llama-server also runs with its n-gram speculation (ngram-simple, n 3, m 16), and with
 --with-dequantized a second stack of ours on float32 weights (the worker's --dequantize: how we
@@ -33,7 +34,7 @@ from .serving import ServingConfig, StreamError, level_summary, stream_once
 
 SPEC_FLAGS = ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
               "--spec-ngram-simple-size-m", "16")
-READY_TIMEOUT = 900         # seconds: our worker compiles its step before it is ready
+READY_TIMEOUT = 300         # seconds for llama-server to load the file and answer /health
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class LlamaCompareConfig:
                              f"(build llama-server: docs/llamacpp.md)")
         if self.slots < 1 or not self.concurrency or min(self.concurrency) < 1:
             raise ValueError("slots and concurrency levels must be >= 1")
+        gguf_file(self.model)          # a model llama-server cannot load: refused before any start
 
 
 def gguf_file(model: str | None) -> Path:
@@ -126,6 +128,8 @@ def our_stack(config: LlamaCompareConfig, side: str = "fastchat-cllm", extra: tu
                                "--limit-worker-concurrency", str(config.slots),
                                *config.worker_flags, *extra])
     stack = Stack(args, worker_args)
+    threads_before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads(config))      # the worker's torch threads
     try:
         with redirect_stdout(sys.stderr):
             stack.up()
@@ -133,6 +137,10 @@ def our_stack(config: LlamaCompareConfig, side: str = "fastchat-cllm", extra: tu
     finally:
         with redirect_stdout(sys.stderr):
             stack.down()
+        if threads_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads_before
 
 
 async def wave(client, serving: ServingConfig, model: str, prompts: list[Prompt],
@@ -162,6 +170,15 @@ async def measure(sides: dict[str, tuple[str, str]], config: LlamaCompareConfig,
 
     clients = {side: AsyncOpenAI(base_url=url, api_key="EMPTY", timeout=config.timeout,
                                  max_retries=0) for side, (url, _) in sides.items()}
+    try:
+        return await measure_with(clients, sides, config, prompts, tokenizer)
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+async def measure_with(clients: dict, sides: dict, config: LlamaCompareConfig,
+                       prompts: list[Prompt], tokenizer) -> dict:
     names = list(sides)
     results = {side: [] for side in names}
     number = 0
@@ -183,8 +200,6 @@ async def measure(sides: dict[str, tuple[str, str]], config: LlamaCompareConfig,
         for side in names:
             done, walls, errs = totals[side]
             results[side].append(level_summary(c, done, walls, errs))
-    for client in clients.values():
-        await client.close()
     return results
 
 
@@ -193,17 +208,16 @@ def run_llamacpp_compare(config: LlamaCompareConfig, prompts: list[Prompt]) -> d
     from ..serving.stack import free_ports
 
     tokenizer = loading.load_tokenizer(loading.resolve(config.model))
-    ports = free_ports(2)
-    with ExitStack() as stack:
+    with ExitStack() as stack:      # each port chosen once the servers before it listen
         sides = {"fastchat-cllm": stack.enter_context(our_stack(config))}
         if config.dequantized:
             sides["fastchat-cllm-dequantized"] = stack.enter_context(
                 our_stack(config, "fastchat-cllm-dequantized", ("--dequantize",)))
-        url = stack.enter_context(llama_server(config, ports[0], "llama-server", ()))
+        url = stack.enter_context(llama_server(config, free_ports(1)[0], "llama-server", ()))
         sides["llama-server"] = (url, "llama")
         if config.spec:
-            url = stack.enter_context(llama_server(config, ports[1], "llama-server-ngram",
-                                                   SPEC_FLAGS))
+            url = stack.enter_context(llama_server(config, free_ports(1)[0],
+                                                   "llama-server-ngram", SPEC_FLAGS))
             sides["llama-server-ngram"] = (url, "llama")
         results = asyncio.run(measure(sides, config, prompts, tokenizer))
     ours = results["fastchat-cllm"]

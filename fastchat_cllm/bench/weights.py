@@ -44,8 +44,8 @@ def timed(fn) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights one forward reads: linear layers and norms (the embedding: one row a
-    token, left out)."""
+    """Bytes of weights one forward reads in its linear layers (the norms' few KB and the
+    embedding, one row a token, left out)."""
     total = 0
     for module in model.modules():
         if isinstance(module, GGUFLinear):

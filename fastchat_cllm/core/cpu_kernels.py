@@ -11,15 +11,19 @@ the callers run their torch fallbacks, saying so in one line.
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
+import threading
 from pathlib import Path
 
 import torch
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("gguf_linear.cpp", "attention.cpp")
+log = logging.getLogger(__name__)
 _loaded: list = []
 _failed: list = []
+_lock = threading.Lock()
 
 
 class KernelError(RuntimeError):
@@ -40,6 +44,11 @@ def cpu_tag() -> str:
 def load() -> None:
     """Build (first use) and load the kernels, their ops registered with shape functions for
     torch.compile. KernelError when they cannot be (remembered: not tried again)."""
+    with _lock:
+        _load()
+
+
+def _load() -> None:
     if _loaded:
         return
     if _failed:
@@ -55,6 +64,7 @@ def load() -> None:
     except Exception as e:       # a compiler missing or failing: said in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _failed.append(f"cannot build the CPU kernels ({', '.join(SOURCES)}): {first}")
+        log.warning("%s; running torch's own ops instead", _failed[0])
         raise KernelError(_failed[0]) from e
     for op in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"fastchat_cllm_cpu::{op}")(_linear_shape)

@@ -5,8 +5,9 @@ forward of SmolLM2-135M then reads 540 MB where the file holds 96 MB. `keep_quan
 each nn.Linear whose weight the file stores in a type the kernel runs (Q4_0, Q4_1, Q8_0) for a
 GGUFLinear holding the file's blocks, bytes as they are, and a forward multiplies them with
 float32 activations and float32 accumulation (kernels/gguf_linear.cpp, built for this CPU at
-first use: cpu_kernels.py). The numbers are the dequantized model's: each weight is exactly its float32 value,
-only the order of the sums differs. A weight of any other type stays dequantized, named in one
+first use: cpu_kernels.py). Each weight is exactly its dequantized float32 value; the sums are
+taken as d * sum(q x) + m * sum(x) per block, so results differ from the float32 path's by
+float rounding only. A weight of any other type stays dequantized, named in one
 log line. Each swap is checked: the blocks, dequantized, must equal the layer's weight bit for
 bit (after the row order transformers gives Llama's q/k projections), else the layer stays.
 
@@ -67,12 +68,12 @@ class GGUFLinear(nn.Module):
         self.register_buffer("d", d, persistent=False)
         self.register_buffer("m", m, persistent=False)
         self.bias = bias
-        self.lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self.lora: tuple[torch.Tensor, torch.Tensor] | None = None   # A^T, s B^T
 
     def add_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """A low-rank delta s * B A (a [r, in], b [out, r], float32), applied unmerged."""
-        self.lora = (a.detach().float().contiguous(), b.detach().float().contiguous(),
-                     float(scale))
+        self.lora = (a.detach().float().T.contiguous(),                        # [in, r]
+                     (b.detach().float() * float(scale)).T.contiguous())      # [r, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -85,9 +86,11 @@ class GGUFLinear(nn.Module):
             y = torch.ops.fastchat_cllm_cpu.q8_linear(flat, self.qs, self.d)
         else:
             y = torch.ops.fastchat_cllm_cpu.q4_linear(flat, self.qs, self.d, self.m)
-        if self.lora is not None:
-            a, b, scale = self.lora
-            y = y + (flat @ a.T) @ (b.T * scale)
+        if self.lora is not None:      # row by row (bmm of [1, in] rows): as the kernel, a
+            a, b = self.lora           # row's delta does not depend on the rows beside it
+            rows = flat[:, None, :]
+            low = torch.bmm(rows, a.expand(len(flat), *a.shape))                # [N, 1, r]
+            y = y + torch.bmm(low, b.expand(len(flat), *b.shape))[:, 0]         # [N, out]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)                  # [..., out]
@@ -110,7 +113,7 @@ class GGUFLinear(nn.Module):
                          "keep_quantized to save it")
 
     def extra_repr(self) -> str:
-        lora = f", lora rank {self.lora[0].shape[0]}" if self.lora is not None else ""
+        lora = f", lora rank {self.lora[0].shape[1]}" if self.lora is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.qtype}, bias={self.bias is not None}{lora}")
 
@@ -145,8 +148,9 @@ def refusal(model: nn.Module) -> str | None:
 
 
 def q_k_rows(name: str, rows: int, config) -> np.ndarray | None:
-    """The row order transformers gives a Llama-style q/k projection loaded from GGUF (llama.cpp
-    stores them permuted for its rotary layout): HF row i is file row order[i]."""
+    """The row order transformers gives a Llama q/k projection loaded from GGUF (llama.cpp
+    stores them permuted for its rotary layout): HF row i is file row order[i]. Tried after
+    the stored order (other architectures keep it)."""
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads is None or not name.endswith(("self_attn.q_proj", "self_attn.k_proj")):
@@ -220,11 +224,14 @@ def swap_for(name: str, module: nn.Linear, tensor, config) -> tuple[GGUFLinear |
     blocks = np.asarray(tensor.data)
     if blocks.shape[0] != out_features:
         return None, f"the file's {tensor.name} has {blocks.shape[0]} rows, the layer {out_features}"
+    weight = module.weight.detach()
     order = q_k_rows(name, out_features, config)
-    if order is not None:
-        blocks = blocks[order]
-    values = torch.from_numpy(gguf.quants.dequantize(blocks, tensor.tensor_type).copy())
-    if not torch.equal(values.view_as(module.weight), module.weight.detach()):
+    for candidate in [blocks] + ([blocks[order]] if order is not None else []):  # llama's q/k
+        values = torch.from_numpy(gguf.quants.dequantize(candidate, tensor.tensor_type).copy())
+        if torch.equal(values.view_as(weight), weight):
+            blocks = candidate
+            break
+    else:
         return None, f"the file's {tensor.name}, dequantized, is not the layer's weight"
     bias = None if module.bias is None else module.bias.detach().clone()
     return GGUFLinear(blocks, qtype, in_features, bias), ""

@@ -6,15 +6,16 @@ padding: the projections and MLPs see each token once, so a prompt chunk and the
 one read of the weights. Position ids are s_r + column. Attention is the one part that differs
 by row, and it runs in `packed_attention`, an attention function registered with transformers'
 public AttentionInterface and selected (`set_attn_implementation`) only for the engine's own
-forward: rows of the same length form a group (adjacent in the packed sequence), and each group
-is one SDPA call over its slots' cached keys/values (a view when the slots are consecutive,
-else gathered), with a mask that lets column c of row r see its slot's positions
-0 .. s_r + c: the whole cached prefix, causally within its own tokens, nothing of other slots.
+forward: rows of the same length form a group (adjacent in the packed sequence), with a mask
+that lets column c of row r see its slot's positions 0 .. s_r + c: the whole cached prefix,
+causally within its own tokens, nothing of other slots. On the CPU in float32 one C++ op
+(kernels/attention.cpp, via cpu_kernels) runs every group's tokens over their slots' keys and
+values; elsewhere each group is one SDPA call (its slots a view when consecutive, else gathered).
 Logits are projected only for the columns some row asks for (a 1D `logits_to_keep`).
 
 The step can be compiled (`Runner(..., compile=True)`, the worker's --compile): the same forward
 through torch.compile as one graph, the attention a custom op the compiler does not look into,
-the weights frozen into the graph; see Runner and warm_up.
+float32 nn.Linear weights frozen into the graph; see Runner and warm_up.
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                      packed_native: bool = False, **kwargs):
     """AttentionInterface function: query [1, H, T, D] of the packed sequence; key/value: the
     layer's whole stores (SlotLayer.update, already holding this forward's tokens). Returns
-    [1, T, H, D]. `packing`: the groups, or in a compiled step their encoding (`encode`), which
-    goes through a custom op, opaque to the compiler, so the step is one graph whatever the
-    groups are: `packed_native`, the C++ kernel's (cpu_kernels: float32 on the CPU, no Python
+    [1, T, H, D]. `packing`: the groups, or their encoding (`encode`: in a compiled step, and
+    for the C++ kernel), which goes through a custom op, opaque to the compiler, so a compiled
+    step is one graph whatever the groups are: `packed_native`, the C++ kernel's (cpu_kernels: float32 on the CPU, no Python
     per layer), else `fastchat_cllm::packed_attention` (SDPA per group)."""
     if packing is None:
         raise RuntimeError(f"the {PACKED!r} attention runs only inside the engine's forward")
@@ -213,9 +214,9 @@ class Runner:
     belongs to the runner's thread while a forward runs (its attention implementation is
     switched for the forward).
 
-    `compile=True` compiles the step (torch.compile, shapes dynamic, one graph with no break,
-    weights frozen into it: on the CPU inductor then keeps each linear layer's weight prepacked
-    for oneDNN, which is where the time goes, see the README), here, at construction (a
+    `compile=True` compiles the step (torch.compile, shapes dynamic, one graph with no break;
+    float32 nn.Linear weights frozen into it: on the CPU inductor then keeps each one prepacked
+    for oneDNN, which is where the time goes, see the README; GGUF blocks are not), here, at construction (a
     CompileError when it cannot): no request waits on a compile. One graph runs every step (a
     step of one token runs as two); a step it would not take (a guard fails: the model switched
     to training mode, ...) runs eagerly rather than compiling again, and is counted
@@ -230,7 +231,7 @@ class Runner:
                              f"cannot (set_attn_implementation)")
         self.model, self.cache = model, cache
         self.cache_kwarg = cache_kwarg(type(model))
-        # the attention's C++ kernel where it runs (float32 on the CPU, built here)
+        # the attention's C++ kernel where it runs (float32 on the CPU; built at first use)
         self.native = (model.device.type == "cpu" and model.dtype == torch.float32
                        and cpu_kernels.available())
         self.compiled, self.compile_seconds, self.eager_steps = None, 0.0, 0

@@ -58,13 +58,16 @@ at::Tensor packed_attention(const at::Tensor& query, const at::Tensor& key,
     TORCH_CHECK(mask.scalar_type() == at::kBool && meta.scalar_type() == at::kLong,
                 "packed_attention: meta int64, mask bool");
     const int64_t H = query.size(1), T = query.size(2), D = query.size(3);
-    const int64_t Hkv = key.size(1), L = key.size(2), per_kv = H / Hkv;
-    TORCH_CHECK(key.size(3) == D && H % Hkv == 0, "packed_attention: head shapes differ");
+    const int64_t S = key.size(0), Hkv = key.size(1), L = key.size(2);
+    TORCH_CHECK(Hkv > 0 && key.size(3) == D && H % Hkv == 0, "packed_attention: head shapes differ");
+    const int64_t per_kv = H / Hkv;
     const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
     const at::Tensor mc = mask.contiguous(), mt = meta.contiguous();
     const int64_t* m = mt.data_ptr<int64_t>();
+    TORCH_CHECK(mt.numel() >= 1 && mt.numel() >= 1 + 4 * m[0], "packed_attention: bad meta");
     const int64_t groups = m[0];
     const int64_t* slots = m + 1 + 4 * groups;
+    const int64_t slot_count = mt.numel() - 1 - 4 * groups;
     const bool* mp = mc.data_ptr<bool>();
     std::vector<Task> tasks;
     tasks.reserve(T);
@@ -72,11 +75,15 @@ at::Tensor packed_attention(const at::Tensor& query, const at::Tensor& key,
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t start = m[1 + 4 * g], width = m[2 + 4 * g], rows = m[3 + 4 * g],
                       kv_len = m[4 + 4 * g];
-        TORCH_CHECK(kv_len <= L && start + rows * width <= T, "packed_attention: bad meta");
-        for (int64_t r = 0; r < rows; ++r)
+        TORCH_CHECK(start >= 0 && kv_len <= L && start + rows * width <= T &&
+                    at_slot + rows <= slot_count, "packed_attention: bad meta");
+        for (int64_t r = 0; r < rows; ++r) {
+            TORCH_CHECK(slots[at_slot + r] >= 0 && slots[at_slot + r] < S,
+                        "packed_attention: a slot out of range");
             for (int64_t c = 0; c < width; ++c)
                 tasks.push_back({start + r * width + c, slots[at_slot + r], kv_len,
                                  mp + at_mask + (r * width + c) * kv_len});
+        }
         at_slot += rows;
         at_mask += rows * width * kv_len;
     }

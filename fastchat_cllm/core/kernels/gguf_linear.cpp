@@ -1,5 +1,5 @@
 // y = x W^T for W in llama.cpp's 4- and 8-bit block formats, float32 activations, float32
-// accumulation: fastchat_cllm/core/gguf_linear.py builds it for this CPU at first use.
+// accumulation: fastchat_cllm/core/cpu_kernels.py builds it for this CPU at first use.
 //
 // A weight block is 32 quants q with a scale d (and for Q4_0/Q4_1 a minimum m; Q4_0's is -8d), so
 //     sum_k w_k x_k = sum_b ( d_b * sum_{k in b} q_k x_k + m_b * sum_{k in b} x_k ).
@@ -8,8 +8,10 @@
 // is summed in one fixed order whatever the number of rows M, so a row's result does not depend
 // on the rows beside it: a Jacobi window and an AR step see the same numbers.
 //
-//   fastchat_cllm_gguf::q4_linear(x [M, K] f32, qs [N, K/2] u8, d [N, K/32], m [N, K/32]) -> [M, N]
-//   fastchat_cllm_gguf::q8_linear(x [M, K] f32, qs [N, K] i8, d [N, K/32]) -> [M, N]
+//   fastchat_cllm_cpu::q4_linear(x [M, K] f32, qs [N, K/2] u8, d [N, K/32], m [N, K/32]) -> [M, N]
+//   fastchat_cllm_cpu::q8_linear(x [M, K] f32, qs [N, K] i8, d [N, K/32]) -> [M, N]
+// (Tried and dropped, measured on an AVX-512 VM: a 512-bit version of `neuron`, no faster at
+// 1-2 rows and 10-15% slower at 8-32; decoding by shuffles instead of shifts: the same.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -150,7 +152,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
                 "gguf linear: x must be a 2-D float32 CPU tensor");
     const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
-    TORCH_CHECK(K % QK == 0 && qs.dim() == 2 && qs.size(1) == K * BITS / 8 && qs.is_contiguous(),
+    TORCH_CHECK(qs.element_size() == 1, "gguf linear: the quants must be 1-byte elements");
+    TORCH_CHECK(K > 0 && K % QK == 0 && qs.dim() == 2 && qs.size(1) == K * BITS / 8 && qs.is_contiguous(),
                 "gguf linear: x has ", K, " columns, the quants ", qs.sizes());
     TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.numel() == N * nb,
                 "gguf linear: the scales must be float32 [N, K/32]");
