@@ -33,7 +33,7 @@ def quantized_layer(qtype: str, out_features: int, in_features: int, seed: int =
 def test_kernel_equals_the_dequantized_matrix(qtype):
     cpu_kernels.load()
     layer, values = quantized_layer(qtype, 13, 96)       # 13: no multiple of any tile
-    for rows in (1, 2, 3, 4, 5, 9):
+    for rows in (1, 2, 3, 4, 5, 9, 16, 17, 23):
         x = torch.randn(rows, 96)
         exact = x.double() @ values.T
         got = layer(x)
@@ -54,6 +54,10 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype):
         for count in (1, 2, 3, 5):
             alone = layer(x[start: start + count])
             assert torch.equal(alone, together[start: start + count])
+    x = torch.randn(45, 128)                 # and many rows (several tiles of 6)
+    together = layer(x)
+    for start, count in ((0, 17), (5, 20), (3, 40)):
+        assert torch.equal(layer(x[start: start + count]), together[start: start + count])
 
 
 def test_lora_delta_is_added_unmerged():
