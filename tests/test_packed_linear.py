@@ -94,12 +94,13 @@ def test_a_layer_kept_in_another_dtype_is_left_as_it_is():
 
 
 def test_smollm2_packed_gives_greedy_outputs_equal_to_the_plain_model(smollm2):
-    """The real model: every projection and the (tied) output layer packed, the embedding kept;
-    greedy and Jacobi outputs equal the plain model's greedy outputs."""
+    """The real model on its dequantized fp32 weights (quantized=False: `pack` alone keeps a
+    GGUF's blocks, gguf_linear): every projection and the (tied) output layer packed, the
+    embedding kept; greedy and Jacobi outputs equal the plain model's greedy outputs."""
     from fastchat_cllm.loading import load
 
     plain, tokenizer = smollm2
-    packed = load(None, dtype=torch.float32, device="cpu", pack=True)[0]
+    packed = load(None, dtype=torch.float32, device="cpu", pack=True, quantized=False)[0]
     assert linears(packed) == (0, 30 * 7 + 1)
     assert type(packed.get_input_embeddings()) is nn.Embedding
     assert isinstance(packed.get_output_embeddings(), PackedLinear)
