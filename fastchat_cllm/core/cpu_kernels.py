@@ -2,7 +2,8 @@
 loaded as torch ops in the namespace fastchat_cllm_cpu:
 
 - q4_linear, q8_linear: linear layers on a GGUF file's blocks (gguf_linear.py);
-- packed_attention: the engine's attention over its slot cache (engine/runner.py).
+- packed_attention: the engine's attention over its slot cache (engine/runner.py);
+- low_rank: a LoRA delta row by row (gguf_linear.GGUFLinear).
 
 The build (~30 s, once per CPU and source: torch's extension folder keeps it) uses torch's
 cpp_extension with -march=native; where it fails (no compiler) `load` raises KernelError and
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("gguf_linear.cpp", "attention.cpp")
+SOURCES = ("gguf_linear.cpp", "attention.cpp", "low_rank.cpp")
 log = logging.getLogger(__name__)
 _loaded: list = []
 _failed: list = []
@@ -69,6 +70,7 @@ def _load() -> None:
     for op in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"fastchat_cllm_cpu::{op}")(_linear_shape)
     torch.library.register_fake("fastchat_cllm_cpu::packed_attention")(_attention_shape)
+    torch.library.register_fake("fastchat_cllm_cpu::low_rank")(_low_rank_shape)
     _loaded.append(True)
 
 
@@ -83,6 +85,10 @@ def available() -> bool:
 
 def _linear_shape(x, qs, d, m=None):
     return x.new_empty(x.shape[0], qs.shape[0])
+
+
+def _low_rank_shape(x, a, b):
+    return x.new_empty(x.shape[0], b.shape[0])
 
 
 def _attention_shape(query, key, value, meta, mask, scale):

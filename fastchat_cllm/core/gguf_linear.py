@@ -68,12 +68,12 @@ class GGUFLinear(nn.Module):
         self.register_buffer("d", d, persistent=False)
         self.register_buffer("m", m, persistent=False)
         self.bias = bias
-        self.lora: tuple[torch.Tensor, torch.Tensor] | None = None   # A^T, s B^T
+        self.lora: tuple[torch.Tensor, torch.Tensor] | None = None   # A, s B
 
     def add_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """A low-rank delta s * B A (a [r, in], b [out, r], float32), applied unmerged."""
-        self.lora = (a.detach().float().T.contiguous(),                        # [in, r]
-                     (b.detach().float() * float(scale)).T.contiguous())      # [r, out]
+        self.lora = (a.detach().float().contiguous(),                          # [r, in]
+                     (b.detach().float() * float(scale)).contiguous())        # [out, r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -86,11 +86,9 @@ class GGUFLinear(nn.Module):
             y = torch.ops.fastchat_cllm_cpu.q8_linear(flat, self.qs, self.d)
         else:
             y = torch.ops.fastchat_cllm_cpu.q4_linear(flat, self.qs, self.d, self.m)
-        if self.lora is not None:      # row by row (bmm of [1, in] rows): as the kernel, a
-            a, b = self.lora           # row's delta does not depend on the rows beside it
-            rows = flat[:, None, :]
-            low = torch.bmm(rows, a.expand(len(flat), *a.shape))                # [N, 1, r]
-            y = y + torch.bmm(low, b.expand(len(flat), *b.shape))[:, 0]         # [N, out]
+        if self.lora is not None:      # row by row, as the kernel: a row's delta does not
+            a, b = self.lora           # depend on the rows beside it
+            y = y + torch.ops.fastchat_cllm_cpu.low_rank(flat, a, b)                # [N, out]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)                  # [..., out]
@@ -113,7 +111,7 @@ class GGUFLinear(nn.Module):
                          "keep_quantized to save it")
 
     def extra_repr(self) -> str:
-        lora = f", lora rank {self.lora[0].shape[1]}" if self.lora is not None else ""
+        lora = f", lora rank {self.lora[0].shape[0]}" if self.lora is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.qtype}, bias={self.bias is not None}{lora}")
 
