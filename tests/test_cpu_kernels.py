@@ -91,10 +91,10 @@ def test_linear_split_over_threads_and_chunks_equals_one_thread(qtype):
 
 
 def test_low_rank_delta_equals_torch_and_rows_are_independent():
-    x, a, b = torch.randn(19, 100), torch.randn(8, 100), torch.randn(37, 8)    # K off the width
-    together = torch.ops.fastchat_cllm_cpu.low_rank(x, a, b)
-    assert torch.allclose(together.double(), x.double() @ a.double().T @ b.double().T,
+    x, a, bt = torch.randn(19, 100), torch.randn(8, 100), torch.randn(8, 37)  # K off the width
+    together = torch.ops.fastchat_cllm_cpu.low_rank(x, a, bt)
+    assert torch.allclose(together.double(), x.double() @ a.double().T @ bt.double(),
                           rtol=1e-5, atol=1e-4)
     for start, count in ((0, 1), (4, 3), (2, 16)):
-        alone = torch.ops.fastchat_cllm_cpu.low_rank(x[start: start + count], a, b)
+        alone = torch.ops.fastchat_cllm_cpu.low_rank(x[start: start + count], a, bt)
         assert torch.equal(alone, together[start: start + count])

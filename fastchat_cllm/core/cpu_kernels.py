@@ -87,8 +87,8 @@ def _linear_shape(x, qs, d, m=None):
     return x.new_empty(x.shape[0], qs.shape[0])
 
 
-def _low_rank_shape(x, a, b):
-    return x.new_empty(x.shape[0], b.shape[0])
+def _low_rank_shape(x, a, bt):
+    return x.new_empty(x.shape[0], bt.shape[1])
 
 
 def _attention_shape(query, key, value, meta, mask, scale):

@@ -68,12 +68,12 @@ class GGUFLinear(nn.Module):
         self.register_buffer("d", d, persistent=False)
         self.register_buffer("m", m, persistent=False)
         self.bias = bias
-        self.lora: tuple[torch.Tensor, torch.Tensor] | None = None   # A, s B
+        self.lora: tuple[torch.Tensor, torch.Tensor] | None = None   # A, s B^T
 
     def add_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """A low-rank delta s * B A (a [r, in], b [out, r], float32), applied unmerged."""
         self.lora = (a.detach().float().contiguous(),                          # [r, in]
-                     (b.detach().float() * float(scale)).contiguous())        # [out, r]
+                     (b.detach().float() * float(scale)).T.contiguous())      # [r, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
