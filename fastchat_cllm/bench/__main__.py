@@ -98,7 +98,7 @@ def offline(args, info: dict) -> dict:
     import torch
 
     from ..core.packed_linear import is_packed
-    from ..loading import DEFAULT_MODEL, load
+    from ..loading import DEFAULT_MODEL, load, quantized_by_default
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -106,12 +106,14 @@ def offline(args, info: dict) -> dict:
     prompts = select_prompts(args.prompts, args.num_prompts)
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
     try:
+        quantized = not (args.no_pack or args.dequantize) and quantized_by_default(args.model)
         model, tokenizer = load(args.model, dtype=dtype, device=device, pack=not args.no_pack,
-                                quantized=not (args.no_pack or args.dequantize))
+                                quantized=quantized)
     except (ValueError, FileNotFoundError) as e:     # a missing path or adapter file: one line
         raise SystemExit(f"error: {e}") from None
     draft = (load(args.draft_model, dtype=dtype, device=device, pack=not args.no_pack,
-                  quantized=not (args.no_pack or args.dequantize))[0]
+                  quantized=not (args.no_pack or args.dequantize)
+                  and quantized_by_default(args.draft_model))[0]
              if args.draft_model else None)
     results = run_offline(config, model, tokenizer, prompts, draft)
     run = {"mode": "offline", "model": args.model or DEFAULT_MODEL,

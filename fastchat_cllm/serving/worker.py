@@ -217,7 +217,9 @@ def load(args: argparse.Namespace, dtype, revision):
     """(model, tokenizer) of --model-path; StartupError when it cannot be loaded."""
     try:
         return loading.load(args.model_path, dtype, args.device, args.num_gpus,
-                            args.max_gpu_memory, revision, quantized=not args.dequantize)
+                            args.max_gpu_memory, revision,
+                            quantized=not args.dequantize
+                            and loading.quantized_by_default(args.model_path))
     except Exception as e:   # whatever the loaders raise: one line at start-up
         raise StartupError(f"cannot load --model-path {args.model_path}: "
                            f"{type(e).__name__}: {e}") from e
@@ -320,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run a GGUF model on float32 weights dequantized at load (by "
                              "default, on the CPU in float32, its linear layers read the file's "
                              "quantized blocks: Q4_0, Q4_1, Q8_0; other types are dequantized, "
-                             "named in the log)")
+                             "named in the log; a LoRA adapter on a GGUF is merged into float32 "
+                             "weights either way, measured faster)")
     parser.add_argument("--stream-interval", type=int, default=2)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--seed", type=int, default=None,
