@@ -298,7 +298,7 @@ def keep_gguf_quantized(model, source: ModelSource):
     (not a GGUF file: unchanged, silently)."""
     if not source.gguf_file:
         return model
-    from .core import gguf_linear
+    from .core import cpu_kernels, gguf_linear
 
     why = gguf_linear.refusal(model)
     if why is not None:
@@ -306,7 +306,7 @@ def keep_gguf_quantized(model, source: ModelSource):
         return model
     try:
         report = gguf_linear.keep_quantized(model, source.folder / source.gguf_file)
-    except (gguf_linear.KernelError, ValueError) as e:
+    except (cpu_kernels.KernelError, ValueError) as e:
         log.warning("%s; running the model on dequantized float32 weights", e)
         return model
     log.info("%s", report)

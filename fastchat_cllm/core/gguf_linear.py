@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .cpu_kernels import KernelError
 
 log = logging.getLogger(__name__)
 
